@@ -1,0 +1,245 @@
+"""The training entry point, under SageMaker's script-mode contract.
+
+The SageMaker TensorFlow training toolkit (and the project's local backend, which
+honours the same contract) starts ``python train.py --<hyperparameter> <value> ...``
+with the code folder as working directory and these environment variables:
+
+``SM_CHANNEL_TRAINING``  folder with ``train-*.tfrecord`` (and ``eval-*`` unless an
+                         eval channel is given)
+``SM_CHANNEL_EVAL``      optional folder with ``eval-*.tfrecord``
+``SM_MODEL_DIR``         where the model goes; SageMaker tars it into model.tar.gz
+``SM_OUTPUT_DIR``        ``failure`` is written here when training fails
+``SM_OUTPUT_DATA_DIR``   extra outputs (metrics.json)
+``SM_HOSTS`` / ``SM_CURRENT_HOST``  the cluster; only one host is supported
+
+Lines that a SageMaker ``MetricDefinitions`` regex reads (see ``METRIC_REGEXES``)::
+
+    metric: step=100 train_loss=1.2345 train_accuracy=0.5000
+    metric: eval_loss=0.3456 eval_accuracy=0.9100
+
+and a progress line every ``--log_every`` steps::
+
+    progress: step=100/25000 (0.4%) images_per_sec=210.3 elapsed_s=95 eta_s=23600
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+METRIC_REGEXES: dict[str, str] = {
+    "train:loss": r"train_loss=([0-9.eE+-]+)",
+    "train:accuracy": r"train_accuracy=([0-9.eE+-]+)",
+    "eval:loss": r"eval_loss=([0-9.eE+-]+)",
+    "eval:accuracy": r"eval_accuracy=([0-9.eE+-]+)",
+}
+
+
+class TrainingError(Exception):
+    """A failure whose message is meant for the person reading the job's FailureReason."""
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the head-pose ResNet v2 on TFRecord shards and export a SavedModel "
+        "under <SM_MODEL_DIR>/export/Servo/<timestamp>/.",
+    )
+    add = parser.add_argument
+    add("--training_steps", type=int, default=25000, help="optimizer steps to train (default 25000)")
+    add("--evaluation_steps", type=int, default=700,
+        help="at most this many eval batches after training (default 700; stops early when "
+        "the eval split is exhausted)")
+    add("--batch_size", type=int, default=200, help="images per step (default 200)")
+    add("--resnet_size", type=int, default=50, choices=(10, 18, 34, 50),
+        help="ResNet v2 depth (default 50; 10 is a small size for demos)")
+    add("--base_filters", type=int, default=64, help="filters of the first stage (default 64)")
+    add("--weight_decay", type=float, default=2e-4, help="L2 weight decay (default 2e-4)")
+    add("--batch_norm_momentum", type=float, default=0.99,
+        help="moving-average momentum of the batch-norm statistics (default 0.99)")
+    add("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    add("--learning_rate", type=float, default=None,
+        help="initial learning rate (default 0.1 * batch_size / 128, as in the tutorial)")
+    add("--decay_epochs", type=str, default="100,150,200",
+        help="epochs at which the learning rate is divided by 10 (default 100,150,200)")
+    add("--log_every", type=int, default=100, help="steps between progress and metric lines")
+    add("--seed", type=int, default=0, help="random seed for weights and data order")
+    add("--mixed_precision", type=int, default=0, choices=(0, 1),
+        help="1 trains in mixed_float16 (for GPUs); 0 in float32 (default)")
+    add("--model_dir", type=str, default=None,
+        help="set by the SageMaker SDK to an S3 URI; ignored: the model goes to SM_MODEL_DIR")
+    add("--train_dir", default=os.environ.get("SM_CHANNEL_TRAINING"),
+        help="training shards (default: $SM_CHANNEL_TRAINING)")
+    add("--eval_dir", default=os.environ.get("SM_CHANNEL_EVAL"),
+        help="eval shards (default: $SM_CHANNEL_EVAL, else the training channel)")
+    add("--output_model_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
+        help="where the export goes (default: $SM_MODEL_DIR)")
+    return parser
+
+
+def log(line: str) -> None:
+    # One flushed line at a time: the log is streamed to CloudWatch / the Airflow task log.
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
+    try:
+        _check_cluster()
+        metrics = train(args)
+    except Exception as error:  # every failure must reach the job's FailureReason
+        reason = f"{type(error).__name__}: {error}"
+        log(traceback.format_exc())
+        _write_failure(reason)
+        log(f"training failed: {reason}")
+        return 1
+    log(f"training finished: {json.dumps(metrics, sort_keys=True)}")
+    return 0
+
+
+def _check_cluster() -> None:
+    hosts = json.loads(os.environ.get("SM_HOSTS", '["algo-1"]'))
+    if len(hosts) > 1:
+        # Why refused rather than distributed: the head-pose model trains in hours on one
+        # GPU; a MultiWorkerMirroredStrategy set-up is not worth its failure modes here.
+        raise TrainingError(
+            f"instance_count must be 1: this entry point trains on one host, got hosts {hosts}"
+        )
+
+
+def _write_failure(reason: str) -> None:
+    output_dir = Path(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output"))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "failure").write_text(reason[:4096] + "\n")
+    except OSError as error:
+        log(f"could not write the failure file in {output_dir}: {error}")
+
+
+def _shards(directory: str | None, split: str) -> list[Path]:
+    from headpose.training import shards
+
+    if not directory:
+        raise TrainingError(f"no {split} data: set SM_CHANNEL_TRAINING (or --train_dir)")
+    found = shards.shard_paths(directory, split)
+    if not found:
+        raise TrainingError(f"no {split}-*{shards.SHARD_SUFFIX} shards in {directory}")
+    return found
+
+
+def _count_records(paths: list[Path]) -> int:
+    """Exact record count of the training shards, streamed (used for epoch boundaries)."""
+    import tensorflow as tf
+
+    return int(tf.data.TFRecordDataset([str(p) for p in paths]).reduce(0, lambda n, _: n + 1))
+
+
+def train(args: argparse.Namespace) -> dict:
+    # Heavy imports here, after argument parsing, so that --help is instant.
+    import tensorflow as tf
+
+    from headpose.training import export, model, shards
+
+    for name in ("training_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    tf.keras.utils.set_random_seed(args.seed)
+    if args.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+
+    train_paths = _shards(args.train_dir, "train")
+    eval_paths = _shards(args.eval_dir or args.train_dir, "eval")
+    num_train = _count_records(train_paths)
+    steps_per_epoch = max(1, num_train // args.batch_size)
+    log(f"data: {num_train} training images in {len(train_paths)} shards, "
+        f"{len(eval_paths)} eval shards, {steps_per_epoch} steps per epoch")
+
+    net = model.build_resnet(
+        args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
+    )
+    schedule = _learning_rate(args, steps_per_epoch, model)
+    net.compile(
+        optimizer=tf.keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    train_data = shards.dataset(train_paths, args.batch_size, training=True, seed=args.seed)
+    net.fit(
+        train_data,
+        epochs=1,
+        steps_per_epoch=args.training_steps,
+        verbose=0,
+        callbacks=[progress_logger(args.training_steps, args.batch_size, args.log_every)],
+    )
+
+    eval_data = shards.dataset(eval_paths, args.batch_size, training=False)
+    eval_data = eval_data.take(args.evaluation_steps)
+    results = net.evaluate(eval_data, verbose=0, return_dict=True)
+    log(f"metric: eval_loss={results['loss']:.4f} eval_accuracy={results['accuracy']:.4f}")
+
+    export_path = export.export_saved_model(net, args.output_model_dir)
+    log(f"exported SavedModel to {export_path}")
+    metrics = {
+        "eval_loss": float(results["loss"]),
+        "eval_accuracy": float(results["accuracy"]),
+        "training_steps": args.training_steps,
+        "batch_size": args.batch_size,
+        "resnet_size": args.resnet_size,
+        "base_filters": args.base_filters,
+        "train_images": num_train,
+        "export_dir": str(export_path.relative_to(args.output_model_dir)),
+    }
+    _write_metrics(metrics, Path(args.output_model_dir))
+    return metrics
+
+
+def _learning_rate(args, steps_per_epoch: int, model_module):
+    if args.learning_rate is None:
+        decay_epochs = tuple(int(e) for e in args.decay_epochs.split(",") if e.strip())
+        return model_module.learning_rate_schedule(args.batch_size, steps_per_epoch, decay_epochs)
+    return args.learning_rate
+
+
+def _write_metrics(metrics: dict, model_dir: Path) -> None:
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    (model_dir / "metrics.json").write_text(text)
+    data_dir = os.environ.get("SM_OUTPUT_DATA_DIR")
+    if data_dir:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        (Path(data_dir) / "metrics.json").write_text(text)
+
+
+def progress_logger(total_steps: int, batch_size: int, every: int):
+    """A Keras callback printing the progress and metric lines at a steady step cadence.
+
+    The class is defined here rather than at module level so that importing this module
+    (for ``--help``, or ``METRIC_REGEXES`` in the request builder) does not import TF.
+    """
+    import tensorflow as tf
+
+    class ProgressLogger(tf.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = batch + 1
+            if step % every and step != total_steps:
+                return
+            elapsed = time.monotonic() - self.start
+            rate = step * batch_size / elapsed if elapsed else 0.0
+            eta = (total_steps - step) * elapsed / step
+            logs = logs or {}
+            log(f"progress: step={step}/{total_steps} ({100 * step / total_steps:.1f}%) "
+                f"images_per_sec={rate:.1f} elapsed_s={elapsed:.0f} eta_s={eta:.0f}")
+            log(f"metric: step={step} train_loss={logs.get('loss', float('nan')):.4f} "
+                f"train_accuracy={logs.get('accuracy', float('nan')):.4f}")
+
+    return ProgressLogger()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: the import path, and a real moto server on loopback."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "include"))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from support import MotoServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto server (a separate process speaking real HTTP) for the whole session."""
+    server = MotoServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_endpoint(moto_server) -> str:
+    """The server's endpoint, emptied of buckets and jobs from earlier tests."""
+    moto_server.reset()
+    return moto_server.endpoint
+
+
+@pytest.fixture()
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )

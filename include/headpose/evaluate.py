@@ -1,0 +1,189 @@
+"""Evaluate a frozen graph on evaluation shards: accuracy, confusion, SavedModel parity.
+
+The graph is run the way a consumer would run the published file - imported from the
+``.pb`` alone - so what is measured is what gets published.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from headpose.training import labels
+
+# numpy and TensorFlow are imported where used, so that importing this module (an
+# Airflow operator may, at DAG-parse time) stays light.
+if TYPE_CHECKING:
+    import numpy as np
+    from tensorflow.core.framework.graph_pb2 import GraphDef
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class FrozenGraph:
+    """A frozen GraphDef as a callable: ``float32 [N, H, W, 3]`` images -> ``[N, C]`` outputs.
+
+    Built with ``tf.compat.v1.wrap_function`` (TF2's way to run a TF1 graph without a
+    session to manage) and pruned to the one feed and fetch.
+    """
+
+    def __init__(self, graph_def: GraphDef, input_node: str, output_node: str):
+        import tensorflow as tf
+
+        names = {node.name for node in graph_def.node}
+        for role, name in (("input", input_node), ("output", output_node)):
+            if name not in names:
+                raise ValueError(f"{role} node {name!r} not in the frozen graph")
+        self.graph_def = graph_def
+        self.input_node = input_node
+        self.output_node = output_node
+
+        def import_graph() -> None:
+            tf.compat.v1.import_graph_def(graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(import_graph, [])
+        self._run = wrapped.prune(
+            feeds=wrapped.graph.get_tensor_by_name(f"{input_node}:0"),
+            fetches=wrapped.graph.get_tensor_by_name(f"{output_node}:0"),
+        )
+
+    def __call__(self, images) -> np.ndarray:
+        """``images``: array or tensor, float32 ``[N, H, W, 3]``; returns a numpy array."""
+        import tensorflow as tf
+
+        return self._run(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
+def load_frozen_graph(
+    pb_path: str | Path, input_node: str = "inputs", output_node: str = "softmax_tensor"
+) -> FrozenGraph:
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(Path(pb_path).read_bytes())
+    except Exception as error:  # protobuf's DecodeError is not exported in a stable place
+        raise ValueError(f"{pb_path} is not a binary GraphDef: {error}") from error
+    return FrozenGraph(graph_def, input_node, output_node)
+
+
+def _saved_model_runner(saved_model_dir: str | Path, output_key: str, signature_key: str):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    function = loaded.signatures[signature_key]
+    keys = sorted(function.structured_outputs)
+    key = output_key if output_key in keys else keys[0] if len(keys) == 1 else None
+    if key is None:
+        raise ValueError(f"signature {signature_key!r} has no output {output_key!r}; it has {keys}")
+    input_key = next(iter(function.structured_input_signature[1]))
+
+    def run(images) -> np.ndarray:
+        _ = loaded  # the loaded object owns the variables; keep it alive with the function
+        return function(**{input_key: images})[key].numpy()
+
+    return run
+
+
+def evaluate_frozen_graph(
+    pb_path: str | Path,
+    eval_shard_paths: Iterable[str | Path],
+    saved_model_dir: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    input_node: str = "inputs",
+    output_node: str = "softmax_tensor",
+    signature_key: str = "serving_default",
+) -> dict:
+    """Accuracy and 9x9 confusion (rows = true class) of the frozen graph on the shards.
+
+    With ``saved_model_dir``, the SavedModel runs on the same batches and
+    ``parity_max_abs_diff`` is the largest absolute difference between the two outputs.
+    """
+    import numpy as np
+
+    from headpose.training import shards  # imports TensorFlow
+
+    graph = load_frozen_graph(pb_path, input_node, output_node)
+    reference = (
+        _saved_model_runner(saved_model_dir, output_node, signature_key) if saved_model_dir else None
+    )
+    confusion = np.zeros((labels.NUM_CLASSES, labels.NUM_CLASSES), dtype=np.int64)
+    parity = 0.0
+    for images, classes in shards.dataset(list(eval_shard_paths), batch_size, training=False):
+        probabilities = graph(images)
+        if probabilities.ndim != 2 or probabilities.shape[1] != labels.NUM_CLASSES:
+            raise ValueError(
+                f"{output_node} gives shape {probabilities.shape}, expected [N, {labels.NUM_CLASSES}]"
+            )
+        np.add.at(confusion, (classes.numpy(), probabilities.argmax(axis=1)), 1)
+        if reference is not None:
+            parity = max(parity, float(np.max(np.abs(probabilities - reference(images)))))
+    return _report(confusion, parity if reference is not None else None)
+
+
+def _report(confusion: np.ndarray, parity: float | None) -> dict:
+    import numpy as np
+
+    total = int(confusion.sum())
+    if total == 0:
+        raise ValueError("the evaluation shards hold no images")
+    correct = np.diag(confusion)
+    per_class_total = confusion.sum(axis=1)
+    names = labels.class_names()
+    return {
+        "images": total,
+        "correct": int(correct.sum()),
+        "accuracy": float(correct.sum() / total),
+        "per_class": [
+            {
+                "index": i,
+                "name": names[i],
+                "count": int(per_class_total[i]),
+                "correct": int(correct[i]),
+                "predicted": int(confusion[:, i].sum()),
+                "accuracy": float(correct[i] / per_class_total[i]) if per_class_total[i] else None,
+            }
+            for i in range(labels.NUM_CLASSES)
+        ],
+        "confusion_matrix": confusion.tolist(),
+        "confusion_rows": "true class",
+        "confusion_columns": "predicted class",
+        "parity_max_abs_diff": parity,
+    }
+
+
+def write_confusion_png(
+    matrix: Sequence[Sequence[int]] | np.ndarray, path: str | Path, cell: int = 24
+) -> Path:
+    """A heat map of the confusion matrix (rows = true), each row scaled to its own total.
+
+    Hand-written PNG encoder (zlib + CRC, ~15 lines) so that no imaging library is
+    needed for one small picture; white = 0, dark blue = the whole row.
+    """
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+    colours = (white + share[..., None] * (blue - white)).round().astype(np.uint8)
+    image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+    image[::cell, :] = image[:, ::cell] = 200  # grid lines
+    target = Path(path)
+    target.write_bytes(_png(image))
+    return target
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    height, width, _ = rgb.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    )

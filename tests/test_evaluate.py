@@ -1,0 +1,131 @@
+"""Evaluating a frozen graph on real shards: counts, confusion, parity with the SavedModel."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from headpose.evaluate import evaluate_frozen_graph, load_frozen_graph, write_confusion_png
+from headpose.freeze import freeze_saved_model
+from headpose.training import labels
+from headpose.training.export import export_saved_model
+from headpose.training.model import build_resnet
+from headpose.training.shards import ShardWriter, shard_paths
+
+# (tilt, pan) in degrees: every class at least once; 23 images over 3 shards of 8, so
+# batches of 5 cross shard ends and the last batch is short.
+ANGLES = [(t, p) for p in (-60, 0, 60) for t in (-30, 0, 30)] * 2 + [
+    (0, 0), (15, -90), (-90, 90), (60, 15), (-15, 0),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(3)
+    with ShardWriter(base / "data", "eval", images_per_shard=8) as writer:
+        for tilt, pan in ANGLES:
+            writer.write(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8), tilt, pan)
+    tf.keras.utils.set_random_seed(3)
+    saved_model = export_saved_model(build_resnet(10, base_filters=8), base / "model")
+    frozen = freeze_saved_model(saved_model, base / "frozen")
+    return {
+        "base": base,
+        "shards": shard_paths(base / "data", "eval"),
+        "summary": writer.summary(),
+        "saved_model": saved_model,
+        "pb": frozen.pb_path,
+    }
+
+
+def saved_model_predictions(saved_model: Path, shard_files) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference: true and predicted classes from the SavedModel itself."""
+    from headpose.training.shards import dataset
+
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    truth, predicted = [], []
+    for images, classes in dataset(shard_files, 4, training=False):
+        truth.append(classes.numpy())
+        predicted.append(serve(inputs=images)["softmax_tensor"].numpy().argmax(axis=1))
+    return np.concatenate(truth), np.concatenate(predicted)
+
+
+@pytest.mark.slow
+def test_accuracy_and_confusion(setup):
+    assert len(setup["shards"]) == 3
+    report = evaluate_frozen_graph(setup["pb"], setup["shards"], setup["saved_model"], batch_size=5)
+    matrix = np.array(report["confusion_matrix"])
+
+    assert report["images"] == len(ANGLES) == matrix.sum()
+    assert matrix.shape == (labels.NUM_CLASSES, labels.NUM_CLASSES)
+    # Rows are the true classes: their sums are what the shard writer counted.
+    assert matrix.sum(axis=1).tolist() == setup["summary"]["per_class"]
+    assert [c["count"] for c in report["per_class"]] == setup["summary"]["per_class"]
+    assert [c["predicted"] for c in report["per_class"]] == matrix.sum(axis=0).tolist()
+    assert report["correct"] == np.trace(matrix)
+    assert report["accuracy"] == pytest.approx(np.trace(matrix) / len(ANGLES))
+    assert [c["name"] for c in report["per_class"]] == labels.class_names()
+
+    truth, predicted = saved_model_predictions(setup["saved_model"], setup["shards"])
+    expected = np.zeros_like(matrix)
+    np.add.at(expected, (truth, predicted), 1)
+    assert (matrix == expected).all()
+
+    assert 0.0 <= report["parity_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_without_saved_model_there_is_no_parity(setup):
+    report = evaluate_frozen_graph(setup["pb"], setup["shards"][:1], batch_size=64)
+    assert report["images"] == 8
+    assert report["parity_max_abs_diff"] is None
+
+
+@pytest.mark.slow
+def test_load_frozen_graph_runs_batches(setup):
+    graph = load_frozen_graph(setup["pb"])
+    out = graph(np.zeros((3, 84, 84, 3), np.float32))
+    assert out.shape == (3, labels.NUM_CLASSES)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_wrong_node_and_bad_file(setup, tmp_path):
+    with pytest.raises(ValueError, match="output node 'probabilities' not in the frozen graph"):
+        load_frozen_graph(setup["pb"], output_node="probabilities")
+    bad = tmp_path / "bad.pb"
+    bad.write_bytes(b"\xff\xff\xff not a graph")
+    with pytest.raises(ValueError, match="not a binary GraphDef"):
+        load_frozen_graph(bad)
+
+
+def read_png(path: Path) -> tuple[int, int, bytes]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    offset, chunks = 8, {}
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        kind, body = data[offset + 4:offset + 8], data[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = body
+        offset += 12 + length
+    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
+    return width, height, zlib.decompress(chunks[b"IDAT"])
+
+
+def test_confusion_png(tmp_path):
+    matrix = np.eye(labels.NUM_CLASSES, dtype=int) * 5
+    matrix[0, 1] = 5
+    path = write_confusion_png(matrix, tmp_path / "confusion.png", cell=4)
+    width, height, raw = read_png(path)
+    assert width == height == 36
+    assert len(raw) == height * (1 + width * 3)
+    row = raw[(1 + 1) * (1 + width * 3):][: 1 + width * 3]  # pixel row 2, inside cell row 0
+    pixel = lambda x: tuple(row[1 + 3 * x:4 + 3 * x])  # noqa: E731
+    assert pixel(2) == pixel(6) != pixel(10)  # half-filled cells (0,0), (0,1); empty (0,2)
+    assert pixel(10) == (255, 255, 255)

@@ -1,0 +1,217 @@
+"""Freezing a real (tiny) trained model: archive -> SavedModel -> frozen graph -> parity."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from headpose.archive import find_saved_model, pack_model_dir, safe_extract  # noqa: E402
+from headpose.freeze import FreezeError, build_parser, freeze_saved_model, main  # noqa: E402
+from headpose.training import labels  # noqa: E402
+from headpose.training.export import export_saved_model  # noqa: E402
+from headpose.training.model import build_resnet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_tiny_model(seed: int = 0):
+    """ResNet-10 with 8 base filters, 2 SGD steps on random data, then random BN statistics.
+
+    Two steps barely move the moving averages (momentum 0.997), so the BN statistics
+    and affine parameters are then set to clearly non-trivial values: folding them into
+    the graph must be exact for parity to hold.
+    """
+    tf.keras.utils.set_random_seed(seed)
+    model = build_resnet(10, base_filters=8)
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(seed)
+    images = rng.random((8, 84, 84, 3), dtype=np.float32)
+    model.fit(images, rng.integers(0, labels.NUM_CLASSES, 8), batch_size=4, epochs=1, verbose=0)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+            layer.beta.assign(rng.normal(0, 0.2, channels).astype(np.float32))
+            layer.moving_mean.assign(rng.normal(0, 0.3, channels).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """Train -> export -> pack -> safe_extract -> find_saved_model -> freeze, as the DAG does."""
+    base = tmp_path_factory.mktemp("freeze")
+    export_saved_model(train_tiny_model(), base / "sm_model")
+    archive = pack_model_dir(base / "sm_model", base / "model.tar.gz")
+    saved_model = find_saved_model(safe_extract(archive, base / "extracted"))
+    result = freeze_saved_model(saved_model, base / "frozen")
+    return {"base": base, "archive": archive, "saved_model": saved_model, "result": result}
+
+
+def read_graph_def(path: Path):
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(path.read_bytes())
+    return graph_def
+
+
+def run_plain_tf1(pb_path: Path, images: np.ndarray) -> np.ndarray:
+    """How an outside consumer runs the file: import_graph_def into a graph, one session."""
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(read_graph_def(pb_path), name="")
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run("softmax_tensor:0", {"inputs:0": images})
+
+
+@pytest.mark.slow
+def test_frozen_graph_matches_saved_model(frozen):
+    images = np.random.default_rng(7).random((5, 84, 84, 3), dtype=np.float32)
+    probabilities = run_plain_tf1(frozen["result"].pb_path, images)
+    serve = tf.saved_model.load(str(frozen["saved_model"])).signatures["serving_default"]
+    expected = serve(inputs=tf.constant(images))["softmax_tensor"].numpy()
+    assert probabilities.shape == (5, labels.NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.max(np.abs(probabilities - expected)) < 1e-5
+    assert frozen["result"].parity_max_abs_diff < 1e-5
+
+
+@pytest.mark.slow
+def test_node_names_and_ops(frozen):
+    graph_def = read_graph_def(frozen["result"].pb_path)
+    nodes = {node.name: node for node in graph_def.node}
+    ops = {node.op for node in graph_def.node}
+
+    inputs = nodes["inputs"]
+    assert inputs.op == "Placeholder"
+    assert tf.dtypes.as_dtype(inputs.attr["dtype"].type) == tf.float32
+    assert [d.size for d in inputs.attr["shape"].shape.dim] == [-1, 84, 84, 3]
+    assert [n for n in nodes.values() if n.op == "Placeholder"] == [inputs]
+    assert nodes["softmax_tensor"].op == "Softmax"
+
+    assert not ops & {"Rsqrt", "VarHandleOp", "ReadVariableOp", "VariableV2", "Identity",
+                      "NoOp", "StatefulPartitionedCall", "FusedBatchNormV3"}
+    assert not [op for op in ops if op.startswith("_")], "CPU-only fused ops leaked in"
+    assert not graph_def.library.function
+    # The batch norm after each block's first convolution is folded into its weights
+    # and bias: one BiasAdd per such convolution plus the logits'.
+    assert sum(node.op == "BiasAdd" for node in graph_def.node) == 4 + 1
+    result = frozen["result"]
+    assert result.node_count == len(graph_def.node) < result.node_count_before
+
+
+@pytest.mark.slow
+def test_metadata(frozen):
+    result = frozen["result"]
+    metadata = json.loads(result.json_path.read_text())
+    data = result.pb_path.read_bytes()
+    assert result.json_path == result.pb_path.with_name("frozen_model.json")
+    assert metadata["sha256"] == result.sha256 == hashlib.sha256(data).hexdigest()
+    assert metadata["size_bytes"] == len(data)
+    assert metadata["node_count"] == result.node_count
+    assert metadata["inputs"] == [
+        {"name": "inputs", "tensor": "inputs:0", "dtype": "float32", "shape": [None, 84, 84, 3]}
+    ]
+    assert metadata["outputs"] == [
+        {"name": "softmax_tensor", "tensor": "softmax_tensor:0", "dtype": "float32", "shape": [None, 9]}
+    ]
+    assert metadata["preprocessing"]["colour_order"] == "RGB"
+    assert metadata["preprocessing"]["value_range"] == [0.0, 1.0]
+    assert [c["name"] for c in metadata["classes"]] == labels.class_names()
+    assert [c["index"] for c in metadata["classes"]] == list(range(9))
+    assert all(c["index"] == c["pan_bin"] * 3 + c["tilt_bin"] for c in metadata["classes"])
+    assert metadata["bins"]["thresholds_normalised"] == list(labels.BIN_THRESHOLDS)
+    assert metadata["tensorflow_version"] == tf.__version__
+    assert metadata["op_counts"]["Conv2D"] == 12
+
+
+@pytest.mark.slow
+def test_wrong_output_node_lists_candidates(frozen, tmp_path):
+    with pytest.raises(FreezeError) as raised:
+        freeze_saved_model(frozen["saved_model"], tmp_path, output_node_names=("probabilities",))
+    message = str(raised.value)
+    assert "'probabilities'" in message
+    assert "softmax_tensor" in message and "/Softmax" in message
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_wrong_input_node_lists_placeholders(frozen, tmp_path):
+    with pytest.raises(FreezeError, match=r"'images' is not a placeholder; placeholders: \['inputs'\]"):
+        freeze_saved_model(frozen["saved_model"], tmp_path, input_node_names=("images",))
+
+
+@pytest.mark.slow
+def test_unknown_signature(frozen, tmp_path):
+    with pytest.raises(FreezeError, match="serving_default"):
+        freeze_saved_model(frozen["saved_model"], tmp_path, signature_key="predict")
+
+
+@pytest.mark.slow
+def test_corrupt_saved_model_pb(frozen, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(frozen["saved_model"], broken)
+    (broken / "saved_model.pb").write_bytes(b"\x0a\xff\xff garbage, not a protobuf")
+    with pytest.raises(FreezeError, match="cannot load the SavedModel"):
+        freeze_saved_model(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_missing_saved_model_pb(tmp_path):
+    with pytest.raises(FreezeError, match="no saved_model.pb"):
+        freeze_saved_model(tmp_path, tmp_path / "out")
+
+
+def test_modules_import_without_tensorflow():
+    """Operators import these at DAG-parse time, where TensorFlow and numpy must not load."""
+    code = (
+        "import sys, headpose.freeze, headpose.evaluate, headpose.archive; "
+        "print(sorted(m for m in ('tensorflow', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "include")}, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "headpose.freeze", *args],
+        capture_output=True, text=True, env=env, check=False,
+    )
+
+
+def test_cli_help_describes_every_argument():
+    done = cli("--help")
+    assert done.returncode == 0, done.stderr
+    for option in ("--saved-model-dir", "--model-tar", "--output-dir", "--input-node",
+                   "--output-node", "--signature-key", "--parity-tolerance", "--work-dir"):
+        assert option in done.stdout
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+@pytest.mark.slow
+def test_cli_freezes_a_model_archive(frozen, tmp_path):
+    done = cli("--model-tar", str(frozen["archive"]), "--output-dir", str(tmp_path / "out"),
+               "--work-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["sha256"] == frozen["result"].sha256  # same model, same bytes
+    assert Path(summary["pb_path"]).is_file() and Path(summary["json_path"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # extraction cleaned up
+
+
+@pytest.mark.slow
+def test_cli_error_is_a_message_and_exit_code(frozen, tmp_path, capsys):
+    code = main(["--saved-model-dir", str(frozen["saved_model"]), "--output-dir", str(tmp_path),
+                 "--output-node", "nope"])
+    assert code == 2
+    assert "output node 'nope'" in capsys.readouterr().err

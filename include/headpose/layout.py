@@ -1,0 +1,250 @@
+"""Run-scoped names: the training job name, every S3 URI of a run, the local workspace.
+
+Everything a run writes derives from its ``training_job_name``, and that name derives
+from the run's logical time only, so a retried task computes the same names and finds
+what the first try wrote. S3 keys follow the original tutorial's layout::
+
+    s3://<bucket>/<folder>/datasets/<dataset_id>/{train-*,eval-*}.tfrecord, manifest.json
+    s3://<bucket>/<folder>/customTFcodes/<job>/source/sourcedir.tar.gz
+    s3://<bucket>/<folder>/TFartifacts/<job>/output/model.tar.gz      (S3OutputPath = .../TFartifacts)
+    s3://<bucket>/<folder>/TFartifacts/<job>/output/frozen_model.pb, frozen_model.json, report.json
+    s3://<bucket>/<folder>/published/latest.json                      (pointer, written last)
+    s3://<bucket>/<folder>/published/latest/frozen_model.pb, frozen_model.json, report.json
+    s3://<bucket>/<folder>/published/history/<job>.json
+
+Standard library only: the DAG file imports this module at parse time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+BASE_JOB_NAME = "deeplens-TF-headpose"
+DEFAULT_FOLDER = "headpose"
+
+# SageMaker's TrainingJobName rule (CreateTrainingJob API reference).
+TRAINING_JOB_NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
+_JOB_NAME_RE = re.compile(TRAINING_JOB_NAME_PATTERN)
+
+# S3 general-purpose bucket naming rules: 3-63 characters of lowercase letters, digits,
+# dots and hyphens; starting and ending with a letter or digit; no "..", not shaped like
+# an IPv4 address, none of the reserved prefixes and suffixes. Written as one regex so
+# the trigger form (JSON-schema "pattern") and the code refuse the same names.
+BUCKET_NAME_PATTERN = (
+    r"^(?!xn--)(?!sthree-)(?!amzn-s3-demo-)(?!\d{1,3}(\.\d{1,3}){3}$)(?!.*\.\.)"
+    r"(?!.*-s3alias$)(?!.*--ol-s3$)(?!.*--x-s3$)(?!.*\.-)(?!.*-\.)"
+    r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+)
+_BUCKET_RE = re.compile(BUCKET_NAME_PATTERN)
+
+# One path segment: the folder is a key prefix, not a path, so "a/b" or ".." are refused.
+FOLDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_FOLDER_RE = re.compile(FOLDER_PATTERN)
+
+FROZEN_MODEL_FILE = "frozen_model.pb"
+FROZEN_MODEL_JSON_FILE = "frozen_model.json"
+REPORT_FILE = "report.json"
+CONFUSION_PNG_FILE = "confusion_matrix.png"
+MODEL_ARCHIVE_FILE = "model.tar.gz"
+SOURCEDIR_FILE = "sourcedir.tar.gz"
+MANIFEST_FILE = "manifest.json"
+LOCAL_JOB_RECORD_FILE = "local-job.json"
+
+WORKSPACE_ENV = "HEADPOSE_WORKSPACE"
+
+
+def training_job_name(logical_time: datetime, base: str = BASE_JOB_NAME) -> str:
+    """``<base>-YYYY-MM-DD-HH-MM-SS-mmm`` of the run's logical time, in UTC.
+
+    Deterministic (a retry gets the same name) and valid for SageMaker: only letters,
+    digits and single hyphens, at most 63 characters. A naive time is taken as UTC.
+    """
+    if logical_time.tzinfo is not None:
+        logical_time = logical_time.astimezone(timezone.utc)
+    name = f"{base}-{logical_time.strftime('%Y-%m-%d-%H-%M-%S-%f')[:-3]}"
+    if not _JOB_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid SageMaker training job name")
+    return name
+
+
+def is_valid_training_job_name(name: str) -> bool:
+    return bool(_JOB_NAME_RE.match(name))
+
+
+def is_valid_bucket_name(name: str) -> bool:
+    return bool(_BUCKET_RE.match(name))
+
+
+def is_valid_folder(folder: str) -> bool:
+    return bool(_FOLDER_RE.match(folder))
+
+
+# -- S3 URIs -------------------------------------------------------------------------
+
+def s3_uri(bucket: str, *parts: str) -> str:
+    """``s3://bucket/part1/part2``; a trailing ``/`` on the last part is kept (a prefix)."""
+    key = "/".join(p.strip("/") for p in parts if p.strip("/"))
+    if parts and parts[-1].endswith("/") and key:
+        key += "/"
+    return f"s3://{bucket}/{key}"
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; refuses anything else."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not is_valid_bucket_name(bucket):
+        raise ValueError(f"invalid bucket name in {uri!r}")
+    return bucket, key
+
+
+def join_uri(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name.lstrip("/")
+
+
+def synthetic_dataset_id(settings: Mapping[str, Any]) -> str:
+    """``synthetic-<hash>``: the same generator settings name the same S3 prefix.
+
+    The hash covers every setting (including the generator version), so changing any of
+    them stages a new dataset instead of silently reusing a different one.
+    """
+    canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
+    return "synthetic-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every S3 URI of one run. ``asdict`` of it is what ``plan_run`` puts in XCom."""
+
+    bucket: str
+    folder: str
+    training_job_name: str
+    dataset_prefix: str
+    sourcedir_uri: str
+    output_path: str
+    model_artifact_uri: str
+    local_job_record_uri: str
+    frozen_model_uri: str
+    frozen_model_json_uri: str
+    report_uri: str
+    confusion_png_uri: str
+    published_prefix: str
+    published_pointer_uri: str
+    published_model_uri: str
+    published_model_json_uri: str
+    published_report_uri: str
+    history_record_uri: str
+
+    @classmethod
+    def for_run(
+        cls, bucket: str, folder: str, training_job_name: str, dataset_prefix: str
+    ) -> "RunLayout":
+        """The layout of a run whose data lies under ``dataset_prefix`` (an ``s3://`` prefix)."""
+        if not is_valid_bucket_name(bucket):
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        if not is_valid_folder(folder):
+            raise ValueError(f"invalid folder {folder!r}: one path segment of letters, digits, '_.-'")
+        if not is_valid_training_job_name(training_job_name):
+            raise ValueError(f"invalid training job name {training_job_name!r}")
+        split_s3_uri(dataset_prefix)
+        output_path = s3_uri(bucket, folder, "TFartifacts")
+        job_output = join_uri(output_path, f"{training_job_name}/output")
+        published = s3_uri(bucket, folder, "published/")
+        return cls(
+            bucket=bucket,
+            folder=folder,
+            training_job_name=training_job_name,
+            dataset_prefix=dataset_prefix.rstrip("/") + "/",
+            sourcedir_uri=s3_uri(bucket, folder, "customTFcodes", training_job_name, "source", SOURCEDIR_FILE),
+            output_path=output_path,
+            model_artifact_uri=join_uri(job_output, MODEL_ARCHIVE_FILE),
+            local_job_record_uri=join_uri(job_output, LOCAL_JOB_RECORD_FILE),
+            frozen_model_uri=join_uri(job_output, FROZEN_MODEL_FILE),
+            frozen_model_json_uri=join_uri(job_output, FROZEN_MODEL_JSON_FILE),
+            report_uri=join_uri(job_output, REPORT_FILE),
+            confusion_png_uri=join_uri(job_output, CONFUSION_PNG_FILE),
+            published_prefix=published,
+            published_pointer_uri=join_uri(published, "latest.json"),
+            published_model_uri=join_uri(published, f"latest/{FROZEN_MODEL_FILE}"),
+            published_model_json_uri=join_uri(published, f"latest/{FROZEN_MODEL_JSON_FILE}"),
+            published_report_uri=join_uri(published, f"latest/{REPORT_FILE}"),
+            history_record_uri=join_uri(published, f"history/{training_job_name}.json"),
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunLayout":
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def dataset_prefix_for(bucket: str, folder: str, dataset_id: str) -> str:
+    return s3_uri(bucket, folder, "datasets", dataset_id + "/")
+
+
+# -- local workspace -----------------------------------------------------------------
+
+def workspace_root(environ: Mapping[str, str] | None = None) -> Path:
+    """``$HEADPOSE_WORKSPACE``, else ``$AIRFLOW_HOME/headpose-workspace``.
+
+    With more than one worker this folder must be one volume mounted on all of them:
+    ``download_artifact``, ``freeze_graph`` and ``validate_model`` may run on different
+    workers and hand files to each other through it (XCom carries only paths and
+    checksums, never the files).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(WORKSPACE_ENV):
+        return Path(env[WORKSPACE_ENV])
+    airflow_home = env.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+    return Path(airflow_home) / "headpose-workspace"
+
+
+def run_workspace(training_job_name: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The run's own folder in the workspace (removed by the DAG's ``cleanup`` task)."""
+    if not is_valid_training_job_name(training_job_name):
+        raise ValueError(f"invalid training job name {training_job_name!r}")
+    return workspace_root(environ) / training_job_name
+
+
+class WorkspaceError(RuntimeError):
+    """A file another task put in the workspace is missing or different here."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_workspace_file(path: str | Path, sha256: str | None = None) -> Path:
+    """``path`` as another task left it, or a ``WorkspaceError`` that says why not.
+
+    A missing file almost always means the tasks ran on workers that do not share the
+    workspace; a different checksum, that someone else wrote to the run's folder.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise WorkspaceError(
+            f"{file} is not on this worker. An earlier task of this run wrote it to the shared "
+            f"workspace ({WORKSPACE_ENV}={workspace_root()}); with several workers that folder "
+            "must be a volume mounted on every worker."
+        )
+    if sha256 is not None:
+        actual = file_sha256(file)
+        if actual != sha256:
+            raise WorkspaceError(
+                f"{file} has sha256 {actual}, but the task that wrote it recorded {sha256}: "
+                "the workspace was changed between tasks (is it shared by two runs or hosts "
+                "with different contents?)"
+            )
+    return file

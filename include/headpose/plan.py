@@ -1,0 +1,71 @@
+"""A run's plan: validated parameters, job name, S3 layout and training request.
+
+``plan_run`` is the DAG's first task and the only place these are derived; every later
+task reads them from its XCom. Pure except for resolving the training image (the
+sagemaker SDK's bundled tables, no network), which callers may replace.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+from headpose.layout import (
+    RunLayout,
+    dataset_prefix_for,
+    run_workspace,
+    synthetic_dataset_id,
+    training_job_name,
+)
+from headpose.params import RunParamsError, validate_run_params
+from headpose.request import image_uri_for_backend, training_job_request
+
+ImageResolver = Callable[[str, str, str], str]
+
+
+def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, int] | None]:
+    """The run's dataset prefix and, for a synthetic dataset, the settings that name it."""
+    source = params["dataset_source"]
+    bucket, folder = params["s3_bucket"], params["headpose_folder"]
+    if source == "synthetic":
+        from headpose.staging import synthetic_settings
+        from headpose.synthetic import GENERATOR_VERSION
+
+        settings = synthetic_settings(params, GENERATOR_VERSION)
+        return dataset_prefix_for(bucket, folder, synthetic_dataset_id(settings)), settings
+    if source == "prima":
+        return dataset_prefix_for(bucket, folder, "prima"), None
+    return source.rstrip("/") + "/", None
+
+
+def plan_run(
+    raw_params: Mapping[str, Any],
+    logical_time: datetime,
+    *,
+    region: str,
+    dag_id: str,
+    run_id: str,
+    resolve_image: ImageResolver = image_uri_for_backend,
+) -> dict[str, Any]:
+    """Everything later tasks need, as JSON-ready values (``RunParamsError`` if invalid)."""
+    params = validate_run_params(raw_params)
+    job = training_job_name(logical_time)
+    dataset_prefix, dataset_settings = dataset_plan(params)
+    layout = RunLayout.for_run(params["s3_bucket"], params["headpose_folder"], job, dataset_prefix)
+    try:
+        image = resolve_image(params["backend"], region, params["instance_type"])
+    except ValueError as error:  # the SDK's word on a type or region it has no image for
+        raise RunParamsError(
+            f"no TensorFlow training image for instance_type={params['instance_type']!r} "
+            f"in {region}: {error}"
+        ) from error
+    request = training_job_request(layout, params, image, region=region, dag_id=dag_id, run_id=run_id)
+    return {
+        "training_job_name": job,
+        "run_params": params,
+        "region": region,
+        "dataset_settings": dataset_settings,
+        "workspace_dir": str(run_workspace(job)),
+        "training_request": request,
+        # bucket, folder and every URI, one XCom key each; RunLayout.from_dict(plan) rebuilds it.
+        **layout.to_dict(),
+    }

@@ -1,0 +1,139 @@
+"""The CreateTrainingJob request of a run, built once for both training backends.
+
+The dict is exactly what ``SageMakerTrainingOperator(config=...)`` (and boto3's
+``create_training_job``) takes. The ``sagemaker`` backend sends it to SageMaker; the
+``local`` backend (``headpose.local_backend``) honours the same fields on the worker.
+Hyperparameters follow the SageMaker TensorFlow training toolkit's script mode: every
+value is a JSON string, ``sagemaker_*`` keys configure the toolkit, and the rest become
+``--key value`` arguments of ``train.py``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from headpose.layout import RunLayout
+from headpose.training.entry import METRIC_REGEXES
+
+TF_FRAMEWORK_VERSION = "2.21"
+TF_PY_VERSION = "py312"
+ENTRY_POINT = "train.py"
+TRAINING_CHANNEL = "training"
+# The local backend trains on the worker's CPU, so it records the CPU image it stands in for.
+LOCAL_IMAGE_INSTANCE_TYPE = "ml.m5.xlarge"
+# CreateTrainingJob needs a role even when nothing is sent to SageMaker; this one is
+# never used, and its account id (all zeros) cannot exist.
+LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/headpose-local-backend"
+# Model hyperparameters the entry point takes, in the order they appear in the request.
+MODEL_HYPERPARAMETERS = (
+    "training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed",
+)
+
+
+def metric_definitions() -> list[dict[str, str]]:
+    """SageMaker ``MetricDefinitions`` for the entry point's ``metric:`` log lines."""
+    return [{"Name": name, "Regex": regex} for name, regex in METRIC_REGEXES.items()]
+
+
+def training_image_uri(region: str, instance_type: str) -> str:
+    """The SageMaker TensorFlow 2.21 training image for the region and instance type.
+
+    The sagemaker SDK is imported here, not at module level: it is heavy, and the DAG
+    file must not load it while being parsed.
+    """
+    from sagemaker.core import image_uris
+
+    return image_uris.retrieve(
+        "tensorflow",
+        region=region,
+        version=TF_FRAMEWORK_VERSION,
+        instance_type=instance_type,
+        image_scope="training",
+        py_version=TF_PY_VERSION,
+    )
+
+
+def image_uri_for_backend(backend: str, region: str, instance_type: str) -> str:
+    """The image the request names: the instance type's with SageMaker, the CPU one locally."""
+    return training_image_uri(
+        region, instance_type if backend == "sagemaker" else LOCAL_IMAGE_INSTANCE_TYPE
+    )
+
+
+# Characters a SageMaker tag value may hold; Airflow run ids can hold others.
+_TAG_VALUE_UNSAFE = re.compile(r"[^\w .:/=+@-]")
+
+
+def _tag_value(value: str) -> str:
+    return _TAG_VALUE_UNSAFE.sub("_", value)[:256]
+
+
+def _hp(value: Any) -> str:
+    # The sagemaker SDK json.dumps every hyperparameter; the toolkit json.loads them back.
+    return json.dumps(value)
+
+
+def training_job_request(
+    layout: RunLayout,
+    params: Mapping[str, Any],
+    image_uri: str,
+    *,
+    region: str,
+    dag_id: str = "headpose_retraining",
+    run_id: str = "",
+) -> dict[str, Any]:
+    """The CreateTrainingJob request for ``layout``'s run with validated ``params``."""
+    job = layout.training_job_name
+    hyperparameters = {
+        "sagemaker_program": _hp(ENTRY_POINT),
+        "sagemaker_submit_directory": _hp(layout.sourcedir_uri),
+        "sagemaker_region": _hp(region),
+        "sagemaker_job_name": _hp(job),
+        "sagemaker_container_log_level": _hp(20),
+        # What the sagemaker SDK passes to TensorFlow scripts; the entry point ignores it
+        # and writes to SM_MODEL_DIR, which SageMaker uploads as model.tar.gz.
+        "model_dir": _hp(f"{layout.output_path}/{job}/model"),
+        **{name: _hp(params[name]) for name in MODEL_HYPERPARAMETERS},
+    }
+    tags = [
+        {"Key": "airflow-dag-id", "Value": _tag_value(dag_id)},
+        {"Key": "training-job-name", "Value": job},
+    ]
+    if run_id:
+        tags.append({"Key": "airflow-run-id", "Value": _tag_value(run_id)})
+    return {
+        "TrainingJobName": job,
+        "AlgorithmSpecification": {
+            "TrainingImage": image_uri,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": metric_definitions(),
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "HyperParameters": hyperparameters,
+        "RoleArn": params.get("role_arn") or LOCAL_ROLE_ARN,
+        "InputDataConfig": [
+            {
+                "ChannelName": TRAINING_CHANNEL,
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": layout.dataset_prefix,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+                "ContentType": "application/x-tfrecord",
+                "CompressionType": "None",
+                "InputMode": "File",
+            }
+        ],
+        "OutputDataConfig": {"S3OutputPath": layout.output_path},
+        "ResourceConfig": {
+            "InstanceType": params["instance_type"],
+            "InstanceCount": int(params["instance_count"]),
+            "VolumeSizeInGB": int(params["volume_size_gb"]),
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": int(params["max_run_seconds"])},
+        "EnableNetworkIsolation": False,
+        "Tags": tags,
+    }

@@ -1,0 +1,47 @@
+"""``sourcedir.tar.gz``: the code a training job runs, built from ``include/headpose``.
+
+Layout (what SageMaker's TensorFlow toolkit extracts into ``/opt/ml/code``)::
+
+    train.py                      the entry script (``sagemaker_program``)
+    headpose/__init__.py
+    headpose/training/*.py        model, shards, labels, export, entry point
+
+so ``python train.py`` imports ``headpose.training`` from the code folder and nothing
+else. The archive is packed by ``archive.pack_model_dir`` (sorted names, zeroed times
+and owners), so the same code always gives the same bytes and sha256.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from headpose.archive import pack_model_dir
+from headpose.layout import file_sha256
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ENTRY_SCRIPT = "train.py"
+
+
+def sourcedir_files(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
+    """``{name in the archive: file}`` for every file the training job needs."""
+    training = package_dir / "training"
+    files = {ENTRY_SCRIPT: training / ENTRY_SCRIPT, "headpose/__init__.py": package_dir / "__init__.py"}
+    for module in sorted(training.glob("*.py")):
+        files[f"headpose/training/{module.name}"] = module
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"source dir files missing: {missing}")
+    return files
+
+
+def build_sourcedir(tar_path: str | Path, package_dir: Path = PACKAGE_DIR) -> tuple[Path, str]:
+    """Write ``sourcedir.tar.gz`` to ``tar_path``; return its path and sha256."""
+    with tempfile.TemporaryDirectory(prefix="sourcedir-") as staging:
+        root = Path(staging)
+        for name, source in sourcedir_files(package_dir).items():
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)  # contents only: modes and times are normalised anyway
+        path = pack_model_dir(root, tar_path)
+    return path, file_sha256(path)

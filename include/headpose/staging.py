@@ -1,0 +1,172 @@
+"""Datasets in S3: staging the synthetic one, checking a given prefix, fetching a split.
+
+A dataset prefix holds ``train-*.tfrecord``, ``eval-*.tfrecord`` and ``manifest.json``.
+The manifest is uploaded after every shard, so its presence means the prefix is
+complete; a synthetic dataset's prefix is named by a hash of its settings, so a run
+whose settings were staged before skips the (slow) generation.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from headpose.layout import MANIFEST_FILE, join_uri, split_s3_uri
+
+Log = Callable[[str], None]
+SHARD_SUFFIX = ".tfrecord"
+
+
+class DatasetError(RuntimeError):
+    """A dataset prefix that cannot be trained on; the message says what is missing."""
+
+
+def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dict[str, int]:
+    """The settings that define a synthetic dataset (and its prefix's hash)."""
+    return {
+        "generator_version": generator_version,
+        "train_per_pose": int(params["synthetic_train_per_pose"]),
+        "eval_per_pose": int(params["synthetic_eval_per_pose"]),
+        "seed": int(params["seed"]),
+        "images_per_shard": int(params["images_per_shard"]),
+    }
+
+
+def require_bucket(s3_client: Any, bucket: str) -> None:
+    """``DatasetError`` unless ``bucket`` exists and these credentials can reach it.
+
+    The pipeline does not create buckets: where they live, who owns them and their
+    policies are decisions for whoever runs it, not side effects of a run.
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code")
+        if code in ("404", "NoSuchBucket"):
+            raise DatasetError(f"S3 bucket {bucket!r} does not exist; create it first") from None
+        if code in ("403", "AccessDenied"):
+            raise DatasetError(f"S3 bucket {bucket!r} is not accessible with this connection") from None
+        raise
+
+
+def _read_manifest(s3_client: Any, prefix_uri: str) -> dict | None:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(join_uri(prefix_uri, MANIFEST_FILE))
+    try:
+        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise DatasetError(f"{join_uri(prefix_uri, MANIFEST_FILE)} is not JSON: {error}") from error
+
+
+def _summary(prefix_uri: str, manifest: Mapping[str, Any], staged: bool) -> dict[str, Any]:
+    splits = manifest.get("splits", {})
+    return {
+        "dataset_prefix": prefix_uri,
+        "source": manifest.get("source", "unknown"),
+        "staged": staged,
+        "train_count": splits.get("train", {}).get("count"),
+        "eval_count": splits.get("eval", {}).get("count"),
+    }
+
+
+def stage_synthetic_dataset(
+    s3_client: Any,
+    prefix_uri: str,
+    settings: Mapping[str, int],
+    log: Log,
+    scratch_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Generate the synthetic dataset of ``settings`` into ``prefix_uri`` unless it is there.
+
+    Returns counts and whether it was generated now (``staged``), not the data.
+    """
+    existing = _read_manifest(s3_client, prefix_uri)
+    if existing is not None:
+        log(f"dataset already staged at {prefix_uri} (manifest present); skipping generation")
+        return _summary(prefix_uri, existing, staged=False)
+
+    from headpose.synthetic import GENERATOR_VERSION, write_synthetic_dataset
+
+    if settings["generator_version"] != GENERATOR_VERSION:
+        raise DatasetError(
+            f"settings name generator version {settings['generator_version']}, "
+            f"this code has {GENERATOR_VERSION}"
+        )
+    bucket, key_prefix = split_s3_uri(prefix_uri)
+    with tempfile.TemporaryDirectory(prefix="synthetic-", dir=scratch_root) as scratch:
+        log(f"generating the synthetic dataset {dict(settings)}")
+        manifest = write_synthetic_dataset(
+            scratch,
+            train_per_pose=settings["train_per_pose"],
+            eval_per_pose=settings["eval_per_pose"],
+            seed=settings["seed"],
+            images_per_shard=settings["images_per_shard"],
+        )
+        shards = sorted(Path(scratch).glob(f"*{SHARD_SUFFIX}"))
+        for shard in shards:
+            s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
+        # Last: a manifest in S3 means every shard before it is complete.
+        s3_client.upload_file(str(Path(scratch) / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
+    log(f"uploaded {len(shards)} shards and {MANIFEST_FILE} to {prefix_uri}")
+    return _summary(prefix_uri, manifest, staged=True)
+
+
+def list_dataset(s3_client: Any, prefix_uri: str) -> dict[str, list[str]]:
+    """Keys directly under the prefix, by kind: ``train``, ``eval`` shards, ``manifest``."""
+    bucket, key_prefix = split_s3_uri(prefix_uri)
+    found: dict[str, list[str]] = {"train": [], "eval": [], "manifest": []}
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(key_prefix):]
+            if "/" in name:
+                continue
+            if name == MANIFEST_FILE:
+                found["manifest"].append(obj["Key"])
+            for split in ("train", "eval"):
+                if name.startswith(f"{split}-") and name.endswith(SHARD_SUFFIX):
+                    found[split].append(obj["Key"])
+    return {kind: sorted(keys) for kind, keys in found.items()}
+
+
+def check_dataset_prefix(s3_client: Any, prefix_uri: str) -> dict[str, Any]:
+    """Counts of a given dataset prefix, or ``DatasetError`` naming what is missing."""
+    found = list_dataset(s3_client, prefix_uri)
+    missing = [
+        what for what, keys in (
+            (f"train-*{SHARD_SUFFIX}", found["train"]),
+            (f"eval-*{SHARD_SUFFIX}", found["eval"]),
+            (MANIFEST_FILE, found["manifest"]),
+        ) if not keys
+    ]
+    if missing:
+        raise DatasetError(f"dataset prefix {prefix_uri} has no {', no '.join(missing)}")
+    manifest = _read_manifest(s3_client, prefix_uri) or {}
+    summary = _summary(prefix_uri, manifest, staged=False)
+    summary.update(train_shards=len(found["train"]), eval_shards=len(found["eval"]))
+    return summary
+
+
+def download_split(s3_client: Any, prefix_uri: str, split: str, dest: str | Path) -> list[Path]:
+    """The ``split`` shards of the dataset, downloaded into ``dest``, in order."""
+    bucket, _ = split_s3_uri(prefix_uri)
+    keys = list_dataset(s3_client, prefix_uri)[split]
+    if not keys:
+        raise DatasetError(f"no {split}-*{SHARD_SUFFIX} under {prefix_uri}")
+    folder = Path(dest)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key in keys:
+        path = folder / key.rsplit("/", 1)[-1]
+        s3_client.download_file(bucket, key, str(path))
+        paths.append(path)
+    return paths

@@ -1,0 +1,9 @@
+"""The pipeline's Airflow operators: thin shells over ``include/headpose``.
+
+This package is imported by name (``plugins/`` is on ``sys.path``); ``plugins/.airflowignore``
+keeps Airflow's plugin loader from also executing each file as a top-level module.
+"""
+from headpose_operators.freeze import FreezeGraphOperator
+from headpose_operators.training import HeadposeTrainingOperator
+
+__all__ = ["FreezeGraphOperator", "HeadposeTrainingOperator"]

@@ -1,0 +1,99 @@
+"""``FreezeGraphOperator``: ``model.tar.gz`` in the workspace -> ``frozen_model.pb`` + metadata.
+
+A thin shell over ``headpose.archive`` (safe extraction, finding the SavedModel) and
+``headpose.freeze`` (freezing). TensorFlow is imported in ``execute`` only, so the DAG
+file that uses this operator stays light to parse.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from airflow.sdk import BaseOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    # A template renders to a string: accept "a,b" as well as a list.
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return tuple(value)
+
+
+class FreezeGraphOperator(BaseOperator):
+    """Freeze the SavedModel inside a training job's ``model.tar.gz``.
+
+    :param training_job_name: the run's job name (templated), recorded in the result.
+    :param artifact_path: local path of ``model.tar.gz`` in the shared workspace (templated).
+    :param artifact_sha256: its checksum from the task that downloaded it (templated);
+        a mismatch or a missing file means the workspace is not shared by the workers.
+    :param output_dir: folder for the extracted model and the frozen graph (templated);
+        what a previous try left there is replaced.
+    :param input_node_names: input placeholder names (templated), default ``("inputs",)``.
+    :param output_node_names: output node names (templated), default ``("softmax_tensor",)``.
+    :return: names, paths, sha256 and sizes for XCom - never the graph itself.
+    """
+
+    template_fields: Sequence[str] = (
+        "training_job_name", "artifact_path", "artifact_sha256", "output_dir",
+        "input_node_names", "output_node_names",
+    )
+    ui_color = "#e8daef"
+
+    def __init__(
+        self,
+        *,
+        training_job_name: str,
+        artifact_path: str,
+        output_dir: str,
+        artifact_sha256: str | None = None,
+        input_node_names: str | Sequence[str] = ("inputs",),
+        output_node_names: str | Sequence[str] = ("softmax_tensor",),
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.training_job_name = training_job_name
+        self.artifact_path = artifact_path
+        self.artifact_sha256 = artifact_sha256
+        self.output_dir = output_dir
+        self.input_node_names = input_node_names
+        self.output_node_names = output_node_names
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from headpose.archive import find_saved_model, safe_extract
+        from headpose.freeze import freeze_saved_model
+        from headpose.layout import file_sha256, require_workspace_file
+
+        artifact = require_workspace_file(self.artifact_path, self.artifact_sha256)
+        output = Path(self.output_dir)
+        extracted, frozen_dir = output / "model", output / "frozen"
+        for stale in (extracted, frozen_dir):
+            if stale.exists():
+                shutil.rmtree(stale)
+        safe_extract(artifact, extracted)
+        saved_model = find_saved_model(extracted)
+        inputs, outputs = _names(self.input_node_names), _names(self.output_node_names)
+        self.log.info("Freezing %s (inputs %s, outputs %s)", saved_model, inputs, outputs)
+        result = freeze_saved_model(saved_model, frozen_dir, input_node_names=inputs, output_node_names=outputs)
+        self.log.info(
+            "Frozen graph %s: %d nodes (from %d), sha256 %s, parity %s",
+            result.pb_path, result.node_count, result.node_count_before, result.sha256,
+            result.parity_max_abs_diff,
+        )
+        summary = result.summary()
+        return {
+            "training_job_name": self.training_job_name,
+            "saved_model_dir": str(saved_model),
+            "frozen_model_path": summary["pb_path"],
+            "frozen_model_json_path": summary["json_path"],
+            "frozen_model_json_sha256": file_sha256(result.json_path),
+            "frozen_model_sha256": summary["sha256"],
+            "size_bytes": summary["size_bytes"],
+            "node_count": summary["node_count"],
+            "input_node_names": list(inputs),
+            "output_node_names": list(outputs),
+            "parity_max_abs_diff": summary["parity_max_abs_diff"],
+        }

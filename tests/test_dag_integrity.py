@@ -1,0 +1,76 @@
+"""The DAG file parses cleanly, wires the tasks in order and stays light to import."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from airflow_support import DAGS, INCLUDE, PLUGINS, load_dag, load_dagbag
+
+TASKS = [
+    "plan_run", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
+    "validate_model", "upload_frozen_model", "publish", "cleanup",
+]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    return load_dag()
+
+
+def test_the_dag_folder_imports_without_errors():
+    bag = load_dagbag()
+    assert bag.import_errors == {}
+    assert list(bag.dags) == ["headpose_retraining"]
+
+
+def test_tasks_run_in_the_documented_order(dag):
+    assert sorted(dag.task_ids) == sorted(TASKS)
+    for before, after in zip(TASKS, TASKS[1:]):
+        assert before in dag.task_dict[after].upstream_task_ids, f"{before} -> {after}"
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == TASKS
+
+
+def test_operators_and_failure_handling(dag):
+    from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator
+
+    assert isinstance(dag.task_dict["train"], HeadposeTrainingOperator)
+    assert isinstance(dag.task_dict["freeze_graph"], FreezeGraphOperator)
+    # cleanup runs whatever happened, and as a teardown it cannot turn a failed run green.
+    assert dag.task_dict["cleanup"].is_teardown
+    assert dag.task_dict["publish"].outlets[0].name == "headpose_frozen_model"
+
+
+def test_templated_fields_of_the_custom_operators():
+    from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator
+
+    assert {"training_job_name", "artifact_path", "output_dir", "input_node_names",
+            "output_node_names"} <= set(FreezeGraphOperator.template_fields)
+    assert {"config", "backend"} <= set(HeadposeTrainingOperator.template_fields)
+
+
+def test_importing_the_dag_loads_no_tensorflow_numpy_or_sagemaker():
+    # A fresh interpreter: this test process has imported those modules already.
+    script = f"""
+import json, sys, importlib.util
+sys.path[:0] = [{str(INCLUDE)!r}, {str(PLUGINS)!r}]
+spec = importlib.util.spec_from_file_location("headpose_retraining_dag", {str(DAGS / 'headpose_retraining.py')!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "numpy", "sagemaker", "keras"))
+print(json.dumps(heavy))
+"""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_plugin_loader_does_not_execute_the_operator_package():
+    # plugins/.airflowignore keeps Airflow from importing each operator file as a top-level module.
+    from airflow._shared.module_loading import find_path_from_directory
+
+    assert list(find_path_from_directory(str(PLUGINS), ".airflowignore", "glob")) == []

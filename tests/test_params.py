@@ -1,0 +1,148 @@
+"""Bad trigger parameters are refused with a clear message before any task runs.
+
+Two gates: Airflow validates each value against its ``Param`` schema when the run is
+created (the trigger form, the REST API and ``airflow dags test -c`` all go through
+``create_dagrun``), so a bad value never gets a run, let alone a task. Rules across
+fields, which a per-field schema cannot state, are checked by ``validate_run_params``
+in ``plan_run``, before any cloud call. (``test_e2e`` also refuses a bad conf through
+the real ``airflow dags test`` command.)
+"""
+from __future__ import annotations
+
+import pytest
+
+from airflow_support import load_dag, scheduler_dag
+from headpose.params import RunParamsError, param_schemas, validate_run_params
+
+ARN = "arn:aws:iam::123456789012:role/service-role/SageMakerRole"
+
+# (case, conf, the parameter the message must name)
+BAD_VALUES = [
+    ("uppercase bucket", {"s3_bucket": "Headpose_Models"}, "s3_bucket"),
+    ("short bucket", {"s3_bucket": "ab"}, "s3_bucket"),
+    ("IP-shaped bucket", {"s3_bucket": "192.168.10.1"}, "s3_bucket"),
+    ("bucket with ..", {"s3_bucket": "head..pose"}, "s3_bucket"),
+    ("bucket not a string", {"s3_bucket": 12345}, "s3_bucket"),
+    ("folder with a slash", {"headpose_folder": "a/b"}, "headpose_folder"),
+    ("unknown backend", {"backend": "kubernetes"}, "backend"),
+    ("unknown dataset source", {"dataset_source": "ftp://server/data"}, "dataset_source"),
+    ("zero training steps", {"training_steps": 0}, "training_steps"),
+    ("negative evaluation steps", {"evaluation_steps": -5}, "evaluation_steps"),
+    ("steps as a string", {"training_steps": "100"}, "training_steps"),
+    ("fractional steps", {"training_steps": 2.5}, "training_steps"),
+    ("zero batch size", {"batch_size": 0}, "batch_size"),
+    ("unsupported ResNet depth", {"resnet_size": 20}, "resnet_size"),
+    ("too few base filters", {"base_filters": 2}, "base_filters"),
+    ("instance type without ml.", {"instance_type": "p3.2xlarge"}, "instance_type"),
+    ("two instances", {"instance_count": 2}, "instance_count"),
+    ("zero volume", {"volume_size_gb": 0}, "volume_size_gb"),
+    ("run time over 28 days", {"max_run_seconds": 3_000_000}, "max_run_seconds"),
+    ("role that is not an ARN", {"role_arn": "SageMakerRole"}, "role_arn"),
+    ("accuracy above 1", {"min_accuracy": 1.5}, "min_accuracy"),
+    ("accuracy as text", {"min_accuracy": "high"}, "min_accuracy"),
+    ("no synthetic eval images", {"synthetic_eval_per_pose": 0}, "synthetic_eval_per_pose"),
+]
+
+GOOD_CONFS = [
+    {},
+    {"resnet_size": 10, "base_filters": 8, "training_steps": 5, "evaluation_steps": 2, "batch_size": 16,
+     "min_accuracy": 0, "synthetic_train_per_pose": 1, "synthetic_eval_per_pose": 1},
+    {"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},
+    {"dataset_source": "s3://my-data-bucket/headpose/datasets/prima-v1/", "s3_bucket": "my.bucket-01"},
+    {"dataset_source": "prima", "headpose_folder": "headpose_v2", "min_accuracy": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def run_params():
+    """The DAG's params as ``create_dagrun`` sees them."""
+    return scheduler_dag(load_dag()).params
+
+
+def test_there_are_at_least_a_dozen_distinct_refused_parameters():
+    assert len(BAD_VALUES) >= 12
+    assert len({name for _, _, name in BAD_VALUES}) >= 12
+
+
+@pytest.mark.parametrize("case, conf, name", BAD_VALUES, ids=[c for c, _, _ in BAD_VALUES])
+def test_airflow_refuses_a_bad_value_when_the_run_is_created(run_params, case, conf, name):
+    from airflow.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError) as refused:
+        run_params.deep_merge(conf).validate()
+    message = str(refused.value)
+    assert f"Invalid input for param {name}" in message
+    assert repr(conf[name]) in message or str(conf[name]) in message
+
+
+@pytest.mark.parametrize("case, conf, name", BAD_VALUES, ids=[c for c, _, _ in BAD_VALUES])
+def test_plan_run_refuses_the_same_values(case, conf, name):
+    with pytest.raises(RunParamsError, match=name):
+        validate_run_params(conf)
+
+
+@pytest.mark.parametrize("conf", GOOD_CONFS)
+def test_good_confs_are_accepted_by_both_gates(run_params, conf):
+    resolved = run_params.deep_merge(conf).validate()
+    assert validate_run_params(conf) == {k: resolved[k] for k in param_schemas()}
+
+
+@pytest.mark.parametrize("conf, fragment", [
+    ({"backend": "sagemaker"}, "needs role_arn"),
+    ({"backend": "sagemaker", "role_arn": ARN}, "P2 instances"),
+    ({"trainig_steps": 10}, "unknown parameter(s) ['trainig_steps']"),
+    ({"dataset_source": "s3://a..b/data/"}, "dataset_source"),
+])
+def test_cross_field_rules_are_refused_before_any_cloud_call(conf, fragment):
+    with pytest.raises(RunParamsError) as refused:
+        validate_run_params(conf)
+    assert fragment in str(refused.value)
+
+
+def test_validate_run_params_lists_every_problem_at_once():
+    with pytest.raises(RunParamsError) as refused:
+        validate_run_params({"training_steps": 0, "batch_size": 0, "backend": "x"})
+    message = str(refused.value)
+    assert "training_steps" in message and "batch_size" in message and "backend" in message
+
+
+def test_defaults_are_the_tutorials(run_params):
+    defaults = run_params.deep_merge({}).validate()
+    assert {k: defaults[k] for k in (
+        "batch_size", "training_steps", "evaluation_steps", "resnet_size", "instance_type",
+        "instance_count", "volume_size_gb", "max_run_seconds", "backend", "headpose_folder",
+    )} == {
+        "batch_size": 200, "training_steps": 25000, "evaluation_steps": 700, "resnet_size": 50,
+        "instance_type": "ml.p2.xlarge", "instance_count": 1, "volume_size_gb": 100,
+        "max_run_seconds": 432000, "backend": "local", "headpose_folder": "headpose",
+    }
+
+
+def test_every_param_is_typed_and_described():
+    dag = load_dag()
+    for name in param_schemas():
+        param = dag.params.get_param(name)
+        assert param.schema.get("type"), name
+        assert param.description and len(param.description) > 20, name
+        assert param.schema.get("title"), name
+
+
+def test_bucket_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HEADPOSE_S3_BUCKET", "team-models")
+    assert param_schemas()["s3_bucket"]["default"] == "team-models"
+    monkeypatch.delenv("HEADPOSE_S3_BUCKET")
+    assert param_schemas()["s3_bucket"]["default"] == "headpose-models"
+
+
+@pytest.mark.parametrize("bucket", [
+    "headpose-models", "abc", "a.b-c", "a" * 63, "ab", "a" * 64, "Headpose", "head_pose", "-abc",
+    "abc-", "a..b", "192.168.1.1", "xn--abc", "sthree-abc", "abc-s3alias", "abc--ol-s3", "a.-b",
+    "1.2.3", "amzn-s3-demo-x",
+])
+def test_the_form_and_the_code_agree_on_bucket_names(bucket):
+    import jsonschema
+
+    from headpose.layout import is_valid_bucket_name
+    from headpose.params import BUCKET_NAME_SCHEMA
+
+    assert jsonschema.Draft7Validator(BUCKET_NAME_SCHEMA).is_valid(bucket) == is_valid_bucket_name(bucket)

@@ -1,0 +1,145 @@
+"""The CreateTrainingJob request: accepted by a real SageMaker API endpoint, toolkit-shaped."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+import boto3
+import pytest
+
+from headpose.layout import RunLayout
+from headpose.params import validate_run_params
+from headpose.plan import plan_run
+from headpose.request import (
+    LOCAL_ROLE_ARN,
+    image_uri_for_backend,
+    metric_definitions,
+    training_image_uri,
+    training_job_request,
+)
+
+ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
+LOGICAL = datetime(2024, 5, 6, 7, 8, 9, 10_000, tzinfo=timezone.utc)
+JOB = "deeplens-TF-headpose-2024-05-06-07-08-09-010"
+
+
+def _sagemaker(endpoint: str):
+    return boto3.client(
+        "sagemaker", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture(scope="module")
+def sagemaker_plan():
+    return plan_run(
+        {"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge", "s3_bucket": "bkt"},
+        LOGICAL, region="us-east-1", dag_id="headpose_retraining",
+        run_id="manual__2024-05-06T07:08:09.010000+00:00",
+    )
+
+
+def test_the_request_is_accepted_by_create_training_job(s3_endpoint, sagemaker_plan):
+    request = sagemaker_plan["training_request"]
+    client = _sagemaker(s3_endpoint)
+    # Real HTTP to moto's server: botocore validates the request against the API model first.
+    arn = client.create_training_job(**request)["TrainingJobArn"]
+    assert arn.endswith(f"training-job/{JOB}")
+    described = client.describe_training_job(TrainingJobName=JOB)
+    assert described["HyperParameters"] == request["HyperParameters"]
+    assert described["ResourceConfig"] == request["ResourceConfig"]
+    assert described["InputDataConfig"][0]["DataSource"] == request["InputDataConfig"][0]["DataSource"]
+    assert described["ModelArtifacts"]["S3ModelArtifacts"] == sagemaker_plan["model_artifact_uri"]
+    assert described["AlgorithmSpecification"]["TrainingImage"] == request["AlgorithmSpecification"]["TrainingImage"]
+    tags = client.list_tags(ResourceArn=arn)["Tags"]
+    assert {"Key": "airflow-dag-id", "Value": "headpose_retraining"} in tags
+    assert any(t["Key"] == "airflow-run-id" and t["Value"].startswith("manual__2024-05-06") for t in tags)
+
+
+def test_the_request_follows_the_tutorial_and_the_toolkit(sagemaker_plan):
+    request = sagemaker_plan["training_request"]
+    layout = RunLayout.from_dict(sagemaker_plan)
+    assert request["TrainingJobName"] == JOB == sagemaker_plan["training_job_name"]
+    assert request["OutputDataConfig"] == {"S3OutputPath": "s3://bkt/headpose/TFartifacts"}
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 432000}
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100}
+    assert request["RoleArn"] == ARN
+    channel = request["InputDataConfig"][0]
+    assert channel["ChannelName"] == "training"
+    assert channel["DataSource"]["S3DataSource"]["S3DataType"] == "S3Prefix"
+    assert channel["DataSource"]["S3DataSource"]["S3Uri"] == layout.dataset_prefix
+    assert request["AlgorithmSpecification"]["TrainingInputMode"] == "File"
+    hps = request["HyperParameters"]
+    assert all(isinstance(v, str) for v in hps.values())
+    decoded = {k: json.loads(v) for k, v in hps.items()}  # every value is a JSON document
+    assert decoded["sagemaker_program"] == "train.py"
+    assert decoded["sagemaker_submit_directory"] == layout.sourcedir_uri
+    assert decoded["sagemaker_region"] == "us-east-1"
+    assert decoded["model_dir"] == f"s3://bkt/headpose/TFartifacts/{JOB}/model"
+    assert {k: decoded[k] for k in ("training_steps", "evaluation_steps", "batch_size", "resnet_size",
+                                    "base_filters")} == {
+        "training_steps": 25000, "evaluation_steps": 700, "batch_size": 200, "resnet_size": 50,
+        "base_filters": 64,
+    }
+
+
+def test_the_job_name_is_in_every_run_owned_uri(sagemaker_plan):
+    for key, value in sagemaker_plan.items():
+        if key.endswith("_uri") and not key.startswith("published_"):
+            assert JOB in value, key
+
+
+def test_metric_definitions_read_the_entry_points_log_lines():
+    lines = [
+        "metric: step=100 train_loss=1.2345 train_accuracy=0.5000",
+        "metric: eval_loss=0.3456 eval_accuracy=0.9100",
+        "metric: step=5 train_loss=nan train_accuracy=1e-05",
+    ]
+    found = {}
+    for definition in metric_definitions():
+        for line in lines:
+            match = re.search(definition["Regex"], line)
+            if match:
+                found.setdefault(definition["Name"], []).append(match.group(1))
+    assert found == {
+        "train:loss": ["1.2345"],  # "nan" is no number to SageMaker either
+        "train:accuracy": ["0.5000", "1e-05"],
+        "eval:loss": ["0.3456"],
+        "eval:accuracy": ["0.9100"],
+    }
+
+
+def test_training_images_are_tensorflow_2_21_for_the_instance_type():
+    gpu = training_image_uri("us-east-1", "ml.g4dn.xlarge")
+    cpu = training_image_uri("eu-west-1", "ml.m5.xlarge")
+    assert re.search(r"/tensorflow-training:2\.21[.\d]*-gpu-py312", gpu), gpu
+    assert re.search(r"/tensorflow-training:2\.21[.\d]*-cpu-py312", cpu), cpu
+    assert ".eu-west-1." in cpu
+    # The tutorial's P2 default has no TF 2.21 image; the local backend records the CPU image.
+    assert image_uri_for_backend("local", "us-east-1", "ml.p2.xlarge") == training_image_uri(
+        "us-east-1", "ml.m5.xlarge"
+    )
+
+
+def test_local_backend_request_needs_no_role():
+    params = validate_run_params({})
+    layout = RunLayout.for_run("bkt", "headpose", JOB, "s3://bkt/headpose/datasets/x/")
+    request = training_job_request(layout, params, "image", region="us-east-1")
+    assert request["RoleArn"] == LOCAL_ROLE_ARN
+
+
+def test_run_ids_with_odd_characters_become_valid_tags():
+    params = validate_run_params({})
+    layout = RunLayout.for_run("bkt", "headpose", JOB, "s3://bkt/headpose/datasets/x/")
+    request = training_job_request(layout, params, "image", region="us-east-1", run_id="api run #1 (retry)")
+    value = next(t["Value"] for t in request["Tags"] if t["Key"] == "airflow-run-id")
+    assert re.fullmatch(r"[\w .:/=+\-@]*", value)
+
+
+def test_a_region_without_an_image_is_a_parameter_error_not_a_crash():
+    from headpose.params import RunParamsError
+
+    with pytest.raises(RunParamsError, match="no TensorFlow training image"):
+        plan_run({"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},
+                 LOGICAL, region="xx-nowhere-1", dag_id="d", run_id="r")

@@ -388,3 +388,35 @@ def test_cli_converts_and_reports_errors(archive, tmp_path, capsys):
     assert report["counts"] == {"train": 8, "eval": 12}
     assert prima.main(["--archive", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path)]) == 1
     assert "missing.tar.gz" in capsys.readouterr().err
+
+
+def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, tmp_path):
+    from headpose import staging
+
+    s3_client.create_bucket(Bucket="raw")
+    s3_client.upload_file(str(archive), "raw", "prima/HeadPoseImageDatabase.tar.gz")
+    settings = staging.prima_settings({
+        "prima_archive_uri": "s3://raw/prima/HeadPoseImageDatabase.tar.gz",
+        "prima_num_data_aug": 2, "prima_num_eval_aug": 1, "seed": 0, "images_per_shard": 50,
+    })
+    prefix = "s3://raw/headpose/datasets/prima-test/"
+    logs: list[str] = []
+    first = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
+    assert first["staged"] is True and first["source"] == "prima"
+    assert first["train_count"] > 0 and first["eval_count"] > 0
+    checked = staging.check_dataset_prefix(s3_client, prefix)
+    assert checked["train_count"] == first["train_count"]
+
+    again = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
+    assert again["staged"] is False
+    assert any("skipping conversion" in line for line in logs)
+
+
+def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
+    from headpose import staging
+
+    s3_client.create_bucket(Bucket="raw")
+    settings = {"archive_uri": "s3://raw/nothing.tar.gz", "num_data_aug": 1, "num_eval_aug": 1,
+                "seed": 0, "images_per_shard": 10}
+    with pytest.raises(staging.DatasetError, match="s3://raw/nothing.tar.gz does not exist"):
+        staging.stage_prima_dataset(s3_client, "s3://raw/ds/", settings, print, scratch_root=tmp_path)

@@ -170,3 +170,70 @@ def download_split(s3_client: Any, prefix_uri: str, split: str, dest: str | Path
         s3_client.download_file(bucket, key, str(path))
         paths.append(path)
     return paths
+
+
+def prima_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that define a Prima dataset (and, with the archive URI, its prefix)."""
+    return {
+        "archive_uri": str(params["prima_archive_uri"]),
+        "num_data_aug": int(params["prima_num_data_aug"]),
+        "num_eval_aug": int(params["prima_num_eval_aug"]),
+        "seed": int(params["seed"]),
+        "images_per_shard": int(params["images_per_shard"]),
+    }
+
+
+def stage_prima_dataset(
+    s3_client: Any,
+    prefix_uri: str,
+    settings: Mapping[str, Any],
+    log: Log,
+    scratch_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """Convert the Prima archive at ``settings['archive_uri']`` into ``prefix_uri``.
+
+    Skipped when the prefix's manifest was made from the same archive (its S3 ETag and
+    sha256) with the same settings. The archive streams from disk through the converter,
+    so memory stays bounded by a few images whatever its size.
+    """
+    from headpose import prima
+
+    archive_bucket, archive_key = split_s3_uri(settings["archive_uri"])
+    etag = _object_etag(s3_client, archive_bucket, archive_key, settings["archive_uri"])
+    converter_settings = {k: v for k, v in settings.items() if k != "archive_uri"}
+    existing = _read_manifest(s3_client, prefix_uri)
+    if existing and existing.get("source_etag") == etag and prima.manifest_matches(
+        existing, existing.get("source_sha256", ""), converter_settings
+    ):
+        log(f"dataset already staged at {prefix_uri} from {settings['archive_uri']}; skipping conversion")
+        return _summary(prefix_uri, existing, staged=False)
+
+    bucket, key_prefix = split_s3_uri(prefix_uri)
+    with tempfile.TemporaryDirectory(prefix="prima-", dir=scratch_root) as scratch:
+        archive = Path(scratch) / "HeadPoseImageDatabase.tar.gz"
+        log(f"downloading {settings['archive_uri']}")
+        s3_client.download_file(archive_bucket, archive_key, str(archive))
+        out_dir = Path(scratch) / "shards"
+        try:
+            manifest = prima.convert_archive(archive, out_dir, converter_settings)
+        except prima.PrimaFormatError as error:
+            raise DatasetError(f"{settings['archive_uri']}: {error}") from None
+        manifest.update(source_uri=settings["archive_uri"], source_etag=etag)
+        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        shards = sorted(out_dir.glob(f"*{SHARD_SUFFIX}"))
+        for shard in shards:
+            s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
+        s3_client.upload_file(str(out_dir / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
+    log(f"uploaded {len(shards)} Prima shards and {MANIFEST_FILE} to {prefix_uri}")
+    return _summary(prefix_uri, manifest, staged=True)
+
+
+def _object_etag(s3_client: Any, bucket: str, key: str, uri: str) -> str:
+    from botocore.exceptions import ClientError
+
+    try:
+        return s3_client.head_object(Bucket=bucket, Key=key)["ETag"]
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise DatasetError(f"the Prima archive {uri} does not exist") from None
+        raise

@@ -20,18 +20,22 @@ from headpose.embedded import EmbeddedS3
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "demo-output"
 BUCKET = "headpose-demo"
-# A small ResNet on the synthetic set: minutes on 2 CPU cores, above 0.90 held out.
+# A small ResNet on the synthetic set: a few minutes on 2 CPU cores, 0.92-0.93 held out
+# (the recipe measured when the synthetic generator was tuned). The learning rate drops
+# at epochs 8 and 10 of this short run, as the tutorial's does at 100/150/200 of its long one.
 DEMO_CONF = {
     "s3_bucket": BUCKET,
     "backend": "local",
     "dataset_source": "synthetic",
     "resnet_size": 10,
-    "base_filters": 16,
+    "base_filters": 8,
     "batch_size": 64,
-    "training_steps": 600,
+    "training_steps": 1000,
     "evaluation_steps": 100,
-    "synthetic_train_per_pose": 40,
-    "synthetic_eval_per_pose": 8,
+    "learning_rate_decay_epochs": "8,10",
+    "batch_norm_momentum": 0.9,
+    "synthetic_train_per_pose": 60,
+    "synthetic_eval_per_pose": 10,
     "min_accuracy": 0.9,
 }
 

@@ -7,7 +7,9 @@ same schemas again plus the rules that tie fields together (which a per-field sc
 cannot express), and ``plan_run`` calls it before any cloud call.
 
 Defaults are the original tutorial's (``batch_size`` 200, ``training_steps`` 25000,
-``evaluation_steps`` 700, ResNet-50, one ``ml.p2.xlarge``, 100 GB volume, 432000 s).
+``evaluation_steps`` 700, ResNet-50, 100 GB volume, 432000 s), except the instance type:
+the tutorial's ``ml.p2.xlarge`` has no TensorFlow 2.21 image, so ``ml.g4dn.xlarge``
+(the smallest current single-GPU training type) takes its place.
 
 Standard library only at import time: the DAG file imports this module at parse time.
 """
@@ -47,6 +49,18 @@ BUCKET_NAME_SCHEMA: dict[str, Any] = {
         ]
     },
 }
+
+DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
+# Shown in the trigger form and in the refusal of a larger count, so the reason is given
+# where the value is chosen (the entry point refuses a cluster too, in _check_cluster).
+SINGLE_HOST_REASON = (
+    "Training instances. Only 1: the entry point trains on one host and refuses a cluster "
+    "(SM_HOSTS with more than one host) rather than train N unsynchronised copies."
+)
+# Where the sagemaker backend finds the execution role when role_arn is empty.
+CONNECTION_ROLE_EXTRA = "sagemaker_role_arn"
+# SageMaker ends any training job 30 days after it starts, waiting included.
+MAX_JOB_LIFETIME_SECONDS = 2_592_000
 
 # SageMaker's TensorFlow 2.12+ images refuse P2 instances (the sagemaker SDK's image_uris
 # raises for them), so the tutorial's ml.p2.xlarge only works with the local backend.
@@ -135,6 +149,21 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "description": "Filters of the first ResNet stage, doubled per stage (tutorial: 64).",
             "section": "Training",
         },
+        "learning_rate_decay_epochs": {
+            "default": "100,150,200", "type": "string",
+            "pattern": r"^[0-9]+(,[0-9]+)*$",
+            "title": "Learning-rate decay epochs",
+            "description": "Epochs at which the learning rate (0.1 * batch_size / 128) is divided "
+            "by 10, comma-separated (tutorial: 100,150,200; short runs need earlier ones).",
+            "section": "Training",
+        },
+        "batch_norm_momentum": {
+            "default": 0.99, "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+            "title": "Batch-norm momentum",
+            "description": "Moving-average momentum of the batch-norm statistics; lower values "
+            "(e.g. 0.9) suit runs of a few hundred steps.",
+            "section": "Training",
+        },
         "seed": {
             "default": 0, "type": "integer", "minimum": 0, "maximum": 2**31 - 1,
             "title": "Random seed",
@@ -143,19 +172,19 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
         },
         # -- SageMaker resources ------------------------------------------------------
         "instance_type": {
-            "default": "ml.p2.xlarge",
+            "default": DEFAULT_INSTANCE_TYPE,
             "type": "string",
             "pattern": INSTANCE_TYPE_PATTERN,
             "title": "Instance type",
-            "description": "SageMaker training instance (tutorial: ml.p2.xlarge; SageMaker's "
-            "TensorFlow 2.21 images need a newer type such as ml.g4dn.xlarge or ml.p3.2xlarge "
-            "with backend=sagemaker).",
+            "description": "SageMaker training instance; a GPU type gets the GPU image, a CPU "
+            "type (ml.m5.xlarge, ...) the CPU one. Default ml.g4dn.xlarge, not the tutorial's "
+            "ml.p2.xlarge: SageMaker's TensorFlow 2.21 images do not run on P2.",
             "section": "SageMaker",
         },
         "instance_count": {
             "default": 1, "type": "integer", "minimum": 1, "maximum": 1,
             "title": "Instance count",
-            "description": "Training instances. Only 1: the entry point trains on one host.",
+            "description": SINGLE_HOST_REASON,
             "section": "SageMaker",
         },
         "volume_size_gb": {
@@ -172,12 +201,33 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "section": "SageMaker",
         },
         "role_arn": {
-            "default": "",
-            "type": "string",
+            # null, not "": Airflow's trigger form treats an empty string as a missing
+            # required value and would keep the Trigger button disabled for backend=local.
+            "default": None,
+            "type": ["string", "null"],
             "pattern": ROLE_ARN_PATTERN,
             "title": "SageMaker execution role ARN",
-            "description": "arn:aws:iam::<account>:role/<name>; required with backend=sagemaker, "
-            "may stay empty with backend=local.",
+            "description": "arn:aws:iam::<account>:role/<name> that the training job runs as. "
+            f"Empty: the AWS connection's extra '{CONNECTION_ROLE_EXTRA}' is used with "
+            "backend=sagemaker; not needed with backend=local.",
+            "section": "SageMaker",
+        },
+        "use_spot_instances": {
+            "default": False,
+            "type": "boolean",
+            "title": "Managed spot training",
+            "description": "backend=sagemaker only: train on spot capacity (often 60-90% cheaper; "
+            "the job may wait for capacity and be interrupted). SageMaker syncs /opt/ml/checkpoints "
+            "to .../TFartifacts/<job>/checkpoints; the entry point writes no checkpoints yet, so "
+            "an interrupted job restarts training from step 0.",
+            "section": "SageMaker",
+        },
+        "max_wait_seconds": {
+            "default": 604800, "type": "integer", "minimum": 1, "maximum": MAX_JOB_LIFETIME_SECONDS,
+            "title": "Max wait incl. spot waits (s)",
+            "description": "With use_spot_instances: StoppingCondition.MaxWaitTimeInSeconds, the "
+            "time spent waiting for spot capacity plus the run time; at least max_run_seconds "
+            "(default 7 days = the 5-day max run + 2 days of waiting).",
             "section": "SageMaker",
         },
         # -- acceptance ---------------------------------------------------------------
@@ -188,9 +238,23 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "split reaches this (0..1).",
             "section": "Acceptance",
         },
+        "promotion_margin": {
+            "default": 0.0, "type": "number", "minimum": 0, "maximum": 1,
+            "title": "Promotion margin",
+            "description": "The new model replaces the published one if its held-out accuracy is at "
+            "least the published model's (on the same shards) minus this margin (0..1).",
+            "section": "Acceptance",
+        },
+        "force_publish": {
+            "default": False, "type": "boolean",
+            "title": "Force publish",
+            "description": "Publish the new model even if it is less accurate than the published "
+            "one (it must still pass min_accuracy and parity).",
+            "section": "Acceptance",
+        },
         # -- synthetic dataset --------------------------------------------------------
         "synthetic_train_per_pose": {
-            "default": 40, "type": "integer", "minimum": 1, "maximum": 100_000,
+            "default": 60, "type": "integer", "minimum": 1, "maximum": 100_000,
             "title": "Synthetic training images per pose",
             "description": "With dataset_source=synthetic: training images per (tilt, pan) pose "
             "of the 93-pose Prima grid.",
@@ -238,6 +302,8 @@ def validate_run_params(params: Mapping[str, Any]) -> dict[str, Any]:
             reason = error.message
             if error.validator in ("pattern", "not"):  # a regex or sub-schema means nothing to a user
                 reason = f"breaks the naming rules: {spec['description']}"
+            elif name == "instance_count":
+                reason = f"{reason}. {SINGLE_HOST_REASON}"
             problems.append(f"{name}={values[name]!r}: {reason}")
     if not problems:
         problems.extend(_cross_field_problems(values))
@@ -249,16 +315,22 @@ def validate_run_params(params: Mapping[str, Any]) -> dict[str, Any]:
 def _cross_field_problems(values: Mapping[str, Any]) -> list[str]:
     problems = []
     if values["backend"] == "sagemaker":
-        if not values["role_arn"]:
-            problems.append(
-                "backend=sagemaker needs role_arn (the SageMaker execution role, "
-                "arn:aws:iam::<account>:role/<name>)"
-            )
         if _DEPRECATED_INSTANCE_RE.match(values["instance_type"]):
             problems.append(
                 f"instance_type={values['instance_type']!r}: SageMaker's TensorFlow 2.21 "
                 "training images do not run on P2 instances; use e.g. ml.g4dn.xlarge, "
                 "ml.p3.2xlarge or ml.m5.xlarge"
+            )
+    if values["use_spot_instances"]:
+        if values["backend"] != "sagemaker":
+            problems.append(
+                "use_spot_instances needs backend=sagemaker (the local backend has no spot capacity)"
+            )
+        if values["max_wait_seconds"] < values["max_run_seconds"]:
+            problems.append(
+                f"max_wait_seconds={values['max_wait_seconds']} is less than max_run_seconds="
+                f"{values['max_run_seconds']}: SageMaker needs MaxWaitTimeInSeconds >= "
+                "MaxRuntimeInSeconds for spot training (the wait includes the run)"
             )
     source = values["dataset_source"]
     if source.startswith("s3://"):

@@ -6,6 +6,10 @@ The dict is exactly what ``SageMakerTrainingOperator(config=...)`` (and boto3's
 Hyperparameters follow the SageMaker TensorFlow training toolkit's script mode: every
 value is a JSON string, ``sagemaker_*`` keys configure the toolkit, and the rest become
 ``--key value`` arguments of ``train.py``.
+
+``RoleArn`` is the ``role_arn`` param; left empty for ``backend=sagemaker``, the ``train``
+task fills it from the AWS connection (``HeadposeTrainingOperator``), because only the
+worker can read the connection.
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import json
 import re
 from typing import Any, Mapping
 
-from headpose.layout import RunLayout
-from headpose.training.entry import METRIC_REGEXES
+from headpose.layout import RunLayout, join_uri
+from headpose.training.entry import METRIC_REGEXES  # entry.py imports TF only inside functions
 
 TF_FRAMEWORK_VERSION = "2.21"
 TF_PY_VERSION = "py312"
@@ -25,9 +29,12 @@ LOCAL_IMAGE_INSTANCE_TYPE = "ml.m5.xlarge"
 # CreateTrainingJob needs a role even when nothing is sent to SageMaker; this one is
 # never used, and its account id (all zeros) cannot exist.
 LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/headpose-local-backend"
+# Where SageMaker syncs /opt/ml/checkpoints for managed spot training, under the job's prefix.
+CHECKPOINT_FOLDER = "checkpoints"
 # Model hyperparameters the entry point takes, in the order they appear in the request.
 MODEL_HYPERPARAMETERS = (
     "training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed",
+    "batch_norm_momentum",
 )
 
 
@@ -95,6 +102,7 @@ def training_job_request(
         # and writes to SM_MODEL_DIR, which SageMaker uploads as model.tar.gz.
         "model_dir": _hp(f"{layout.output_path}/{job}/model"),
         **{name: _hp(params[name]) for name in MODEL_HYPERPARAMETERS},
+        "decay_epochs": _hp(params["learning_rate_decay_epochs"]),
     }
     tags = [
         {"Key": "airflow-dag-id", "Value": _tag_value(dag_id)},
@@ -102,7 +110,7 @@ def training_job_request(
     ]
     if run_id:
         tags.append({"Key": "airflow-run-id", "Value": _tag_value(run_id)})
-    return {
+    request: dict[str, Any] = {
         "TrainingJobName": job,
         "AlgorithmSpecification": {
             "TrainingImage": image_uri,
@@ -111,7 +119,7 @@ def training_job_request(
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "HyperParameters": hyperparameters,
-        "RoleArn": params.get("role_arn") or LOCAL_ROLE_ARN,
+        "RoleArn": _role_arn(params),
         "InputDataConfig": [
             {
                 "ChannelName": TRAINING_CHANNEL,
@@ -137,3 +145,20 @@ def training_job_request(
         "EnableNetworkIsolation": False,
         "Tags": tags,
     }
+    if params.get("use_spot_instances"):
+        request["EnableManagedSpotTraining"] = True
+        request["CheckpointConfig"] = {"S3Uri": checkpoint_uri(layout)}
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = int(params["max_wait_seconds"])
+    return request
+
+
+def checkpoint_uri(layout: RunLayout) -> str:
+    """``<S3OutputPath>/<job>/checkpoints``: the job's spot checkpoints, beside its output."""
+    return join_uri(layout.output_path, f"{layout.training_job_name}/{CHECKPOINT_FOLDER}")
+
+
+def _role_arn(params: Mapping[str, Any]) -> str:
+    if params.get("role_arn"):
+        return params["role_arn"]
+    # sagemaker: resolved from the connection by the train task; local: never used.
+    return "" if params.get("backend") == "sagemaker" else LOCAL_ROLE_ARN

@@ -88,14 +88,14 @@ def test_run_layout_refuses_bad_parts(bucket, folder, job, prefix):
         RunLayout.for_run(bucket, folder, job, prefix)
 
 
-def test_synthetic_dataset_id_depends_on_every_setting():
+def test_dataset_id_depends_on_every_setting():
     settings = {"generator_version": 1, "train_per_pose": 4, "eval_per_pose": 2, "seed": 0,
                 "images_per_shard": 100}
-    base = layout.synthetic_dataset_id(settings)
+    base = layout.dataset_id("synthetic", settings)
     assert re.fullmatch(r"synthetic-[0-9a-f]{12}", base)
-    assert layout.synthetic_dataset_id(dict(reversed(settings.items()))) == base
+    assert layout.dataset_id("synthetic", dict(reversed(settings.items()))) == base
     for key in settings:
-        assert layout.synthetic_dataset_id({**settings, key: settings[key] + 1}) != base
+        assert layout.dataset_id("synthetic", {**settings, key: settings[key] + 1}) != base
 
 
 def test_workspace_root_and_run_folder(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,8 @@ DUMMY_PROGRAM = textwrap.dedent('''
     parser = argparse.ArgumentParser()
     for name in ("training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed"):
         parser.add_argument("--" + name, type=int, required=True)
+    parser.add_argument("--batch_norm_momentum", type=float, required=True)
+    parser.add_argument("--decay_epochs", type=str, required=True)
     parser.add_argument("--model_dir", required=True)
     args = parser.parse_args()
 
@@ -146,7 +149,8 @@ def test_a_run_honours_the_request_and_uploads_model_tar_gz(job, s3_client, tmp_
     root = job["root"]
     # Hyperparameters other than sagemaker_* as sorted --key value, JSON-decoded.
     assert seen["argv"] == [
-        "--base_filters", "8", "--batch_size", "4", "--evaluation_steps", "1",
+        "--base_filters", "8", "--batch_norm_momentum", "0.99", "--batch_size", "4",
+        "--decay_epochs", "100,150,200", "--evaluation_steps", "1",
         "--model_dir", f"s3://{BUCKET}/headpose/TFartifacts/{JOB}/model",
         "--resnet_size", "10", "--seed", "0", "--training_steps", "2",
     ]
@@ -238,3 +242,26 @@ def test_sourcedir_is_deterministic_and_self_contained(tmp_path):
         [sys.executable, "train.py", "--help"], cwd=code, env=env, capture_output=True, text=True, check=True,
     ).stdout
     assert "--training_steps" in help_text
+
+
+def test_a_training_program_left_by_a_killed_task_is_stopped_before_the_retry(tmp_path):
+    """A task process killed with SIGKILL (OOM killer, lost container) cannot stop its
+    training program, which leads its own process group; the retry must."""
+    from headpose.local_backend import PID_FILE, stop_previous_program
+
+    root = tmp_path / "local-training"
+    (root / "code").mkdir(parents=True)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    orphan = subprocess.Popen(sleeper, cwd=root / "code", start_new_session=True)
+    stranger = subprocess.Popen(sleeper, cwd=tmp_path, start_new_session=True)
+    try:
+        (root / PID_FILE).write_text(str(orphan.pid))
+        assert stop_previous_program(root, lambda line: None)
+        assert orphan.wait(timeout=30) == -signal.SIGKILL
+        (root / PID_FILE).write_text(str(stranger.pid))  # a recycled pid, working elsewhere
+        assert not stop_previous_program(root, lambda line: None)
+        assert stranger.poll() is None
+    finally:
+        for process in (orphan, stranger):
+            process.kill()
+            process.wait()

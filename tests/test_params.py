@@ -9,6 +9,8 @@ the real ``airflow dags test`` command.)
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from airflow_support import load_dag, scheduler_dag
@@ -41,15 +43,50 @@ BAD_VALUES = [
     ("accuracy above 1", {"min_accuracy": 1.5}, "min_accuracy"),
     ("accuracy as text", {"min_accuracy": "high"}, "min_accuracy"),
     ("no synthetic eval images", {"synthetic_eval_per_pose": 0}, "synthetic_eval_per_pose"),
+    ("spot flag as text", {"use_spot_instances": "yes"}, "use_spot_instances"),
+    ("spot wait over 30 days", {"max_wait_seconds": 3_000_000}, "max_wait_seconds"),
 ]
+
+# Issue 6 (operations): more formats and the acceptance parameters, all refused by Airflow
+# when the run is created, so no task ever runs.
+BAD_VALUES += [
+    ("bucket too long", {"s3_bucket": "a" * 64}, "s3_bucket"),
+    ("bucket with an underscore", {"s3_bucket": "head_pose"}, "s3_bucket"),
+    ("bucket starting with a hyphen", {"s3_bucket": "-headpose"}, "s3_bucket"),
+    ("reserved bucket prefix", {"s3_bucket": "xn--headpose"}, "s3_bucket"),
+    ("reserved bucket suffix", {"s3_bucket": "headpose-s3alias"}, "s3_bucket"),
+    ("folder that climbs", {"headpose_folder": ".."}, "headpose_folder"),
+    ("dataset bucket in capitals", {"dataset_source": "s3://My-Bucket/datasets/"}, "dataset_source"),
+    ("dataset prefix with a space", {"dataset_source": "s3://my-bucket/my data/"}, "dataset_source"),
+    ("role ARN of a user", {"role_arn": "arn:aws:iam::123456789012:user/alice"}, "role_arn"),
+    ("role ARN with a short account", {"role_arn": "arn:aws:iam::1234:role/SageMakerRole"}, "role_arn"),
+    ("role ARN of another service", {"role_arn": "arn:aws:s3:::123456789012:role/SageMakerRole"}, "role_arn"),
+    ("backend in capitals", {"backend": "LOCAL"}, "backend"),
+    ("ResNet depth as text", {"resnet_size": "50"}, "resnet_size"),
+    ("instance type in capitals", {"instance_type": "ML.G4DN.XLARGE"}, "instance_type"),
+    ("training steps over the ceiling", {"training_steps": 10_000_001}, "training_steps"),
+    ("negative seed", {"seed": -1}, "seed"),
+    ("no accuracy", {"min_accuracy": None}, "min_accuracy"),
+    ("negative promotion margin", {"promotion_margin": -0.1}, "promotion_margin"),
+    ("promotion margin above 1", {"promotion_margin": 2}, "promotion_margin"),
+    ("force_publish as text", {"force_publish": "true"}, "force_publish"),
+    ("force_publish as a number", {"force_publish": 1}, "force_publish"),
+    ("no images per shard", {"images_per_shard": 0}, "images_per_shard"),
+]
+# Names the DAG does not have: Airflow accepts any extra conf key, so plan_run refuses them,
+# before any AWS call (a misspelt name would otherwise silently run with the default).
+UNKNOWN_NAMES = [{"s3bucket": "models"}, {"force": True}, {"training_steps": 5, "learning_rate": 0.1}]
 
 GOOD_CONFS = [
     {},
     {"resnet_size": 10, "base_filters": 8, "training_steps": 5, "evaluation_steps": 2, "batch_size": 16,
      "min_accuracy": 0, "synthetic_train_per_pose": 1, "synthetic_eval_per_pose": 1},
     {"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},
+    {"backend": "sagemaker"},  # the role then comes from the AWS connection
+    {"backend": "sagemaker", "role_arn": ARN, "use_spot_instances": True, "max_run_seconds": 3600,
+     "max_wait_seconds": 7200},
     {"dataset_source": "s3://my-data-bucket/headpose/datasets/prima-v1/", "s3_bucket": "my.bucket-01"},
-    {"dataset_source": "prima", "headpose_folder": "headpose_v2", "min_accuracy": 1},
+    {"dataset_source": "prima", "prima_archive_uri": "s3://raw-data/prima/HeadPoseImageDatabase.tar.gz", "headpose_folder": "headpose_v2", "min_accuracy": 1},
 ]
 
 
@@ -88,8 +125,10 @@ def test_good_confs_are_accepted_by_both_gates(run_params, conf):
 
 
 @pytest.mark.parametrize("conf, fragment", [
-    ({"backend": "sagemaker"}, "needs role_arn"),
-    ({"backend": "sagemaker", "role_arn": ARN}, "P2 instances"),
+    ({"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.p2.xlarge"}, "P2 instances"),
+    ({"backend": "local", "use_spot_instances": True}, "use_spot_instances needs backend=sagemaker"),
+    ({"backend": "sagemaker", "use_spot_instances": True, "max_run_seconds": 7200, "max_wait_seconds": 3600},
+     "MaxWaitTimeInSeconds >= MaxRuntimeInSeconds"),
     ({"trainig_steps": 10}, "unknown parameter(s) ['trainig_steps']"),
     ({"dataset_source": "s3://a..b/data/"}, "dataset_source"),
 ])
@@ -107,15 +146,28 @@ def test_validate_run_params_lists_every_problem_at_once():
 
 
 def test_defaults_are_the_tutorials(run_params):
+    # All but the instance type: the tutorial's ml.p2.xlarge has no TensorFlow 2.21 image.
     defaults = run_params.deep_merge({}).validate()
     assert {k: defaults[k] for k in (
         "batch_size", "training_steps", "evaluation_steps", "resnet_size", "instance_type",
         "instance_count", "volume_size_gb", "max_run_seconds", "backend", "headpose_folder",
     )} == {
         "batch_size": 200, "training_steps": 25000, "evaluation_steps": 700, "resnet_size": 50,
-        "instance_type": "ml.p2.xlarge", "instance_count": 1, "volume_size_gb": 100,
+        "instance_type": "ml.g4dn.xlarge", "instance_count": 1, "volume_size_gb": 100,
         "max_run_seconds": 432000, "backend": "local", "headpose_folder": "headpose",
     }
+
+
+def test_more_than_one_instance_is_refused_with_the_reason():
+    with pytest.raises(RunParamsError) as refused:
+        validate_run_params({"instance_count": 2})
+    assert "trains on one host" in str(refused.value)
+
+
+def test_spot_training_is_off_by_default(run_params):
+    defaults = run_params.deep_merge({}).validate()
+    assert defaults["use_spot_instances"] is False
+    assert defaults["max_wait_seconds"] >= defaults["max_run_seconds"]
 
 
 def test_every_param_is_typed_and_described():
@@ -146,3 +198,17 @@ def test_the_form_and_the_code_agree_on_bucket_names(bucket):
     from headpose.params import BUCKET_NAME_SCHEMA
 
     assert jsonschema.Draft7Validator(BUCKET_NAME_SCHEMA).is_valid(bucket) == is_valid_bucket_name(bucket)
+
+
+def test_at_least_twenty_kinds_of_bad_configuration_are_refused():
+    assert len(BAD_VALUES) + len(UNKNOWN_NAMES) >= 40
+    covered = {name for _, _, name in BAD_VALUES}
+    assert {"s3_bucket", "role_arn", "backend", "resnet_size", "training_steps", "force_publish",
+            "promotion_margin", "dataset_source"} <= covered
+
+
+@pytest.mark.parametrize("conf", UNKNOWN_NAMES)
+def test_unknown_names_are_refused_by_plan_run(conf):
+    unknown = sorted(set(conf) - set(param_schemas()))
+    with pytest.raises(RunParamsError, match=re.escape(f"unknown parameter(s) {unknown}")):
+        validate_run_params(conf)

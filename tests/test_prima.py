@@ -420,3 +420,20 @@ def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
                 "seed": 0, "images_per_shard": 10}
     with pytest.raises(staging.DatasetError, match="s3://raw/nothing.tar.gz does not exist"):
         staging.stage_prima_dataset(s3_client, "s3://raw/ds/", settings, print, scratch_root=tmp_path)
+
+
+def test_a_prima_run_needs_the_archive_and_names_its_prefix_by_it():
+    from datetime import datetime, timezone
+
+    from headpose.params import RunParamsError, validate_run_params
+    from headpose.plan import dataset_plan
+
+    with pytest.raises(RunParamsError, match="dataset_source=prima needs prima_archive_uri"):
+        validate_run_params({"s3_bucket": "models", "dataset_source": "prima"})
+    base = {"s3_bucket": "models", "dataset_source": "prima",
+            "prima_archive_uri": "s3://raw/HeadPoseImageDatabase.tar.gz"}
+    prefix, settings = dataset_plan(validate_run_params(base))
+    assert prefix.startswith("s3://models/headpose/datasets/prima-") and prefix.endswith("/")
+    assert settings["archive_uri"] == base["prima_archive_uri"] and settings["num_data_aug"] == 15
+    other, _ = dataset_plan(validate_run_params({**base, "prima_archive_uri": "s3://raw/v2.tar.gz"}))
+    assert other != prefix

@@ -143,3 +143,43 @@ def test_a_region_without_an_image_is_a_parameter_error_not_a_crash():
     with pytest.raises(RunParamsError, match="no TensorFlow training image"):
         plan_run({"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},
                  LOGICAL, region="xx-nowhere-1", dag_id="d", run_id="r")
+
+
+def test_the_spot_request_is_accepted_by_create_training_job(s3_endpoint):
+    plan = plan_run(
+        {"backend": "sagemaker", "role_arn": ARN, "s3_bucket": "bkt", "use_spot_instances": True,
+         "max_run_seconds": 7200, "max_wait_seconds": 10800},
+        LOGICAL, region="us-east-1", dag_id="headpose_retraining", run_id="r",
+    )
+    request = plan["training_request"]
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 10800}
+    # Checkpoints live under the job's own prefix, beside its output.
+    assert request["CheckpointConfig"] == {"S3Uri": f"s3://bkt/headpose/TFartifacts/{JOB}/checkpoints"}
+    client = _sagemaker(s3_endpoint)
+    client.create_training_job(**request)
+    described = client.describe_training_job(TrainingJobName=JOB)
+    assert described["EnableManagedSpotTraining"] is True
+    assert described["CheckpointConfig"]["S3Uri"] == request["CheckpointConfig"]["S3Uri"]
+    assert described["StoppingCondition"]["MaxWaitTimeInSeconds"] == 10800
+
+
+def test_without_spot_the_request_has_no_spot_fields(sagemaker_plan):
+    request = sagemaker_plan["training_request"]
+    assert "EnableManagedSpotTraining" not in request and "CheckpointConfig" not in request
+    assert "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+
+
+def test_the_default_instance_type_has_a_tensorflow_2_21_gpu_image():
+    plan = plan_run({"backend": "sagemaker", "role_arn": ARN}, LOGICAL, region="us-east-1",
+                    dag_id="d", run_id="r")
+    request = plan["training_request"]
+    assert request["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
+    assert re.search(r"/tensorflow-training:2\.21[.\d]*-gpu-py312", request["AlgorithmSpecification"]["TrainingImage"])
+
+
+def test_an_empty_role_is_left_for_the_train_task_to_resolve():
+    # With backend=sagemaker and no role_arn the request carries no role; the train task
+    # takes it from the AWS connection (and refuses to start without one).
+    plan = plan_run({"backend": "sagemaker"}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")
+    assert plan["training_request"]["RoleArn"] == ""

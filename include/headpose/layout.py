@@ -9,7 +9,8 @@ what the first try wrote. S3 keys follow the original tutorial's layout::
     s3://<bucket>/<folder>/TFartifacts/<job>/output/model.tar.gz      (S3OutputPath = .../TFartifacts)
     s3://<bucket>/<folder>/TFartifacts/<job>/output/frozen_model.pb, frozen_model.json, report.json
     s3://<bucket>/<folder>/published/latest.json                      (pointer, written last)
-    s3://<bucket>/<folder>/published/latest/frozen_model.pb, frozen_model.json, report.json
+    s3://<bucket>/<folder>/published/latest/frozen_model.pb, frozen_model.json, report.json,
+                                           confusion_matrix.png
     s3://<bucket>/<folder>/published/history/<job>.json
 
 Standard library only: the DAG file imports this module at parse time.
@@ -109,14 +110,14 @@ def join_uri(prefix: str, name: str) -> str:
     return prefix.rstrip("/") + "/" + name.lstrip("/")
 
 
-def synthetic_dataset_id(settings: Mapping[str, Any]) -> str:
-    """``synthetic-<hash>``: the same generator settings name the same S3 prefix.
+def dataset_id(source: str, settings: Mapping[str, Any]) -> str:
+    """``<source>-<hash>``: the same source and settings name the same S3 prefix.
 
-    The hash covers every setting (including the generator version), so changing any of
-    them stages a new dataset instead of silently reusing a different one.
+    The hash covers every setting (the generator version, the Prima archive's URI...), so
+    changing any of them stages a new dataset instead of silently reusing a different one.
     """
     canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
-    return "synthetic-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return f"{source}-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class RunLayout:
     published_model_uri: str
     published_model_json_uri: str
     published_report_uri: str
+    published_confusion_png_uri: str
     history_record_uri: str
 
     @classmethod
@@ -175,6 +177,7 @@ class RunLayout:
             published_model_uri=join_uri(published, f"latest/{FROZEN_MODEL_FILE}"),
             published_model_json_uri=join_uri(published, f"latest/{FROZEN_MODEL_JSON_FILE}"),
             published_report_uri=join_uri(published, f"latest/{REPORT_FILE}"),
+            published_confusion_png_uri=join_uri(published, f"latest/{CONFUSION_PNG_FILE}"),
             history_record_uri=join_uri(published, f"history/{training_job_name}.json"),
         )
 

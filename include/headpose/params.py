@@ -115,7 +115,7 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "examples": ["synthetic", "prima"],
             "title": "Dataset",
             "description": "'synthetic' (generated and staged to S3 once per setting), "
-            "'prima' (the Prima Head Pose database; not yet supported), or an s3:// prefix "
+            "'prima' (the Prima Head Pose database archive at prima_archive_uri), or an s3:// prefix "
             "that already holds train-*.tfrecord, eval-*.tfrecord and manifest.json.",
             "section": "Training",
         },
@@ -253,6 +253,27 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "section": "Acceptance",
         },
         # -- synthetic dataset --------------------------------------------------------
+        "prima_archive_uri": {
+            "default": None, "type": ["string", "null"],
+            "pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+$",
+            "title": "Prima archive",
+            "description": "With dataset_source=prima: s3:// URI of HeadPoseImageDatabase.tar.gz; "
+            "converted once into shards (the tutorial's crops; persons 05, 10, 15 held out).",
+            "section": "Prima dataset",
+        },
+        "prima_num_data_aug": {
+            "default": 15, "type": "integer", "minimum": 1, "maximum": 100,
+            "title": "Prima crops per training image",
+            "description": "With dataset_source=prima: random face-containing crops per training "
+            "image (tutorial: 15).",
+            "section": "Prima dataset",
+        },
+        "prima_num_eval_aug": {
+            "default": 3, "type": "integer", "minimum": 1, "maximum": 100,
+            "title": "Prima crops per held-out image",
+            "description": "With dataset_source=prima: crops per held-out image (tutorial: 3).",
+            "section": "Prima dataset",
+        },
         "synthetic_train_per_pose": {
             "default": 60, "type": "integer", "minimum": 1, "maximum": 100_000,
             "title": "Synthetic training images per pose",
@@ -314,6 +335,8 @@ def validate_run_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cross_field_problems(values: Mapping[str, Any]) -> list[str]:
     problems = []
+    if values["dataset_source"] == "prima" and not values["prima_archive_uri"]:
+        problems.append("dataset_source=prima needs prima_archive_uri (the archive's s3:// URI)")
     if values["backend"] == "sagemaker":
         if _DEPRECATED_INSTANCE_RE.match(values["instance_type"]):
             problems.append(

@@ -11,9 +11,9 @@ from typing import Any, Callable, Mapping
 
 from headpose.layout import (
     RunLayout,
+    dataset_id,
     dataset_prefix_for,
     run_workspace,
-    synthetic_dataset_id,
     training_job_name,
 )
 from headpose.params import RunParamsError, validate_run_params
@@ -22,8 +22,8 @@ from headpose.request import image_uri_for_backend, training_job_request
 ImageResolver = Callable[[str, str, str], str]
 
 
-def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, int] | None]:
-    """The run's dataset prefix and, for a synthetic dataset, the settings that name it."""
+def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The run's dataset prefix and, for a dataset staged by the run, the settings that name it."""
     source = params["dataset_source"]
     bucket, folder = params["s3_bucket"], params["headpose_folder"]
     if source == "synthetic":
@@ -31,9 +31,12 @@ def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, int] | None]
         from headpose.synthetic import GENERATOR_VERSION
 
         settings = synthetic_settings(params, GENERATOR_VERSION)
-        return dataset_prefix_for(bucket, folder, synthetic_dataset_id(settings)), settings
+        return dataset_prefix_for(bucket, folder, dataset_id("synthetic", settings)), settings
     if source == "prima":
-        return dataset_prefix_for(bucket, folder, "prima"), None
+        from headpose.staging import prima_settings
+
+        settings = prima_settings(params)
+        return dataset_prefix_for(bucket, folder, dataset_id("prima", settings)), settings
     return source.rstrip("/") + "/", None
 
 

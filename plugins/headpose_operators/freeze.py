@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -63,8 +64,8 @@ class FreezeGraphOperator(BaseOperator):
         self.output_node_names = output_node_names
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from headpose.archive import find_saved_model, safe_extract
-        from headpose.freeze import freeze_saved_model
+        from headpose.archive import ArchiveError, find_saved_model, safe_extract
+        from headpose.freeze import FreezeError, freeze_saved_model
         from headpose.layout import file_sha256, require_workspace_file
 
         artifact = require_workspace_file(self.artifact_path, self.artifact_sha256)
@@ -73,11 +74,15 @@ class FreezeGraphOperator(BaseOperator):
         for stale in (extracted, frozen_dir):
             if stale.exists():
                 shutil.rmtree(stale)
-        safe_extract(artifact, extracted)
-        saved_model = find_saved_model(extracted)
         inputs, outputs = _names(self.input_node_names), _names(self.output_node_names)
-        self.log.info("Freezing %s (inputs %s, outputs %s)", saved_model, inputs, outputs)
-        result = freeze_saved_model(saved_model, frozen_dir, input_node_names=inputs, output_node_names=outputs)
+        try:
+            safe_extract(artifact, extracted)
+            saved_model = find_saved_model(extracted)
+            self.log.info("Freezing %s (inputs %s, outputs %s)", saved_model, inputs, outputs)
+            result = freeze_saved_model(saved_model, frozen_dir, input_node_names=inputs, output_node_names=outputs)
+        except (ArchiveError, FreezeError) as error:
+            # The artifact itself is wrong: a retry would refuse it again.
+            raise AirflowFailException(f"model artifact of {self.training_job_name} refused: {error}") from None
         self.log.info(
             "Frozen graph %s: %d nodes (from %d), sha256 %s, parity %s",
             result.pb_path, result.node_count, result.node_count_before, result.sha256,

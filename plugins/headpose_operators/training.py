@@ -1,20 +1,42 @@
-"""``HeadposeTrainingOperator``: one CreateTrainingJob request, two backends.
+"""``HeadposeTrainingOperator``: one CreateTrainingJob request, two backends, retry-safe.
 
-``backend="sagemaker"`` is the Amazon provider's ``SageMakerTrainingOperator``
-unchanged. ``backend="local"`` hands the same request to
-``headpose.local_backend.run_local_training_job`` with the S3 client of the same AWS
-connection, and returns the provider's XCom shape (``{"Training": <describe dict>}``),
-so the tasks after ``train`` do not know which backend ran.
+``backend="sagemaker"`` is the Amazon provider's ``SageMakerTrainingOperator`` with one
+change: before creating, it asks SageMaker for a job of the run's name and attaches to
+it. The provider only knows two answers to an existing name - start another job under a
+timestamped name (``action_if_job_exists="timestamp"``, a second billed job whose model
+lands where this run never looks) or fail (``"fail"``, which turns a retry after a
+worker crash into a failed run although the job trains on). A retry must instead wait
+for the job it started, take its result, or report its ``FailureReason``
+(``headpose.training_job.next_step`` decides which).
+
+``backend="local"`` hands the same request to ``headpose.local_backend`` with the S3
+client of the same AWS connection. Both return the provider's XCom shape
+(``{"Training": <describe dict>}``) plus a summary next to the job name (times, final
+metrics, spot saving), so the tasks after ``train`` do not know which backend ran.
 """
 from __future__ import annotations
 
+import datetime
+import math
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from botocore.exceptions import ClientError
+
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.providers.amazon.aws.hooks.sagemaker import LogState
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator, serialize
-from airflow.sdk.exceptions import AirflowException
+from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+from airflow.providers.amazon.aws.utils import validate_execute_complete_event
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from headpose_operators.links import (
+    TRAINING_LOG_GROUP,
+    TRAINING_LINKS,
+    S3ModelArtifactLink,
+    SageMakerTrainingJobLink,
+    SageMakerTrainingLogsLink,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -23,20 +45,26 @@ BACKENDS = ("local", "sagemaker")
 
 
 class HeadposeTrainingOperator(SageMakerTrainingOperator):
-    """Run a SageMaker training request on SageMaker or on this worker.
+    """Run a SageMaker training request on SageMaker or on this worker; never twice.
 
-    :param config: the CreateTrainingJob request (templated; usually an XComArg).
+    :param config: the CreateTrainingJob request (templated; usually an XComArg). An
+        empty ``RoleArn`` is taken from the connection's extra ``sagemaker_role_arn``.
     :param backend: ``"local"`` or ``"sagemaker"`` (templated).
     :param local_work_dir: with ``backend="local"``, the folder that plays ``/opt/ml``
         (templated); it is emptied first. Default: ``<workspace>/<job>/local-training``.
-    :param action_if_job_exists: as the provider's, but ``"fail"`` by default: the job
-        name is the run's, so an existing job is this run's own and must never be
-        duplicated with a timestamped name.
+    :param max_attempts: status polls before a deferred wait gives up; by default enough
+        for the request's whole ``StoppingCondition`` (the provider's default, 60 polls,
+        is 30 minutes at the default interval: far less than a training run).
+
+    Other arguments are the provider's (``deferrable``, ``print_log``, ``check_interval``,
+    ...); ``check_if_job_exists``/``action_if_job_exists`` are not: the existing-job
+    check is this operator's own.
     """
 
     template_fields: Sequence[str] = (
         *SageMakerTrainingOperator.template_fields, "backend", "local_work_dir",
     )
+    operator_extra_links = TRAINING_LINKS
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -44,20 +72,199 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         *,
         backend: str = "sagemaker",
         local_work_dir: str | None = None,
-        action_if_job_exists: str = "fail",
+        max_attempts: int | None = None,
         **kwargs: Any,
     ):
-        super().__init__(action_if_job_exists=action_if_job_exists, **kwargs)
+        # The provider's own name check is off for good: execute() checks first and
+        # attaches; the provider would rename (a second job) or fail.
+        super().__init__(check_if_job_exists=False, max_attempts=max_attempts, **kwargs)
         self.backend = backend
         self.local_work_dir = local_work_dir
+        self._max_attempts_given = max_attempts is not None
         self._process: subprocess.Popen | None = None
 
     def execute(self, context: Context) -> dict:
-        if self.backend == "sagemaker":
-            return super().execute(context)
+        if self.backend not in BACKENDS:
+            raise AirflowFailException(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._persist_links(context)
         if self.backend == "local":
             return self._execute_local()
-        raise AirflowException(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        from headpose.training_job import Step, next_step
+
+        job = self.config["TrainingJobName"]
+        self._resolve_role()
+        self.max_attempts = self._poll_attempts()
+        description = self._describe_or_none(job)
+        step = next_step(description)
+        status = description["TrainingJobStatus"] if description else "not found"
+        self.log.info("Training job %s: %s -> %s", job, status, step.value)
+        if step is Step.CREATE:
+            # The provider's create-and-wait (deferrable or not), which raises on Failed;
+            # _finish also refuses Stopped, which its non-log wait lets through.
+            return self._finish(super().execute(context)["Training"])
+        self._check_it_is_ours(description)
+        if step is Step.WAIT:
+            return self._wait(job, description)
+        return self._finish(description)  # DONE or FAIL
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
+        """After a deferred wait: the job's result, or its ``FailureReason`` as the error."""
+        from headpose.training_job import Step, next_step
+
+        validated = validate_execute_complete_event(event)
+        job = validated.get("job_name") or self.config["TrainingJobName"]
+        # The job's own state decides, not the event: a trigger that timed out or hit an
+        # API error leaves a job that still runs, and must not pass for a finished one.
+        description = self.hook.describe_training_job(job)
+        if next_step(description) is Step.WAIT:
+            raise AirflowException(
+                f"stopped waiting for training job {job} ({validated.get('status')}: "
+                f"{validated.get('message')}); it is still {description['TrainingJobStatus']}. "
+                "A retry of this task attaches to it again."
+            )
+        if self.print_log:
+            self._print_logs(job, description)
+        return self._finish(description)
+
+    # -- sagemaker ---------------------------------------------------------------------
+
+    def _describe_or_none(self, job: str) -> dict | None:
+        try:
+            return self.hook.describe_training_job(job)
+        except ClientError as error:
+            # SageMaker answers an unknown name with ValidationException (as the
+            # provider's own existence check assumes); anything else is a real error.
+            if error.response.get("Error", {}).get("Code") == "ValidationException":
+                return None
+            raise
+
+    def _resolve_role(self) -> None:
+        if self.config.get("RoleArn"):
+            return
+        from headpose.params import CONNECTION_ROLE_EXTRA
+
+        role = self.hook.conn_config.extra_config.get(CONNECTION_ROLE_EXTRA)
+        if not role:
+            raise AirflowFailException(
+                "backend=sagemaker needs the SageMaker execution role: set the role_arn "
+                f"parameter, or '{CONNECTION_ROLE_EXTRA}' in the extra of connection {self.aws_conn_id!r}"
+            )
+        self.config["RoleArn"] = role
+        self.expand_role()  # as the provider does: a role name becomes its ARN
+
+    def _check_it_is_ours(self, description: dict) -> None:
+        from headpose.training_job import foreign_job_problems
+
+        problems = foreign_job_problems(description, self.config)
+        if problems:
+            raise AirflowFailException(
+                f"a training job named {description['TrainingJobName']} exists but was not "
+                f"started with this run's request ({'; '.join(problems)}); refusing to use its result"
+            )
+
+    def _wait(self, job: str, description: dict) -> dict:
+        self.log.info("Attaching to training job %s, which a previous try started", job)
+        if self.deferrable and self.wait_for_completion:
+            self._defer(job, description)
+        if not self.wait_for_completion:
+            return self._result(serialize(description))
+        if self.print_log:
+            # Raises with the FailureReason if the job fails or is stopped.
+            self.hook.check_training_status_with_log(
+                job, self.hook.non_terminal_states, self.hook.training_failed_states,
+                wait_for_completion=True, check_interval=self.check_interval,
+                max_ingestion_time=self.max_ingestion_time,
+            )
+        else:
+            self.hook.check_status(
+                job, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
+                self.max_ingestion_time,
+            )
+        return self._finish(self.hook.describe_training_job(job))
+
+    def _defer(self, job: str, description: dict) -> None:
+        """Hand the wait to the triggerer, with the provider's trigger and arguments."""
+        if self.print_log:
+            self._print_logs(job, description)
+        timeout = self.execution_timeout
+        if self.max_ingestion_time:
+            timeout = datetime.timedelta(seconds=self.max_ingestion_time)
+        self.defer(
+            timeout=timeout,
+            trigger=SageMakerTrigger(
+                job_name=job,
+                job_type="Training",
+                waiter_delay=self.check_interval,
+                waiter_max_attempts=self.max_attempts,
+                aws_conn_id=self.aws_conn_id,
+                region_name=self.region_name,
+                verify=self.verify,
+                botocore_config=self.botocore_config,
+            ),
+            method_name="execute_complete",
+        )
+
+    def _poll_attempts(self) -> int:
+        """Status polls of a deferred wait: the given number, else enough for the whole job."""
+        if self._max_attempts_given:
+            return self.max_attempts
+        stopping = self.config.get("StoppingCondition", {})
+        longest = stopping.get("MaxWaitTimeInSeconds") or stopping.get("MaxRuntimeInSeconds") or 86400
+        # The job's own limit, plus an hour for SageMaker to start it and upload the model.
+        return math.ceil((int(longest) + 3600) / max(1, self.check_interval))
+
+    def _print_logs(self, job: str, description: dict) -> None:
+        """What the job has logged so far, once (the provider's helper, not its loop).
+
+        The deferred wait itself cannot stream logs (the triggerer only polls the status),
+        so this runs before deferring and again when the task resumes.
+        """
+        self.hook.describe_training_job_with_log(
+            job, {}, [], description["ResourceConfig"]["InstanceCount"], LogState.COMPLETE,
+            description, 0.0,
+        )
+
+    def _finish(self, description: dict) -> dict:
+        from headpose.training_job import Step, failure_message, next_step
+
+        if next_step(description) is Step.FAIL:
+            # Not retried: a retry would attach to the same failed job and fail again.
+            raise AirflowFailException(failure_message(description))
+        return self._result(serialize(description))
+
+    # -- both backends ------------------------------------------------------------------
+
+    def _result(self, description: dict) -> dict:
+        from headpose.training_job import training_summary
+
+        self.serialized_training_data = description
+        summary = training_summary(description)
+        self.log.info(
+            "Training job %s: %s, training %s s, billable %s s, spot saving %s%%, final metrics %s",
+            summary["training_job_name"], summary["training_job_status"],
+            summary["training_time_in_seconds"], summary["billable_time_in_seconds"],
+            summary["spot_savings_percent"], summary["final_metrics"],
+        )
+        return {"Training": description, **summary}
+
+    def _persist_links(self, context: Context) -> None:
+        from headpose.layout import join_uri, split_s3_uri
+
+        job = self.config["TrainingJobName"]
+        try:
+            where = {"context": context, "operator": self, "region_name": self.hook.conn_region_name,
+                     "aws_partition": self.hook.conn_partition}
+            artifact = join_uri(self.config["OutputDataConfig"]["S3OutputPath"], f"{job}/output/model.tar.gz")
+            bucket, key = split_s3_uri(artifact)
+        except Exception as error:  # a link is a convenience: it must never fail the training
+            self.log.warning("No console links for %s: %s", job, error)
+            return
+        S3ModelArtifactLink.persist(**where, bucket_name=bucket, key=key)
+        if self.backend == "sagemaker":  # no SageMaker job or CloudWatch log exists for a local run
+            SageMakerTrainingJobLink.persist(**where, job_name=job)
+            SageMakerTrainingLogsLink.persist(**where, job_name=job, log_group=TRAINING_LOG_GROUP)
+
+    # -- local ---------------------------------------------------------------------------
 
     def _execute_local(self) -> dict:
         from headpose.layout import run_workspace
@@ -73,8 +280,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         description = run_local_training_job(
             self.config, s3_client, work_dir, self.log.info, on_start=self._remember_process,
         )
-        self.serialized_training_data = serialize(description)
-        return {"Training": self.serialized_training_data}
+        return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:
         self._process = process

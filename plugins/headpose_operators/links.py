@@ -1,0 +1,60 @@
+"""Extra links on the ``train`` task: the job in the SageMaker console, its logs, its artifact.
+
+The provider's ``BaseAwsLink`` pattern: ``persist(...)`` stores the link's fields in XCom
+while the task runs; after the task, Airflow 3 calls ``get_link`` on the worker and
+stores the finished URL under the link's ``xcom_key``, which is what the UI reads.
+"""
+from __future__ import annotations
+
+from urllib.parse import quote, quote_plus
+
+from airflow.providers.amazon.aws.links.base_aws import BASE_AWS_CONSOLE_LINK, BaseAwsLink
+
+TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+
+
+class SageMakerTrainingJobLink(BaseAwsLink):
+    """The training job's page in the SageMaker console."""
+
+    name = "SageMaker Training Job"
+    key = "headpose_sagemaker_training_job"
+    format_str = BASE_AWS_CONSOLE_LINK + "/sagemaker/home?region={region_name}#/jobs/{job_name}"
+
+    def format_link(self, **kwargs) -> str:
+        return super().format_link(**{**kwargs, "job_name": quote(kwargs.get("job_name", ""), safe="")})
+
+
+class SageMakerTrainingLogsLink(BaseAwsLink):
+    """The job's CloudWatch log streams (``<job>/algo-1-<epoch>``, one per instance).
+
+    The stream names are only known once the container logs, so this filters the log
+    group on the job name, as the sagemaker SDK's own console link does (the console's
+    fragment wants ``$`` where a URL has ``%``).
+    """
+
+    name = "SageMaker Training Logs"
+    key = "headpose_sagemaker_training_logs"
+    format_str = (
+        BASE_AWS_CONSOLE_LINK
+        + "/cloudwatch/home?region={region_name}#logsV2:log-groups/log-group/{log_group}"
+        + "$3FlogStreamNameFilter$3D{job_name}"
+    )
+
+    def format_link(self, **kwargs) -> str:
+        group = quote_plus(kwargs.get("log_group", TRAINING_LOG_GROUP)).replace("%", "$25")
+        job = quote_plus(kwargs.get("job_name", ""))
+        return super().format_link(**{**kwargs, "log_group": group, "job_name": job})
+
+
+class S3ModelArtifactLink(BaseAwsLink):
+    """``model.tar.gz`` of the run in the S3 console."""
+
+    name = "Model Artifact (S3)"
+    key = "headpose_model_artifact"
+    format_str = BASE_AWS_CONSOLE_LINK + "/s3/object/{bucket_name}?region={region_name}&prefix={key}"
+
+    def format_link(self, **kwargs) -> str:
+        return super().format_link(**{**kwargs, "key": quote(kwargs.get("key", ""), safe="/")})
+
+
+TRAINING_LINKS = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink(), S3ModelArtifactLink())

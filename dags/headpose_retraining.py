@@ -13,7 +13,22 @@ split and publishes it under a stable key - one task per step:
 * **train** runs that request on SageMaker (`backend=sagemaker`) or on the worker
   (`backend=local`), writing `.../TFartifacts/<training_job_name>/output/model.tar.gz`.
 * **validate_model** fails the run below `min_accuracy`; **publish** then never runs, and
-  `published/latest.json` keeps naming the last good model.
+  `published/latest.json` keeps naming the last good model. It also evaluates the
+  published model (the champion) on the same held-out shards.
+* **publish** promotes the new model only if its accuracy is at least the champion's minus
+  `promotion_margin` (or `force_publish` is set); otherwise it is **skipped** (the run stays
+  green, the reason is in its log and XCom `summary`, and no asset event is emitted).
+
+#### Operating
+* Schedule: `$HEADPOSE_SCHEDULE` (default `@weekly`, `none` = manual only), one run at a
+  time, no catch-up. AWS-facing tasks retry with exponential backoff; each task has an
+  execution timeout (`train`: the request's max run / spot wait + 1 h); the run as a whole
+  times out after `$HEADPOSE_DAGRUN_TIMEOUT_HOURS` (default 192). See `headpose.scheduling`.
+* A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
+  (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
+* Every run's summary (job, accuracy before/after, billable seconds, where the model went)
+  is in the log of **publish** and its XCom `summary`.
+* Roll back: `python -m headpose.publish --bucket <bucket> rollback [--to <training_job_name>]`.
 
 Files pass between tasks through the workspace (`$HEADPOSE_WORKSPACE`, default
 `$AIRFLOW_HOME/headpose-workspace`): with several workers it must be one volume mounted
@@ -23,18 +38,25 @@ file is missing or different.
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 from airflow.sdk import Asset, Param, chain, dag, get_current_context, task, teardown
+# Named here, though only the operators use them, because the DAG processor pre-imports
+# the airflow.* modules a DAG file names once, before it forks a parser per file; without
+# these lines every parse re-imports boto3/botocore (bench/bench_parse.py: 1.36x -> 0.79x).
+import airflow.providers.amazon.aws.hooks.s3  # noqa: F401,E402
+import airflow.providers.amazon.aws.operators.sagemaker  # noqa: F401,E402
 
 try:
     import headpose  # noqa: F401
 except ImportError:  # a checkout run without PYTHONPATH=include: the package sits beside dags/
     sys.path.append(str(Path(__file__).resolve().parents[1] / "include"))
 
+from headpose import scheduling  # noqa: E402
 from headpose.params import param_schemas  # noqa: E402
 from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator  # noqa: E402
+from headpose_operators.notify import failure_notifier  # noqa: E402
 
 DAG_ID = "headpose_retraining"
 AWS_CONN_ID = "aws_default"
@@ -66,19 +88,25 @@ def _fail(message: str):
 
 @dag(
     dag_id=DAG_ID,
-    schedule=None,
+    schedule=scheduling.schedule(),
     start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
+    dagrun_timeout=scheduling.dagrun_timeout(),
     params=_params(),
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    # Timeouts and retries are per task: scheduling.task_args(<task_id>).
+    default_args={"on_failure_callback": failure_notifier()},
+    on_failure_callback=failure_notifier(),
     tags=["headpose", "sagemaker", "tensorflow"],
     doc_md=__doc__,
 )
 def headpose_retraining():
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, **scheduling.task_args("plan_run"))
     def plan_run() -> dict:
-        """Validate the parameters, derive the job name, S3 layout and training request."""
+        """Validates the trigger parameters, derives `training_job_name`
+        (`deeplens-TF-headpose-<logical time>`, the same on every retry), every S3 URI of the run
+        and the CreateTrainingJob request. No AWS calls. Fails (no retry) on bad parameters: the
+        message lists every problem."""
         from headpose.params import RunParamsError
         from headpose.plan import plan_run as make_plan
 
@@ -92,12 +120,19 @@ def headpose_retraining():
             )
         except RunParamsError as error:
             raise _fail(str(error)) from None
+        too_long = scheduling.run_time_problems(
+            plan["training_request"]["StoppingCondition"], context["dag"].dagrun_timeout
+        )
+        if too_long:
+            raise _fail("invalid run parameters: " + "; ".join(too_long))
         print(f"training_job_name: {plan['training_job_name']}")
         return plan
 
-    @task
+    @task(**scheduling.task_args("stage_dataset"))
     def stage_dataset(plan: dict) -> dict:
-        """Put the run's dataset under its S3 prefix (or check that it is there)."""
+        """Puts the run's dataset under `datasets/<id>/` in S3, or checks that a given prefix
+        holds `train-*.tfrecord`, `eval-*.tfrecord` and `manifest.json`. A synthetic dataset
+        already staged with the same settings is reused. Retries S3 errors with backoff."""
         from headpose import staging
 
         source = plan["run_params"]["dataset_source"]
@@ -110,14 +145,18 @@ def headpose_retraining():
                     scratch_root=_scratch(plan),
                 )
             if source == "prima":
-                raise _fail("dataset_source=prima is not yet supported; use synthetic or an s3:// prefix")
+                return staging.stage_prima_dataset(
+                    s3, plan["dataset_prefix"], plan["dataset_settings"], print,
+                    scratch_root=_scratch(plan),
+                )
             return staging.check_dataset_prefix(s3, plan["dataset_prefix"])
         except staging.DatasetError as error:
             raise _fail(str(error)) from None
 
-    @task
+    @task(**scheduling.task_args("package_code"))
     def package_code(plan: dict) -> dict:
-        """Build sourcedir.tar.gz from include/headpose and upload it where the request says."""
+        """Packs the training entry point (`include/headpose/training`) into
+        `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
         from headpose.layout import split_s3_uri
         from headpose.sourcedir import build_sourcedir
 
@@ -127,9 +166,11 @@ def headpose_retraining():
         path.unlink()
         return {"sourcedir_uri": plan["sourcedir_uri"], "sha256": sha256}
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, **scheduling.task_args("download_artifact"))
     def download_artifact(plan: dict, training: dict) -> dict:
-        """Copy the job's model.tar.gz into the run's workspace; record its sha256."""
+        """Copies the job's `TFartifacts/<job>/output/model.tar.gz` into the run's workspace
+        and records its sha256 (checked against the local backend's record). S3 errors retry
+        with backoff; a checksum mismatch fails at once."""
         from headpose.layout import file_sha256, split_s3_uri
 
         description = training["Training"]
@@ -151,33 +192,52 @@ def headpose_retraining():
         return {"path": path, "sha256": sha256, "artifact_uri": artifact_uri,
                 "training_job_name": description["TrainingJobName"]}
 
-    @task
+    @task(**scheduling.task_args("validate_model"))
     def validate_model(plan: dict, frozen: dict) -> dict:
-        """Accuracy and SavedModel parity of the frozen graph on the held-out split."""
+        """Runs the frozen graph on the held-out split: accuracy, confusion matrix, parity
+        with the SavedModel (`report.json`, `confusion_matrix.png`). Runs the published model
+        (the champion, from `published/latest.json`) on the same shards for `publish` to
+        compare. Fails below `min_accuracy`, on parity, or for a graph that breaks the
+        contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
         from headpose import staging
         from headpose.layout import require_workspace_file
-        from headpose.validation import validate_frozen_model
+        from headpose.publish import PublishError
+        from headpose.validation import evaluate_champion, validate_frozen_model
 
         pb_path = require_workspace_file(frozen["frozen_model_path"], frozen["frozen_model_sha256"])
         workspace = Path(plan["workspace_dir"])
-        eval_shards = staging.download_split(
-            _s3_hook().get_conn(), plan["dataset_prefix"], "eval", workspace / "eval-data"
-        )
+        s3 = _s3_hook().get_conn()
+        eval_shards = staging.download_split(s3, plan["dataset_prefix"], "eval", workspace / "eval-data")
+        inputs, outputs = frozen["input_node_names"], frozen["output_node_names"]
+        try:
+            champion = evaluate_champion(
+                s3, plan["published_pointer_uri"], eval_shards, workspace / "champion", inputs[0], outputs[0],
+            )
+        except PublishError as error:  # e.g. latest.json is not JSON: a person must look
+            raise _fail(str(error)) from None
         min_accuracy = plan["run_params"]["min_accuracy"]
-        outcome = validate_frozen_model(
-            pb_path, frozen["saved_model_dir"], eval_shards, workspace / "report",
-            min_accuracy=min_accuracy, training_job_name=plan["training_job_name"],
-            input_node_names=frozen["input_node_names"], output_node_names=frozen["output_node_names"],
-        )
+        try:
+            outcome = validate_frozen_model(
+                pb_path, frozen["saved_model_dir"], eval_shards, workspace / "report",
+                min_accuracy=min_accuracy, training_job_name=plan["training_job_name"],
+                input_node_names=inputs, output_node_names=outputs, champion=champion,
+            )
+        except ValueError as error:  # the graph itself is wrong: retrying cannot help
+            raise _fail(f"the frozen model breaks the graph contract: {error}") from None
         print(f"held-out accuracy: {outcome['accuracy']:.4f} on {outcome['images']} images "
               f"(min_accuracy {min_accuracy}); parity max abs diff: {outcome['parity_max_abs_diff']}")
+        if champion.get("present"):
+            print(f"published model {champion['training_job_name']} on the same shards: "
+                  + (f"accuracy {champion['accuracy']:.4f}" if "accuracy" in champion else champion["error"]))
         if outcome["problems"]:
             raise _fail("the frozen model is not published: " + "; ".join(outcome["problems"]))
         return outcome
 
-    @task
+    @task(**scheduling.task_args("upload_frozen_model"))
     def upload_frozen_model(plan: dict, frozen: dict, report: dict) -> dict:
-        """frozen_model.pb, its metadata and the report to .../TFartifacts/<job>/output/."""
+        """Uploads `frozen_model.pb`, `frozen_model.json`, `report.json` (the metrics) and
+        `confusion_matrix.png` to `TFartifacts/<job>/output/`, beside `model.tar.gz`. Nothing
+        under `published/` changes here."""
         from headpose.layout import require_workspace_file, split_s3_uri
 
         files = [
@@ -196,38 +256,26 @@ def headpose_retraining():
             uploaded[Path(path).name] = uri
         return uploaded
 
-    @task(outlets=[PUBLISHED_MODEL])
+    @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, frozen: dict, report: dict, uploaded: dict) -> dict:
-        """History record, latest/ copies, then the latest.json pointer (last)."""
-        from headpose.layout import RunLayout
-        from headpose.publish import publish_model, publish_record
+        """Promotes the new model if it is at least as accurate as the published one (minus
+        `promotion_margin`) or `force_publish` is set: history record, `published/latest/`
+        copies, then the `published/latest.json` pointer (last, conditional on the pointer
+        it was compared with). Otherwise this task is **skipped** and nothing under
+        `published/` changes. Either way the log and XCom `summary` hold the run summary:
+        job, accuracy before/after, billable seconds, where the model went."""
+        from headpose.publish import PublishError
 
-        layout = RunLayout.from_dict(plan)
-        context = get_current_context()
-        record = publish_record(
-            layout, frozen["frozen_model_sha256"],
-            {"accuracy": report["accuracy"], "parity_max_abs_diff": report["parity_max_abs_diff"]},
-            extra={
-                "dag_id": DAG_ID,
-                "run_id": context["dag_run"].run_id,
-                "training_job_arn": training["Training"].get("TrainingJobArn"),
-                "billable_time_in_seconds": training["Training"].get("BillableTimeInSeconds"),
-                "training_time_in_seconds": training["Training"].get("TrainingTimeInSeconds"),
-                "final_metrics": {
-                    m["MetricName"]: m["Value"] for m in training["Training"].get("FinalMetricDataList", [])
-                },
-            },
-        )
-        result = publish_model(_s3_hook().get_conn(), layout, record)
-        context["outlet_events"][PUBLISHED_MODEL].extra = {
-            "uri": layout.published_pointer_uri, "training_job_name": layout.training_job_name,
-        }
-        print(f"published {layout.frozen_model_uri} as {layout.published_model_uri}")
-        return result
+        try:
+            return _publish_run(plan, training, frozen, report)
+        except PublishError as error:  # the published state itself is wrong: a person must look
+            raise _fail(str(error)) from None
 
     @teardown
+    @task(**scheduling.task_args("cleanup"))
     def cleanup() -> None:
-        """Remove the run's workspace folder, whatever happened before."""
+        """Removes the run's workspace folder, whatever happened before. As a teardown it
+        cannot turn a failed run green."""
         import shutil
 
         from headpose.layout import run_workspace
@@ -247,6 +295,18 @@ def headpose_retraining():
         print_log=True,
         check_interval=30,
     )
+    # train's timeout and retries, kept apart from its arguments; the timeout is then set
+    # per run from the request's StoppingCondition, just before the task executes.
+    for name, value in scheduling.task_args("train").items():
+        setattr(train, name, value)
+    train.on_execute_callback = [*train.on_execute_callback, _time_train_by_its_request]
+    train.doc_md = (
+        "Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
+        "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`. A retry "
+        "never starts a second job: it finds the one of its `training_job_name`. A training error "
+        "fails the task with the job's failure reason; its timeout is the request's max run (or "
+        "spot wait) time plus one hour."
+    )
     download = download_artifact(plan, train.output)
     freeze = FreezeGraphOperator(
         task_id="freeze_graph",
@@ -254,11 +314,66 @@ def headpose_retraining():
         artifact_path=download["path"],
         artifact_sha256=download["sha256"],
         output_dir=plan["workspace_dir"],
+        doc_md="Safely extracts `model.tar.gz` (no `..`, absolute paths, links out, oversized "
+        "members), finds its one `export/*/<ts>` SavedModel and freezes it into `frozen_model.pb` "
+        "(input `inputs`, output `softmax_tensor`) + `frozen_model.json`. A refused archive or "
+        "model fails the task without retrying.",
+        **scheduling.task_args("freeze_graph"),
     )
     report = validate_model(plan, freeze.output)
     uploaded = upload_frozen_model(plan, freeze.output, report)
     published = publish(plan, train.output, freeze.output, report, uploaded)
     chain(plan, dataset, code, train, download, freeze, report, uploaded, published, cleanup())
+
+
+def _publish_run(plan: dict, training: dict, frozen: dict, report: dict) -> dict:
+    """``publish``'s work: promote or skip (``headpose.publish``), and account for the run."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from headpose import publish as publishing
+    from headpose.layout import RunLayout
+
+    layout = RunLayout.from_dict(plan)
+    context = get_current_context()
+    description = training["Training"]
+    champion = report.get("champion") or {}
+    decision, published = publishing.promote_if_better(
+        _s3_hook().get_conn(), layout,
+        frozen_model_sha256=frozen["frozen_model_sha256"],
+        metrics={"accuracy": report["accuracy"], "images": report["images"],
+                 "parity_max_abs_diff": report["parity_max_abs_diff"]},
+        champion=champion,
+        margin=plan["run_params"]["promotion_margin"],
+        force=plan["run_params"]["force_publish"],
+        extra={
+            "dag_id": DAG_ID,
+            "run_id": context["dag_run"].run_id,
+            "training_job_arn": description.get("TrainingJobArn"),
+            "billable_time_in_seconds": description.get("BillableTimeInSeconds"),
+            "training_time_in_seconds": description.get("TrainingTimeInSeconds"),
+            "final_metrics": {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []},
+        },
+    )
+    summary = publishing.run_summary(
+        training_job_name=layout.training_job_name, decision=decision, accuracy=report["accuracy"],
+        champion=champion, training=description, model_uri=layout.frozen_model_uri, published=published,
+    )
+    print(publishing.format_summary(summary))
+    context["ti"].xcom_push(key="summary", value=summary)
+    if not decision.promote:
+        # Skipped, not failed: the run worked and the published model is the better one.
+        # A skip also emits no asset event, so nothing downstream reloads an unchanged model.
+        raise AirflowSkipException(f"not published: {decision.reason}")
+    context["outlet_events"][PUBLISHED_MODEL].extra = {
+        "uri": layout.published_pointer_uri, "training_job_name": layout.training_job_name,
+    }
+    return summary
+
+
+def _time_train_by_its_request(context) -> None:
+    task = context["task"]
+    task.execution_timeout = scheduling.train_timeout(task.config["StoppingCondition"])
+    print(f"train execution_timeout: {task.execution_timeout}")
 
 
 def _scratch(plan: dict) -> str:

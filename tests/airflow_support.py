@@ -1,18 +1,29 @@
-"""Loading the project's DAG in tests, with Airflow pointed at a throw-away home."""
+"""Loading the project's DAG in tests, and running it with the ``airflow`` command.
+
+Airflow is pointed at throw-away homes. ``airflow db migrate`` takes about a minute, so
+a session migrates one template database (``conftest.airflow_db_template``) and each
+end-to-end test copies it into its own home (``new_airflow_home``).
+"""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
+import sqlite3
+import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 PLUGINS = ROOT / "plugins"
 INCLUDE = ROOT / "include"
 DAG_ID = "headpose_retraining"
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 # Before anything imports airflow: never read or write the developer's ~/airflow.
 if "AIRFLOW_HOME" not in os.environ:
@@ -55,3 +66,98 @@ def airflow_env(airflow_home: Path) -> dict[str, str]:
         "HEADPOSE_WORKSPACE": str(airflow_home / "workspace"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
+
+
+# -- running the DAG with the airflow command --------------------------------------------
+
+def migrate(airflow_home: Path) -> Path:
+    """A migrated metadata database in ``airflow_home``; returns its file."""
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([AIRFLOW, "db", "migrate"], env=cli_env(airflow_home, "http://127.0.0.1:9"),
+                   check=True, capture_output=True, timeout=900)
+    return airflow_home / "airflow.db"
+
+
+def new_airflow_home(template_db: Path, airflow_home: Path) -> Path:
+    """``airflow_home`` with a copy of the migrated template database."""
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template_db, airflow_home / "airflow.db")
+    return airflow_home
+
+
+def cli_env(airflow_home: Path, endpoint: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment minus Airflow's, plus an ``aws_default`` connection to ``endpoint``."""
+    from support import aws_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "HEADPOSE_"))}
+    env.update(aws_env(endpoint))
+    env.update(airflow_env(airflow_home))
+    env.update(extra or {})
+    return env
+
+
+def dags_test_command(conf: Mapping[str, Any], logical_date: datetime | None = None) -> list[str]:
+    command = [AIRFLOW, "dags", "test", DAG_ID]
+    if logical_date is not None:
+        command.append(logical_date.isoformat())
+    return [*command, "-c", json.dumps(dict(conf))]
+
+
+def dags_test(
+    airflow_home: Path,
+    endpoint: str,
+    conf: Mapping[str, Any],
+    log_name: str,
+    *,
+    logical_date: datetime | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 1800,
+) -> subprocess.CompletedProcess:
+    """One DAG run with ``airflow dags test``; its whole output is kept in ``<home>/<log_name>``."""
+    result = subprocess.run(
+        dags_test_command(conf, logical_date), env=cli_env(airflow_home, endpoint, extra_env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    (airflow_home / log_name).write_text(result.stdout + "\n----- stderr -----\n" + result.stderr)
+    return result
+
+
+def db(airflow_home: Path) -> sqlite3.Connection:
+    # The metadata DB of `airflow dags test` (SQLite by default): XComs are rows of `xcom`,
+    # values JSON-encoded.
+    return sqlite3.connect(airflow_home / "airflow.db")
+
+
+def last_run(airflow_home: Path) -> tuple[str, str]:
+    """``(run_id, state)`` of the newest run."""
+    with db(airflow_home) as conn:
+        return conn.execute(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)
+        ).fetchone()
+
+
+def task_states(airflow_home: Path, run_id: str) -> dict[str, str]:
+    with db(airflow_home) as conn:
+        return dict(conn.execute(
+            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id)
+        ).fetchall())
+
+
+def try_numbers(airflow_home: Path, run_id: str) -> dict[str, int]:
+    with db(airflow_home) as conn:
+        return dict(conn.execute(
+            "SELECT task_id, try_number FROM task_instance WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id)
+        ).fetchall())
+
+
+def xcom(airflow_home: Path, task_id: str, key: str = "return_value", run_id: str | None = None):
+    """One XCom value (of ``run_id``, or of the only run that has it)."""
+    query = "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = ?"
+    args: tuple = (DAG_ID, task_id, key)
+    if run_id is not None:
+        query, args = query + " AND run_id = ?", (*args, run_id)
+    with db(airflow_home) as conn:
+        rows = conn.execute(query, args).fetchall()
+    assert len(rows) == 1, (task_id, key, rows)
+    value = rows[0][0]
+    return json.loads(value) if isinstance(value, (str, bytes)) else value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from airflow_support import DAG_ID, airflow_env
-from support import aws_env
+from airflow_support import DAG_ID, new_airflow_home
+from airflow_support import dags_test as _dags_test
+from airflow_support import db as _db
+from airflow_support import xcom as _xcom
 
 pytestmark = pytest.mark.e2e
 
@@ -37,48 +38,11 @@ TINY_CONF = {
     "batch_size": 16,
     "min_accuracy": 0,
 }
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory, moto_server):
-    home = tmp_path_factory.mktemp("airflow-home")
-    env = _env(home, moto_server.endpoint)
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
-    return home
-
-
-def _env(home: Path, endpoint: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(aws_env(endpoint))
-    env.update(airflow_env(home))
-    return env
-
-
-def _dags_test(home: Path, endpoint: str, conf: dict, log_name: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [AIRFLOW, "dags", "test", DAG_ID, "-c", json.dumps(conf)],
-        env=_env(home, endpoint), capture_output=True, text=True, timeout=1800,
-    )
-    # Kept for reading after a failure: the whole task log of the run.
-    (home / log_name).write_text(result.stdout + "\n----- stderr -----\n" + result.stderr)
-    return result
-
-
-def _db(home: Path) -> sqlite3.Connection:
-    # The metadata DB of `airflow dags test` (SQLite by default): XComs are rows of `xcom`,
-    # values JSON-encoded.
-    return sqlite3.connect(home / "airflow.db")
-
-
-def _xcom(home: Path, task_id: str, key: str = "return_value"):
-    with _db(home) as db:
-        rows = db.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = ?", (DAG_ID, task_id, key)
-        ).fetchall()
-    assert len(rows) == 1, (task_id, key, rows)
-    value = rows[0][0]
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
+def airflow_home(tmp_path_factory, airflow_db_template):
+    return new_airflow_home(airflow_db_template, tmp_path_factory.mktemp("airflow-home"))
 
 
 def test_a_bad_conf_is_refused_before_any_task_runs(airflow_home, moto_server):

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -92,6 +93,7 @@ def run_local_training_job(
     created = _now()
     root = Path(work_root)
     if root.exists():
+        stop_previous_program(root, log)
         shutil.rmtree(root)  # a previous, unfinished try: start from nothing, like a new container
     dirs = _make_dirs(root, request)
     hyperparameters = dict(request.get("HyperParameters") or {})
@@ -115,7 +117,7 @@ def run_local_training_job(
     started = _now()
     exit_code, timed_out = _run(
         [python, program, *args], dirs["code"], env, metrics, log,
-        request["StoppingCondition"]["MaxRuntimeInSeconds"], on_start,
+        request["StoppingCondition"]["MaxRuntimeInSeconds"], _recording_pid(root, on_start),
     )
     ended = _now()
     if timed_out:
@@ -426,6 +428,54 @@ def _run(
     finally:
         timer.cancel()
     return exit_code, timed_out.is_set()
+
+
+PID_FILE = "training.pid"
+
+
+def _recording_pid(
+    root: Path, on_start: Callable[[subprocess.Popen], None] | None
+) -> Callable[[subprocess.Popen], None]:
+    def started(process: subprocess.Popen) -> None:
+        (root / PID_FILE).write_text(str(process.pid))
+        if on_start is not None:
+            on_start(process)
+    return started
+
+
+def stop_previous_program(root: Path, log: Log) -> bool:
+    """Kill the training program a previous try left running in ``root``; whether there was one.
+
+    The program leads its own process group (so that a stop reaches its children), which
+    also means it outlives a task process killed with SIGKILL (an OOM kill, a lost
+    worker container): on_kill never runs then. Left alone, it would train beside the
+    retry in the folder the retry is about to empty. The pid is only trusted if that
+    process still works in this folder (``/proc/<pid>/cwd``), so a recycled pid is spared.
+    """
+    try:
+        pid = int((root / PID_FILE).read_text())
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except (OSError, ValueError):
+        return False
+    if cwd != (root / "code").resolve():
+        return False
+    log(f"stopping the training program {pid} that a previous try left running")
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    for _ in range(100):  # it is reaped by init; wait until /proc no longer shows it working here
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -1,0 +1,142 @@
+"""When the retraining DAG runs and how long and how often each task may try.
+
+Operators change these through the environment of the scheduler and workers (the same
+value everywhere), not by editing the DAG:
+
+``HEADPOSE_SCHEDULE``                 cron expression or preset; ``none`` = manual runs only
+                                      (default ``@weekly``)
+``HEADPOSE_AWS_RETRIES``              retries of the tasks that call AWS (default 3)
+``HEADPOSE_RETRY_DELAY_SECONDS``      first retry delay; doubles per try (default 60)
+``HEADPOSE_MAX_RETRY_DELAY_SECONDS``  cap of that delay (default 1800)
+``HEADPOSE_DAGRUN_TIMEOUT_HOURS``     a run still going after this fails (default 192 = 8 days:
+                                      the 7-day spot wait ceiling plus every other task)
+
+Environment rather than an Airflow Variable: it is read at every DAG parse, and a
+Variable lookup there is a metadata-database query per parse.
+
+Standard library only: the DAG file imports this module at parse time.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Mapping
+
+SCHEDULE_ENV = "HEADPOSE_SCHEDULE"
+DEFAULT_SCHEDULE = "@weekly"
+DISABLED = ("none", "off", "manual")
+
+# The train task's timeout at parse time, before the run's request is known: the default
+# spot wait ceiling (max_wait_seconds, 7 days). ``train_timeout`` sets the run's own.
+DEFAULT_TRAIN_SECONDS = 604_800
+# Beyond MaxRuntimeInSeconds, a training job needs time to get an instance, download the
+# channels and upload the model (SageMaker's own stopping condition excludes some of it).
+TRAIN_MARGIN = timedelta(hours=1)
+
+# Execution timeouts sized to each job at the tutorial's scale (ResNet-50, the Prima
+# database; a few GB of shards and a ~100 MB model); generous, they stop hung tasks.
+TASK_TIMEOUTS: dict[str, timedelta] = {
+    "plan_run": timedelta(minutes=10),
+    "stage_dataset": timedelta(hours=3),  # generate / convert and upload every shard
+    "package_code": timedelta(minutes=15),
+    "train": timedelta(seconds=DEFAULT_TRAIN_SECONDS) + TRAIN_MARGIN,
+    "download_artifact": timedelta(hours=1),
+    "freeze_graph": timedelta(hours=1),
+    "validate_model": timedelta(hours=3),  # two models over the whole held-out split on CPU
+    "upload_frozen_model": timedelta(minutes=30),
+    "publish": timedelta(minutes=15),
+    "cleanup": timedelta(minutes=15),
+}
+# Tasks whose failures are mostly the network or AWS: these retry with backoff. The
+# others retry once, for a worker that died under them.
+AWS_TASKS = frozenset({
+    "stage_dataset", "package_code", "train", "download_artifact", "validate_model",
+    "upload_frozen_model", "publish",
+})
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"${name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"${name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def schedule(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$HEADPOSE_SCHEDULE`` (Airflow checks the expression), ``None`` when disabled."""
+    value = _env(environ).get(SCHEDULE_ENV, "").strip()
+    if not value:
+        return DEFAULT_SCHEDULE
+    if value.lower() in DISABLED:
+        return None
+    # Airflow checks the expression itself; this only makes a typo name the variable.
+    if not value.startswith("@") and not 5 <= len(value.split()) <= 7:
+        raise ValueError(f"${SCHEDULE_ENV}={value!r} is not a cron expression, a preset such as "
+                         f"@weekly, or 'none'")
+    return value
+
+
+def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """How long a run may take; it ends a stuck run, so that the next one can start.
+
+    A run longer than the schedule's interval does not overlap the next one
+    (``max_active_runs=1``): the next waits for it.
+    """
+    hours = _number(_env(environ), "HEADPOSE_DAGRUN_TIMEOUT_HOURS", 192, minimum=1)
+    return timedelta(hours=hours)
+
+
+def retry_args(task_id: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``retries``/``retry_delay``/backoff keyword arguments for the task ``task_id``."""
+    env = _env(environ)
+    delay = timedelta(seconds=_number(env, "HEADPOSE_RETRY_DELAY_SECONDS", 60, minimum=0))
+    if task_id not in AWS_TASKS:
+        return {"retries": 1, "retry_delay": delay}
+    return {
+        "retries": int(_number(env, "HEADPOSE_AWS_RETRIES", 3, minimum=0)),
+        "retry_delay": delay,
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(
+            seconds=_number(env, "HEADPOSE_MAX_RETRY_DELAY_SECONDS", 1800, minimum=1)
+        ),
+    }
+
+
+def task_args(task_id: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Everything task-specific the DAG passes to ``task_id``: timeout and retries."""
+    return {"execution_timeout": TASK_TIMEOUTS[task_id], **retry_args(task_id, environ)}
+
+
+def train_timeout(stopping_condition: Mapping[str, Any]) -> timedelta:
+    """The train task's timeout for a request's ``StoppingCondition``.
+
+    The job may take its ``MaxRuntimeInSeconds`` or, on spot capacity, its
+    ``MaxWaitTimeInSeconds`` (waiting included), plus ``TRAIN_MARGIN``.
+    """
+    seconds = max(
+        int(stopping_condition.get("MaxRuntimeInSeconds") or 0),
+        int(stopping_condition.get("MaxWaitTimeInSeconds") or 0),
+    )
+    return timedelta(seconds=seconds) + TRAIN_MARGIN
+
+
+def run_time_problems(stopping_condition: Mapping[str, Any], timeout: timedelta | None) -> list[str]:
+    """Why a training job with this ``StoppingCondition`` cannot end inside ``dagrun_timeout``."""
+    needed = train_timeout(stopping_condition)
+    if timeout is None or needed < timeout:
+        return []
+    return [
+        f"the training job may take {needed} (max_run_seconds or, with spot, max_wait_seconds, "
+        f"plus {TRAIN_MARGIN} of set-up), longer than the DAG's dagrun_timeout of {timeout}; "
+        "lower it or raise $HEADPOSE_DAGRUN_TIMEOUT_HOURS"
+    ]

@@ -1,0 +1,60 @@
+"""``airflow dags test`` several times in one interpreter.
+
+Each run is the real command - the ``airflow`` CLI's own parser and ``dags test``
+function - but Airflow, the sagemaker SDK and TensorFlow are imported once for all of
+them instead of once per run (about a minute each on a busy two-core machine).
+
+Usage: ``python dags_test_batch.py <runs.json>`` where the file holds
+``[{"name": ..., "logical_date": <ISO>, "conf": {...}}, ...]``. Each run's output is
+framed by ``BEGIN_RUN <name>`` and ``END_RUN <name> exit=<code>`` lines.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from airflow import configuration  # noqa: F401  (first, as airflow.__main__ does)
+from airflow.cli import cli_parser
+
+BEGIN, END = "BEGIN_RUN", "END_RUN"
+DAG_ID = "headpose_retraining"
+
+
+def main(spec_path: str) -> int:
+    runs = json.loads(Path(spec_path).read_text())
+    parser = cli_parser.get_parser()
+    for run in runs:
+        print(f"{BEGIN} {run['name']}", flush=True)
+        args = parser.parse_args(["dags", "test", DAG_ID, run["logical_date"], "-c", json.dumps(run["conf"])])
+        try:
+            args.func(args)
+            code = 0
+        except SystemExit as exit_:  # "DagRun failed", or a refused conf
+            code = exit_.code if isinstance(exit_.code, int) else 1
+            print(exit_.code, flush=True)
+        except Exception:
+            traceback.print_exc()
+            code = 2
+        sys.stderr.flush()
+        print(f"{END} {run['name']} exit={code}", flush=True)
+    return 0
+
+
+def split_output(output: str) -> dict[str, tuple[str, int]]:
+    """``{name: (that run's output, exit code)}`` from the batch's whole output."""
+    runs, name, lines = {}, None, []
+    for line in output.splitlines():
+        if line.startswith(BEGIN + " "):
+            name, lines = line.split(" ", 1)[1], []
+        elif line.startswith(END + " ") and name is not None:
+            runs[name] = ("\n".join(lines), int(line.rsplit("exit=", 1)[1]))
+            name = None
+        elif name is not None:
+            lines.append(line)
+    return runs
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

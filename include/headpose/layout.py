@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from headpose.training.checksums import file_sha256  # noqa: F401  (re-exported for tasks)
+
 BASE_JOB_NAME = "deeplens-TF-headpose"
 DEFAULT_FOLDER = "headpose"
 
@@ -219,14 +221,6 @@ def run_workspace(training_job_name: str, environ: Mapping[str, str] | None = No
 
 class WorkspaceError(RuntimeError):
     """A file another task put in the workspace is missing or different here."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def require_workspace_file(path: str | Path, sha256: str | None = None) -> Path:

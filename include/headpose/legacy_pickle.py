@@ -29,12 +29,13 @@ Writing is streamed: one image at a time goes through ``ShardWriter``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import sys
 from pathlib import Path
 from typing import Any
+
+from headpose.training.checksums import file_sha256
 
 SOURCE = "legacy_pickle"
 IMPORTER_VERSION = 1
@@ -163,7 +164,7 @@ def import_legacy_pickle(
     manifest = {
         "source": SOURCE,
         "source_name": Path(pickle_path).name,
-        "source_sha256": _sha256(pickle_path),
+        "source_sha256": file_sha256(pickle_path),
         "settings": {"channel_order": channel_order, "value_range": value_range,
                      "images_per_shard": images_per_shard, "importer_version": IMPORTER_VERSION},
         "image": {"height": int(trn_im.shape[2]), "width": int(trn_im.shape[3]),
@@ -172,14 +173,6 @@ def import_legacy_pickle(
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterator
 
 from headpose.training import labels
+from headpose.training.checksums import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -503,15 +504,6 @@ def manifest_matches(
         and existing_manifest.get("settings") == PrimaSettings.coerce(settings).as_dict()
         and isinstance(existing_manifest.get("splits"), dict)
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    # Not shards.file_sha256: that module imports TensorFlow, and the skip check must not.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shards_intact(manifest: dict, directory: str | Path) -> bool:

@@ -21,7 +21,6 @@ Files are named ``<split>-<index:05d>.tfrecord`` (``train`` and ``eval`` splits)
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -30,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from headpose.training import labels
+from headpose.training.checksums import file_sha256  # noqa: F401  (part of this module's API)
 
 IMAGE_SIZE = 84
 SHARD_SUFFIX = ".tfrecord"
@@ -47,14 +47,6 @@ _FEATURES = {
 def shard_paths(directory: str | Path, split: str) -> list[Path]:
     """The shards of one split in a folder, in index order."""
     return sorted(Path(directory).glob(f"{split}-*{SHARD_SUFFIX}"))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:

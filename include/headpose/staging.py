@@ -102,7 +102,6 @@ def stage_synthetic_dataset(
             f"settings name generator version {settings['generator_version']}, "
             f"this code has {GENERATOR_VERSION}"
         )
-    bucket, key_prefix = split_s3_uri(prefix_uri)
     with tempfile.TemporaryDirectory(prefix="synthetic-", dir=scratch_root) as scratch:
         log(f"generating the synthetic dataset {dict(settings)}")
         manifest = write_synthetic_dataset(
@@ -112,13 +111,20 @@ def stage_synthetic_dataset(
             seed=settings["seed"],
             images_per_shard=settings["images_per_shard"],
         )
-        shards = sorted(Path(scratch).glob(f"*{SHARD_SUFFIX}"))
-        for shard in shards:
-            s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
-        # Last: a manifest in S3 means every shard before it is complete.
-        s3_client.upload_file(str(Path(scratch) / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
-    log(f"uploaded {len(shards)} shards and {MANIFEST_FILE} to {prefix_uri}")
+        count = _upload_dataset(s3_client, Path(scratch), prefix_uri)
+    log(f"uploaded {count} shards and {MANIFEST_FILE} to {prefix_uri}")
     return _summary(prefix_uri, manifest, staged=True)
+
+
+def _upload_dataset(s3_client: Any, folder: Path, prefix_uri: str) -> int:
+    """Upload a folder's shards, then its manifest; returns the number of shards."""
+    bucket, key_prefix = split_s3_uri(prefix_uri)
+    shards = sorted(folder.glob(f"*{SHARD_SUFFIX}"))
+    for shard in shards:
+        s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
+    # Last: a manifest in S3 means every shard before it is complete.
+    s3_client.upload_file(str(folder / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
+    return len(shards)
 
 
 def list_dataset(s3_client: Any, prefix_uri: str) -> dict[str, list[str]]:
@@ -208,7 +214,6 @@ def stage_prima_dataset(
         log(f"dataset already staged at {prefix_uri} from {settings['archive_uri']}; skipping conversion")
         return _summary(prefix_uri, existing, staged=False)
 
-    bucket, key_prefix = split_s3_uri(prefix_uri)
     with tempfile.TemporaryDirectory(prefix="prima-", dir=scratch_root) as scratch:
         archive = Path(scratch) / "HeadPoseImageDatabase.tar.gz"
         log(f"downloading {settings['archive_uri']}")
@@ -220,11 +225,8 @@ def stage_prima_dataset(
             raise DatasetError(f"{settings['archive_uri']}: {error}") from None
         manifest.update(source_uri=settings["archive_uri"], source_etag=etag)
         (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        shards = sorted(out_dir.glob(f"*{SHARD_SUFFIX}"))
-        for shard in shards:
-            s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
-        s3_client.upload_file(str(out_dir / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
-    log(f"uploaded {len(shards)} Prima shards and {MANIFEST_FILE} to {prefix_uri}")
+        count = _upload_dataset(s3_client, out_dir, prefix_uri)
+    log(f"uploaded {count} Prima shards and {MANIFEST_FILE} to {prefix_uri}")
     return _summary(prefix_uri, manifest, staged=True)
 
 

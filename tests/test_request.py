@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import boto3
@@ -13,11 +16,14 @@ from headpose.params import validate_run_params
 from headpose.plan import plan_run
 from headpose.request import (
     LOCAL_ROLE_ARN,
+    LOCAL_TRAINING_IMAGE,
     image_uri_for_backend,
     metric_definitions,
     training_image_uri,
     training_job_request,
 )
+
+from support import ROOT
 
 ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
 LOGICAL = datetime(2024, 5, 6, 7, 8, 9, 10_000, tzinfo=timezone.utc)
@@ -116,10 +122,25 @@ def test_training_images_are_tensorflow_2_21_for_the_instance_type():
     assert re.search(r"/tensorflow-training:2\.21[.\d]*-gpu-py312", gpu), gpu
     assert re.search(r"/tensorflow-training:2\.21[.\d]*-cpu-py312", cpu), cpu
     assert ".eu-west-1." in cpu
-    # The tutorial's P2 default has no TF 2.21 image; the local backend records the CPU image.
-    assert image_uri_for_backend("local", "us-east-1", "ml.p2.xlarge") == training_image_uri(
-        "us-east-1", "ml.m5.xlarge"
+    assert image_uri_for_backend("sagemaker", "us-east-1", "ml.g4dn.xlarge") == gpu
+
+
+def test_local_backend_plans_without_importing_the_sagemaker_sdk(tmp_path):
+    # plan_run is the first task of every run; for the local backend it must not pay
+    # the SDK's import (seconds) for an image URI that nothing uses.
+    script = (
+        "import sys; from datetime import datetime, timezone\n"
+        "from headpose.plan import plan_run\n"
+        "plan = plan_run({'backend': 'local'}, datetime(2026, 1, 2, tzinfo=timezone.utc),\n"
+        "                region='us-east-1', dag_id='d', run_id='r')\n"
+        "print(plan['training_request']['AlgorithmSpecification']['TrainingImage'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'))\n"
     )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "include"), "HEADPOSE_WORKSPACE": str(tmp_path)},
+    )
+    assert done.stdout.splitlines() == [LOCAL_TRAINING_IMAGE, "[]"], done.stdout
 
 
 def test_local_backend_request_needs_no_role():

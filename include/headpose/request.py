@@ -24,8 +24,10 @@ TF_FRAMEWORK_VERSION = "2.21"
 TF_PY_VERSION = "py312"
 ENTRY_POINT = "train.py"
 TRAINING_CHANNEL = "training"
-# The local backend trains on the worker's CPU, so it records the CPU image it stands in for.
-LOCAL_IMAGE_INSTANCE_TYPE = "ml.m5.xlarge"
+# The local backend runs the entry point in the worker's own Python, not in an image. It
+# names none rather than look one up: the lookup imports the sagemaker SDK, seconds that
+# every local run's plan_run would pay for a value nothing reads.
+LOCAL_TRAINING_IMAGE = "local"
 # CreateTrainingJob needs a role even when nothing is sent to SageMaker; this one is
 # never used, and its account id (all zeros) cannot exist.
 LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/headpose-local-backend"
@@ -62,10 +64,10 @@ def training_image_uri(region: str, instance_type: str) -> str:
 
 
 def image_uri_for_backend(backend: str, region: str, instance_type: str) -> str:
-    """The image the request names: the instance type's with SageMaker, the CPU one locally."""
-    return training_image_uri(
-        region, instance_type if backend == "sagemaker" else LOCAL_IMAGE_INSTANCE_TYPE
-    )
+    """The image the request names: the instance type's with SageMaker, none locally."""
+    if backend == "sagemaker":
+        return training_image_uri(region, instance_type)
+    return LOCAL_TRAINING_IMAGE
 
 
 # Characters a SageMaker tag value may hold; Airflow run ids can hold others.

@@ -139,6 +139,9 @@ def _count_records(paths: list[Path]) -> int:
 
 
 def train(args: argparse.Namespace) -> dict:
+    # model.py builds on whichever Keras backend is chosen; training and export need
+    # TensorFlow's, so a KERAS_BACKEND left in the container's environment cannot win.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
     # Heavy imports here, after argument parsing, so that --help is instant.
     import tensorflow as tf
 

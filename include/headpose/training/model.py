@@ -9,11 +9,12 @@ paper); smaller values make CPU-sized models.
 """
 from __future__ import annotations
 
-import tensorflow as tf
+# Keras 3 itself rather than ``tf.keras`` (the same classes under TensorFlow 2.21): the
+# model then builds on any Keras backend, which lets the GPU benchmark run it where only
+# JAX is installed. Training and export still run on the default TensorFlow backend.
+import keras
 
 from headpose.training import labels
-
-keras = tf.keras
 
 # resnet_size -> (bottleneck?, blocks per stage)
 RESNET_SIZES: dict[int, tuple[bool, tuple[int, int, int, int]]] = {

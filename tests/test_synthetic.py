@@ -132,12 +132,24 @@ def test_eval_images_are_held_out(dataset):
 
 
 def test_dataset_is_reproducible_from_its_seed(dataset, tmp_path):
-    # Images are drawn round by round from one stream per split, so a smaller dataset
-    # with the same seed is exactly the first rounds of a larger one.
+    # Every round of poses has its own random stream, so a smaller dataset with the same
+    # seed is exactly the first rounds of a larger one.
     out, _ = dataset
     synthetic.write_synthetic_dataset(tmp_path, train_per_pose=1, eval_per_pose=1, seed=5)
     assert _records(tmp_path, "train") == _records(out, "train")[:93]
     assert _records(tmp_path, "eval") == _records(out, "eval")
+
+
+def test_bytes_do_not_depend_on_the_number_of_rendering_processes(tmp_path):
+    manifests = {
+        workers: synthetic.write_synthetic_dataset(
+            tmp_path / str(workers), train_per_pose=3, eval_per_pose=2, seed=9,
+            images_per_shard=100, workers=workers,
+        )
+        for workers in (1, 3)
+    }
+    assert manifests[1]["splits"] == manifests[3]["splits"]  # shard names, counts, sha256
+    assert [s["count"] for s in manifests[1]["splits"]["train"]["shards"]] == [100, 100, 79]
 
 
 def test_rejects_empty_splits(tmp_path):

@@ -142,7 +142,7 @@ def headpose_retraining():
             if source == "synthetic":
                 return staging.stage_synthetic_dataset(
                     s3, plan["dataset_prefix"], plan["dataset_settings"], print,
-                    scratch_root=_scratch(plan),
+                    scratch_root=_scratch(plan), cache_root=staging.synthetic_cache_root(),
                 )
             if source == "prima":
                 return staging.stage_prima_dataset(

@@ -10,4 +10,7 @@ start=$(date +%s)
 export HEADPOSE_INSTALL_SECONDS=$(( $(date +%s) - start ))
 source scripts/airflow-env.sh
 export AIRFLOW_HOME="$PWD/.demo/airflow" HEADPOSE_WORKSPACE="$PWD/.demo/workspace"
+# The embedded S3 forgets its data when it stops; keep the rendered synthetic set on disk
+# so that the next demo uploads it again instead of rendering it (minutes) again.
+export HEADPOSE_SYNTHETIC_CACHE="${HEADPOSE_SYNTHETIC_CACHE:-$PWD/.demo/synthetic-cache}"
 exec .venv/bin/python scripts/demo.py "$@"

@@ -8,14 +8,18 @@ whose settings were staged before skips the (slow) generation.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from headpose.layout import MANIFEST_FILE, join_uri, split_s3_uri
+from headpose.layout import MANIFEST_FILE, dataset_id, file_sha256, join_uri, split_s3_uri
 
 Log = Callable[[str], None]
 SHARD_SUFFIX = ".tfrecord"
+# A folder where rendered synthetic datasets are kept between runs (unset: none kept).
+SYNTHETIC_CACHE_ENV = "HEADPOSE_SYNTHETIC_CACHE"
 
 
 class DatasetError(RuntimeError):
@@ -79,41 +83,104 @@ def _summary(prefix_uri: str, manifest: Mapping[str, Any], staged: bool) -> dict
     }
 
 
+def synthetic_cache_root() -> Path | None:
+    """``$HEADPOSE_SYNTHETIC_CACHE`` as a folder, or None (no render cache) when unset."""
+    value = os.environ.get(SYNTHETIC_CACHE_ENV, "").strip()
+    return Path(value) if value else None
+
+
 def stage_synthetic_dataset(
     s3_client: Any,
     prefix_uri: str,
     settings: Mapping[str, int],
     log: Log,
     scratch_root: str | Path | None = None,
+    cache_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate the synthetic dataset of ``settings`` into ``prefix_uri`` unless it is there.
 
-    Returns counts and whether it was generated now (``staged``), not the data.
+    With ``cache_root``, rendered datasets are kept there by settings hash and uploaded
+    again from disk when S3 lacks them (the embedded S3 forgets everything when it
+    stops). Returns counts and whether it was staged now (``staged``), not the data.
     """
     existing = _read_manifest(s3_client, prefix_uri)
     if existing is not None:
         log(f"dataset already staged at {prefix_uri} (manifest present); skipping generation")
         return _summary(prefix_uri, existing, staged=False)
 
-    from headpose.synthetic import GENERATOR_VERSION, write_synthetic_dataset
+    from headpose.synthetic import GENERATOR_VERSION
 
     if settings["generator_version"] != GENERATOR_VERSION:
         raise DatasetError(
             f"settings name generator version {settings['generator_version']}, "
             f"this code has {GENERATOR_VERSION}"
         )
-    with tempfile.TemporaryDirectory(prefix="synthetic-", dir=scratch_root) as scratch:
-        log(f"generating the synthetic dataset {dict(settings)}")
-        manifest = write_synthetic_dataset(
-            scratch,
-            train_per_pose=settings["train_per_pose"],
-            eval_per_pose=settings["eval_per_pose"],
-            seed=settings["seed"],
-            images_per_shard=settings["images_per_shard"],
-        )
-        count = _upload_dataset(s3_client, Path(scratch), prefix_uri)
+    if cache_root is None:
+        with tempfile.TemporaryDirectory(prefix="synthetic-", dir=scratch_root) as scratch:
+            manifest = _render_synthetic(Path(scratch), settings, log)
+            count = _upload_dataset(s3_client, Path(scratch), prefix_uri)
+    else:
+        folder = _cached_synthetic(Path(cache_root), settings, log)
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        count = _upload_dataset(s3_client, folder, prefix_uri)
     log(f"uploaded {count} shards and {MANIFEST_FILE} to {prefix_uri}")
     return _summary(prefix_uri, manifest, staged=True)
+
+
+def _render_synthetic(folder: Path, settings: Mapping[str, int], log: Log) -> dict:
+    from headpose.synthetic import default_workers, write_synthetic_dataset
+
+    log(f"generating the synthetic dataset {dict(settings)} in {default_workers()} processes")
+    return write_synthetic_dataset(
+        folder,
+        train_per_pose=settings["train_per_pose"],
+        eval_per_pose=settings["eval_per_pose"],
+        seed=settings["seed"],
+        images_per_shard=settings["images_per_shard"],
+    )
+
+
+def _cached_synthetic(cache_root: Path, settings: Mapping[str, int], log: Log) -> Path:
+    """The cache's folder for ``settings``, rendered now unless a verified copy is there."""
+    folder = cache_root / dataset_id("synthetic", settings)
+    problem = _cache_problem(folder)
+    if problem is None:
+        log(f"reusing the synthetic dataset rendered earlier in {folder} (checksums verified)")
+        return folder
+    if folder.exists():
+        log(f"re-rendering the cached dataset in {folder}: {problem}")
+        shutil.rmtree(folder)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Rendered beside its final name and renamed into place, so that a run stopped half
+    # way, or another run rendering the same settings, never leaves a partial folder.
+    # (After a successful rename there is nothing left for the clean-up to remove.)
+    with tempfile.TemporaryDirectory(
+        prefix=".rendering-", dir=cache_root, ignore_cleanup_errors=True
+    ) as scratch:
+        _render_synthetic(Path(scratch), settings, log)
+        try:
+            os.rename(scratch, folder)
+        except OSError:
+            if _cache_problem(folder) is not None:
+                raise
+            log(f"another run rendered {folder} first; using that copy")
+    return folder
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, intact rendered dataset, or None if it is."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"no readable {MANIFEST_FILE} ({type(error).__name__})"
+    for shard in shards:
+        path = folder / shard["file"]
+        if not path.is_file():
+            return f"{shard['file']} is missing"
+        if file_sha256(path) != shard["sha256"]:
+            return f"{shard['file']} does not match its sha256 in {MANIFEST_FILE}"
+    return None
 
 
 def _upload_dataset(s3_client: Any, folder: Path, prefix_uri: str) -> int:

@@ -1,9 +1,11 @@
 """End to end: the README's demo command, split into install, environment start and tasks.
 
-Runs ``scripts/demo.sh`` once (default: in a scratch copy of the checkout - the files
-git tracks or would track, with ``.venv`` linked - so that the run's ``.demo/`` and
+Runs ``scripts/demo.sh`` ``--runs`` times, one after another (default twice: the first
+renders the synthetic set into ``.demo/synthetic-cache``, the next reuses it, as every
+later demo and scheduled run does), in a scratch copy of the checkout (the files git
+tracks or would track, with ``.venv`` linked, so that the runs' ``.demo/`` and
 ``demo-output/`` never touch, or are touched by, another run in the checkout;
-``--in-place`` runs it in the checkout itself), with bytecode caching on as on a
+``--in-place`` runs in the checkout itself), with bytecode caching on as on a
 normal machine (``bench/_common.py`` explains why). Then it reads:
 
 * ``demo-output/timings.json`` (written by ``scripts/demo.py``): install, environment
@@ -18,7 +20,7 @@ normal machine (``bench/_common.py`` explains why). Then it reads:
   local backend's ``training job ... completed in N s`` the entry point's whole run.
 
 Figure: orchestration overhead = 1 - training compute / total demo wall time (install
-included). Every other second - install, servers, the database, data staging, process
+included), for the first run and for a run that reuses the rendered dataset. Every other second - install, servers, the database, data staging, process
 starts and TF imports in each task, freezing, validation, uploads - is overhead by this
 definition. Target < 20%.
 
@@ -132,51 +134,38 @@ def log_text(airflow_home: Path, output: str) -> str:
     return "\n".join(texts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--in-place", action="store_true",
-                        help="run in the checkout (writes its .demo/ and demo-output/)")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="copy the run's demo-output/ and task logs here")
-    parser.add_argument("params", nargs="*", help="trigger params as key=value, passed to demo.sh")
-    args = parser.parse_args(argv)
-
+def measure(tree: Path, params: list[str], keep: Path | None) -> dict:
+    """One ``scripts/demo.sh`` run in ``tree``, split as the module docstring says."""
     load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
-        tree = ROOT if args.in_place else copy_checkout(Path(scratch) / "checkout")
-        progress(f"running scripts/demo.sh in {tree}")
-        code, output, wall = run_demo(tree, args.params)
-        airflow_home = tree / ".demo" / "airflow"
-        result: dict = {"benchmark": "e2e", "ran": code == 0, "exit_code": code,
-                        "demo_wall_s": round(wall, 1), "load_average_before": load_before}
-        timings_file = tree / "demo-output" / "timings.json"
-        if timings_file.exists():
-            result["demo_timings_s"] = {k: round(v, 1) for k, v in
-                                        json.loads(timings_file.read_text()).items()}
-        db = airflow_home / "airflow.db"
-        try:
-            result["dag_run"] = task_durations(db)
-        except (LookupError, sqlite3.Error) as error:
-            result["dag_run"] = {"error": f"{type(error).__name__}: {error}"}
-        compute = training_compute(log_text(airflow_home, output))
-        result["training"] = compute
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            (args.keep / "demo.log").write_text(output)
-            if (tree / "demo-output").is_dir():
-                shutil.copytree(tree / "demo-output", args.keep / "demo-output", dirs_exist_ok=True)
-
+    progress(f"running scripts/demo.sh in {tree}")
+    code, output, wall = run_demo(tree, params)
+    airflow_home = tree / ".demo" / "airflow"
+    result: dict = {"ran": code == 0, "exit_code": code, "demo_wall_s": round(wall, 1),
+                    "load_average_before": load_before}
+    timings_file = tree / "demo-output" / "timings.json"
+    if timings_file.exists():
+        result["demo_timings_s"] = {k: round(v, 1) for k, v in
+                                    json.loads(timings_file.read_text()).items()}
+    try:
+        result["dag_run"] = task_durations(airflow_home / "airflow.db")
+    except (LookupError, sqlite3.Error) as error:
+        result["dag_run"] = {"error": f"{type(error).__name__}: {error}"}
+    compute = training_compute(log_text(airflow_home, output))
+    result["training"] = compute
+    result["dataset"] = "rendered" if "generating the synthetic dataset" in output else (
+        "reused" if "reusing the synthetic dataset" in output else "unknown")
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "demo.log").write_text(output)
+        if (tree / "demo-output").is_dir():
+            shutil.copytree(tree / "demo-output", keep / "demo-output", dirs_exist_ok=True)
     if code != 0:
         result["error_tail"] = output[-4000:]
-        result["figure"] = "overhead_fraction"
         result["overhead_fraction"] = None
-        result["meets_target"] = False
-        emit(result)
-        return 1
+        return result
 
-    tasks = result["dag_run"].get("tasks", [])
     per_task: dict[str, float] = {}
-    for task in tasks:
+    for task in result["dag_run"].get("tasks", []):
         per_task[task["task_id"]] = round(per_task.get(task["task_id"], 0.0) + task["duration_s"], 2)
     dag_run_s = result["dag_run"].get("dag_run_s")
     timings = result.get("demo_timings_s", {})
@@ -200,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     overhead = 1 - fit_s / total if fit_s else None
     result.update({
-        "figure": "overhead_fraction",
         "overhead_fraction": round(overhead, 4) if overhead is not None else None,
-        "target_max": TARGET,
-        "meets_target": overhead is not None and overhead < TARGET,
         "overhead_fraction_of_dag_run": round(1 - fit_s / dag_run_s, 4) if fit_s and dag_run_s else None,
         "split": split,
         "largest_non_training_parts_s": dict(sorted(
@@ -212,10 +198,45 @@ def main(argv: list[str] | None = None) -> int:
               "environment_start": split["environment_start_s"] or 0,
               "install": split["install_s"] or 0}).items(),
             key=lambda kv: -kv[1])[:6]),
-        "note": "one run (the demo takes minutes); overhead is a ratio within that run",
     })
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-place", action="store_true",
+                        help="run in the checkout (writes its .demo/ and demo-output/)")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="demo runs, one after another in the same tree (default 2: the "
+                        "first renders the synthetic set, later ones reuse it)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy each run's demo-output/ and log here (run-1/, run-2/...)")
+    parser.add_argument("params", nargs="*", help="trigger params as key=value, passed to demo.sh")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
+        tree = ROOT if args.in_place else copy_checkout(Path(scratch) / "checkout")
+        runs = [measure(tree, args.params, args.keep / f"run-{index + 1}" if args.keep else None)
+                for index in range(args.runs)]
+    first, last = runs[0], runs[-1]
+    ok = all(run["ran"] for run in runs)
+    result = {
+        "benchmark": "e2e",
+        "ran": ok,
+        "figure": "overhead_fraction",
+        # The README's command on a fresh checkout: the first run, which renders the data.
+        "overhead_fraction": first.get("overhead_fraction"),
+        "overhead_fraction_dataset_reused": last.get("overhead_fraction")
+        if len(runs) > 1 and last.get("dataset") == "reused" else None,
+        "target_max": TARGET,
+        "meets_target": ok and first["overhead_fraction"] < TARGET,
+        "meets_target_dataset_reused": ok and len(runs) > 1
+        and last.get("dataset") == "reused" and last["overhead_fraction"] < TARGET,
+        "runs": runs,
+        "note": "overhead is a ratio within each run; the demo takes minutes, so few runs",
+    }
     emit(result)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

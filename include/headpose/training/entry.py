@@ -171,6 +171,7 @@ def train(args: argparse.Namespace) -> dict:
         metrics=["accuracy"],
     )
     train_data = shards.dataset(train_paths, args.batch_size, training=True, seed=args.seed)
+    started = time.monotonic()
     net.fit(
         train_data,
         epochs=1,
@@ -178,14 +179,19 @@ def train(args: argparse.Namespace) -> dict:
         verbose=0,
         callbacks=[progress_logger(args.training_steps, args.batch_size, args.log_every)],
     )
+    # Each phase's time in the log: where a slow run spent it, without a profiler.
+    log(f"training loop returned after {time.monotonic() - started:.1f} s")
 
+    started = time.monotonic()
     eval_data = shards.dataset(eval_paths, args.batch_size, training=False)
     eval_data = eval_data.take(args.evaluation_steps)
     results = net.evaluate(eval_data, verbose=0, return_dict=True)
     log(f"metric: eval_loss={results['loss']:.4f} eval_accuracy={results['accuracy']:.4f}")
+    log(f"evaluated in {time.monotonic() - started:.1f} s")
 
+    started = time.monotonic()
     export_path = export.export_saved_model(net, args.output_model_dir)
-    log(f"exported SavedModel to {export_path}")
+    log(f"exported SavedModel to {export_path} in {time.monotonic() - started:.1f} s")
     metrics = {
         "eval_loss": float(results["loss"]),
         "eval_accuracy": float(results["accuracy"]),

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +65,14 @@ def toolkit_arguments(hyperparameters_json: Path) -> tuple[dict, dict, list[str]
 
 def start_like_the_toolkit(request: dict, root: Path, channel_dir: Path, extra_env: dict | None = None):
     """Lay out ``root`` as ``/opt/ml`` for ``request`` and run its program; return the process."""
+    command, dirs, args, env = toolkit_command(request, root, channel_dir, extra_env)
+    process = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
+                             timeout=900)
+    return process, dirs, args, env
+
+
+def toolkit_command(request: dict, root: Path, channel_dir: Path, extra_env: dict | None = None):
+    """Lay out ``root`` as ``/opt/ml`` for ``request``; ``(command, dirs, args, env)`` to run."""
     dirs = _make_dirs(root, request)
     sourcedir, _ = build_sourcedir(root / "sourcedir.tar.gz")
     safe_extract(sourcedir, dirs["code"])
@@ -74,11 +85,7 @@ def start_like_the_toolkit(request: dict, root: Path, channel_dir: Path, extra_e
     base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env = training_environment(request, dirs, user, framework, args, environ=base)
     env.update(extra_env or {})
-    process = subprocess.run(
-        [sys.executable, framework["sagemaker_program"], *args], cwd=dirs["code"], env=env,
-        capture_output=True, text=True, timeout=900,
-    )
-    return process, dirs, args, env
+    return [sys.executable, framework["sagemaker_program"], *args], dirs, args, env
 
 
 def tiny_model_archive(work: Path) -> Path:
@@ -178,3 +185,47 @@ def test_a_cluster_is_refused_with_a_failure_file(tmp_path):
     assert process.returncode == 1
     failure = (dirs["output"] / "failure").read_text()
     assert "instance_count must be 1" in failure and "algo-2" in failure
+
+
+@pytest.mark.slow
+def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+    from headpose.synthetic import write_synthetic_dataset
+
+    shards = tmp_path / "shards"
+    write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
+    request = tiny_request(use_spot_instances=True, max_run_seconds=3600, max_wait_seconds=3600,
+                           training_steps=400)
+    command, dirs, args, env = toolkit_command(request, tmp_path / "opt-ml", shards)
+    # SageMaker restores /opt/ml/checkpoints from S3 before a restarted spot job; here the
+    # folder simply survives. It stands in for /opt/ml/checkpoints, as dirs do for /opt/ml.
+    checkpoints = tmp_path / "opt-ml" / "checkpoints"
+    assert command[command.index("--checkpoint_dir") + 1] == "/opt/ml/checkpoints"
+    command[command.index("--checkpoint_dir") + 1] = str(checkpoints)
+    command += ["--checkpoint_every", "10"]
+
+    first = subprocess.Popen(command, cwd=dirs["code"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (checkpoints / "checkpoint").exists() and first.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # the spot interruption: no clean-up of any kind
+    first.wait()
+    assert first.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
+
+    second = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
+                            timeout=900)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-4000:]
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", output)[1])
+    assert 10 <= resumed < 400 and resumed % 10 == 0
+    assert "progress: step=400/400" in output and "checkpoint saved at step 400" in output
+    assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 400
+
+    # Interrupted after training, before the model was uploaded: nothing is trained again.
+    third = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
+                           timeout=900)
+    output = third.stdout + third.stderr
+    assert third.returncode == 0, output[-4000:]
+    assert "nothing left to train: the checkpoint is at step 400 of 400" in output
+    assert "progress:" not in output

@@ -175,8 +175,12 @@ def test_the_spot_request_is_accepted_by_create_training_job(s3_endpoint):
     request = plan["training_request"]
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 10800}
-    # Checkpoints live under the job's own prefix, beside its output.
-    assert request["CheckpointConfig"] == {"S3Uri": f"s3://bkt/headpose/TFartifacts/{JOB}/checkpoints"}
+    # Checkpoints live under the job's own prefix, beside its output, and the entry point
+    # is told the local folder SageMaker syncs with it.
+    assert request["CheckpointConfig"] == {
+        "S3Uri": f"s3://bkt/headpose/TFartifacts/{JOB}/checkpoints", "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert json.loads(request["HyperParameters"]["checkpoint_dir"]) == "/opt/ml/checkpoints"
     client = _sagemaker(s3_endpoint)
     client.create_training_job(**request)
     described = client.describe_training_job(TrainingJobName=JOB)
@@ -188,6 +192,7 @@ def test_the_spot_request_is_accepted_by_create_training_job(s3_endpoint):
 def test_without_spot_the_request_has_no_spot_fields(sagemaker_plan):
     request = sagemaker_plan["training_request"]
     assert "EnableManagedSpotTraining" not in request and "CheckpointConfig" not in request
+    assert "checkpoint_dir" not in request["HyperParameters"]
     assert "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
 
 

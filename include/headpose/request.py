@@ -33,6 +33,8 @@ LOCAL_TRAINING_IMAGE = "local"
 LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/headpose-local-backend"
 # Where SageMaker syncs /opt/ml/checkpoints for managed spot training, under the job's prefix.
 CHECKPOINT_FOLDER = "checkpoints"
+# SageMaker's default local path, named so that the entry point is told the same folder.
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 # Model hyperparameters the entry point takes, in the order they appear in the request.
 MODEL_HYPERPARAMETERS = (
     "training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed",
@@ -149,7 +151,11 @@ def training_job_request(
     }
     if params.get("use_spot_instances"):
         request["EnableManagedSpotTraining"] = True
-        request["CheckpointConfig"] = {"S3Uri": checkpoint_uri(layout)}
+        request["CheckpointConfig"] = {
+            "S3Uri": checkpoint_uri(layout), "LocalPath": CHECKPOINT_LOCAL_PATH,
+        }
+        # An interrupted spot job restarts the program with the folder restored from S3.
+        hyperparameters["checkpoint_dir"] = _hp(CHECKPOINT_LOCAL_PATH)
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = int(params["max_wait_seconds"])
     return request
 

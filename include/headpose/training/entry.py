@@ -78,6 +78,11 @@ def argument_parser() -> argparse.ArgumentParser:
         help="eval shards (default: $SM_CHANNEL_EVAL, else the training channel)")
     add("--output_model_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
         help="where the export goes (default: $SM_MODEL_DIR)")
+    add("--checkpoint_dir", default=None,
+        help="save the training state here and resume from the latest one found (SageMaker "
+        "syncs /opt/ml/checkpoints for managed spot training); unset: no checkpoints")
+    add("--checkpoint_every", type=int, default=500,
+        help="steps between checkpoints when --checkpoint_dir is set (default 500)")
     return parser
 
 
@@ -170,17 +175,20 @@ def train(args: argparse.Namespace) -> dict:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    train_data = shards.dataset(train_paths, args.batch_size, training=True, seed=args.seed)
-    started = time.monotonic()
-    net.fit(
-        train_data,
-        epochs=1,
-        steps_per_epoch=args.training_steps,
-        verbose=0,
-        callbacks=[progress_logger(args.training_steps, args.batch_size, args.log_every)],
-    )
-    # Each phase's time in the log: where a slow run spent it, without a profiler.
-    log(f"training loop returned after {time.monotonic() - started:.1f} s")
+    done, callbacks = 0, []
+    if args.checkpoint_dir:
+        done, saver = resume_from_checkpoint(net, args.checkpoint_dir, args.checkpoint_every)
+        callbacks.append(saver)
+    callbacks.append(progress_logger(args.training_steps, args.batch_size, args.log_every, done))
+    if done < args.training_steps:
+        train_data = shards.dataset(train_paths, args.batch_size, training=True, seed=args.seed)
+        started = time.monotonic()
+        net.fit(train_data, epochs=1, steps_per_epoch=args.training_steps - done, verbose=0,
+                callbacks=callbacks)
+        # Each phase's time in the log: where a slow run spent it, without a profiler.
+        log(f"training loop returned after {time.monotonic() - started:.1f} s")
+    else:
+        log(f"nothing left to train: the checkpoint is at step {done} of {args.training_steps}")
 
     started = time.monotonic()
     eval_data = shards.dataset(eval_paths, args.batch_size, training=False)
@@ -222,8 +230,51 @@ def _write_metrics(metrics: dict, model_dir: Path) -> None:
         (Path(data_dir) / "metrics.json").write_text(text)
 
 
-def progress_logger(total_steps: int, batch_size: int, every: int):
+def resume_from_checkpoint(net, directory: str, every: int):
+    """``(steps already trained, a callback saving the state every ``every`` steps)``.
+
+    The state is the model's and the optimizer's variables (its step counter, hence the
+    learning-rate schedule, included), as a ``tf.train.Checkpoint``: what a spot
+    interruption must not lose. The input pipeline restarts from its seed, so a resumed
+    run sees the first batches of the data order again; nothing else changes.
+    """
+    import tensorflow as tf
+
+    if every < 1:
+        raise TrainingError(f"--checkpoint_every must be at least 1, got {every}")
+    net.optimizer.build(net.trainable_variables)  # its slots must exist to be restored
+    checkpoint = tf.train.Checkpoint(model=net, optimizer=net.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
+    done = 0
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        done = int(net.optimizer.iterations.numpy())
+        log(f"resumed from {manager.latest_checkpoint} at step {done}")
+
+    class CheckpointSaver(tf.keras.callbacks.Callback):
+        saved_step = done
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % every == 0:
+                self._save()
+
+        def on_train_end(self, logs=None):
+            self._save()  # an interruption during evaluation or export trains nothing again
+
+        def _save(self):
+            step = int(net.optimizer.iterations.numpy())
+            if step != self.saved_step:
+                manager.save(checkpoint_number=step)
+                self.saved_step = step
+                log(f"checkpoint saved at step {step}")
+
+    return done, CheckpointSaver()
+
+
+def progress_logger(total_steps: int, batch_size: int, every: int, first_step: int = 0):
     """A Keras callback printing the progress and metric lines at a steady step cadence.
+
+    ``first_step`` is where a resumed run starts: steps are numbered for the whole job.
 
     The class is defined here rather than at module level so that importing this module
     (for ``--help``, or ``METRIC_REGEXES`` in the request builder) does not import TF.
@@ -235,12 +286,12 @@ def progress_logger(total_steps: int, batch_size: int, every: int):
             self.start = time.monotonic()
 
         def on_train_batch_end(self, batch, logs=None):
-            step = batch + 1
+            step = first_step + batch + 1
             if step % every and step != total_steps:
                 return
             elapsed = time.monotonic() - self.start
-            rate = step * batch_size / elapsed if elapsed else 0.0
-            eta = (total_steps - step) * elapsed / step
+            rate = (batch + 1) * batch_size / elapsed if elapsed else 0.0
+            eta = (total_steps - step) * elapsed / (batch + 1)
             logs = logs or {}
             log(f"progress: step={step}/{total_steps} ({100 * step / total_steps:.1f}%) "
                 f"images_per_sec={rate:.1f} elapsed_s={elapsed:.0f} eta_s={eta:.0f}")

@@ -321,7 +321,7 @@ def _postgres_bin() -> Path:
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI and the sessions are root.
+    # PostgreSQL refuses to run as root; CI and the development machines run as root.
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 

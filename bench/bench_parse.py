@@ -122,13 +122,12 @@ def _describe(dag) -> dict:
         "tags": sorted(dag.tags),
         "max_active_runs": dag.max_active_runs,
         "catchup": dag.catchup,
-        "default_retries": dag.default_args.get("retries"),
-        "retry_delay_s": dag.default_args["retry_delay"].total_seconds()
-        if dag.default_args.get("retry_delay") else None,
         "params": params,
+        # Retries and their delays are set per task (headpose.scheduling), so per task here.
         "tasks": [
             {"task_id": t.task_id, "upstream": sorted(t.upstream_task_ids),
-             "is_teardown": bool(t.is_teardown), "has_outlets": bool(t.outlets)}
+             "is_teardown": bool(t.is_teardown), "has_outlets": bool(t.outlets),
+             "retries": t.retries, "retry_delay_s": t.retry_delay.total_seconds()}
             for t in dag.tasks
         ],
     }
@@ -181,8 +180,6 @@ def baseline_source(shape: dict) -> str:
         f"    max_active_runs={shape['max_active_runs']!r},",
         f"    tags={shape['tags']!r},",
         "    doc_md=__doc__,",
-        f"    default_args={{'retries': {shape['default_retries']!r}, "
-        f"'retry_delay': timedelta(seconds={shape['retry_delay_s']!r})}},",
         "    params={",
     ]
     for name, param in shape["params"].items():
@@ -191,7 +188,9 @@ def baseline_source(shape: dict) -> str:
     lines += ["    },", ") as dag:"]
     for task in shape["tasks"]:
         extra = ", outlets=[Asset(name='headpose_frozen_model')]" if task["has_outlets"] else ""
-        lines.append(f"    {task['task_id']} = EmptyOperator(task_id={task['task_id']!r}{extra})")
+        lines.append(f"    {task['task_id']} = EmptyOperator(task_id={task['task_id']!r}, "
+                     f"retries={task['retries']!r}, "
+                     f"retry_delay=timedelta(seconds={task['retry_delay_s']!r}){extra})")
     for task in shape["tasks"]:
         if task["is_teardown"]:
             lines.append(f"    {task['task_id']}.as_teardown()")

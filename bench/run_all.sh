@@ -28,6 +28,7 @@ for name in "${names[@]}"; do
   start=$(date +%s)
   if "$python" "$script" > "bench/results/${name}.json.partial" 2> "bench/results/${name}.log"; then
     mv "bench/results/${name}.json.partial" "bench/results/${name}.json"
+    rm -f "bench/results/${name}.failed.json"  # an earlier failure's, now out of date
     echo "run_all: $name done in $(( $(date +%s) - start ))s" >&2
   else
     # Keep what it printed (bench_e2e prints its JSON with the failure) beside the log.
@@ -39,6 +40,9 @@ done
 "$python" - <<'PY' >&2
 import json, pathlib
 for path in sorted(pathlib.Path("bench/results").glob("*.json")):
+    if path.name.endswith(".failed.json"):
+        print(f"{path.name[:-len('.failed.json')]:18} FAILED: see its .log")
+        continue
     data = json.loads(path.read_text())
     figure = data.get("figure")
     value = data.get(figure) if figure else None

@@ -76,3 +76,27 @@ def test_plugin_loader_does_not_execute_the_operator_package():
 
     found = list(find_path_from_directory(str(PLUGINS), ".airflowignore", "glob"))
     assert found == [str(PLUGINS / "headpose_plugin.py")]
+
+
+def test_the_parse_benchmarks_baseline_has_the_dags_shape(dag):
+    # bench/bench_parse.py times this DAG against an EmptyOperator twin generated from it;
+    # a DAG change the generator does not follow would break the benchmark unnoticed.
+    from airflow_support import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_parse
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    namespace: dict = {}
+    exec(compile(bench_parse.baseline_source(bench_parse._describe(dag)), "baseline.py", "exec"),
+         namespace)
+    twin = namespace["dag"]
+
+    def shape(d):
+        return {t.task_id: (sorted(t.upstream_task_ids), t.retries, t.retry_delay, t.is_teardown)
+                for t in d.tasks}
+
+    assert shape(twin) == shape(dag)
+    assert {t.operator_name for t in twin.tasks} == {"EmptyOperator"}
+    assert set(twin.params.keys()) == set(dag.params.keys())

@@ -23,6 +23,16 @@ DAGS = ROOT / "dags"
 PLUGINS = ROOT / "plugins"
 INCLUDE = ROOT / "include"
 DAG_ID = "headpose_retraining"
+# The smallest model and run that still trains, freezes and validates for real: every
+# whole-DAG test trains it, so its cost is paid many times.
+TINY_TRAINING = {
+    "resnet_size": 10,
+    "base_filters": 8,
+    "training_steps": 3,
+    "evaluation_steps": 2,
+    "batch_size": 16,
+    "min_accuracy": 0,
+}
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 # Before anything imports airflow: never read or write the developer's ~/airflow.

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from airflow_support import DAG_ID, new_airflow_home
+from airflow_support import DAG_ID, TINY_TRAINING, new_airflow_home
 from airflow_support import dags_test as _dags_test
 from airflow_support import db as _db
 from airflow_support import xcom as _xcom
@@ -31,12 +31,7 @@ TINY_CONF = {
     "synthetic_train_per_pose": 1,
     "synthetic_eval_per_pose": 1,
     "images_per_shard": 64,
-    "resnet_size": 10,
-    "base_filters": 8,
-    "training_steps": 3,
-    "evaluation_steps": 2,
-    "batch_size": 16,
-    "min_accuracy": 0,
+    **TINY_TRAINING,
 }
 
 

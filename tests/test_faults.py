@@ -33,6 +33,7 @@ import pytest
 from airflow_support import (
     DAG_ID,
     ROOT,
+    TINY_TRAINING,
     cli_env,
     dags_test,
     dags_test_command,
@@ -64,16 +65,7 @@ DATA_BUCKET = "headpose-faults-data"
 DATASET = f"s3://{DATA_BUCKET}/headpose/datasets/tiny/"
 CORRUPT_DATASET = f"s3://{DATA_BUCKET}/headpose/datasets/corrupt/"
 CHAMPION_JOB = "deeplens-TF-headpose-2024-06-03-03-00-00-000"
-CONF = {
-    "backend": "local",
-    "dataset_source": DATASET,
-    "resnet_size": 10,
-    "base_filters": 8,
-    "training_steps": 3,
-    "evaluation_steps": 2,
-    "batch_size": 16,
-    "min_accuracy": 0,
-}
+CONF = {"backend": "local", "dataset_source": DATASET, **TINY_TRAINING}
 # Retries stay on, a second apart: `dags test` waits out retry delays for real.
 FAST_RETRIES = {"HEADPOSE_RETRY_DELAY_SECONDS": "1", "HEADPOSE_AWS_RETRIES": "1"}
 DOWNSTREAM_OF_FREEZE = ("validate_model", "upload_frozen_model", "publish")

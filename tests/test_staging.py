@@ -6,7 +6,7 @@ import json
 import pytest
 
 from headpose import staging
-from headpose.layout import file_sha256
+from headpose.layout import file_sha256, split_s3_uri
 from headpose.synthetic import GENERATOR_VERSION
 
 BUCKET = "staging-test"
@@ -22,13 +22,14 @@ def bucket(s3_client):
     return s3_client
 
 
-def _staged_sha256(s3, prefix_uri: str, tmp_path) -> dict[str, str]:
-    """sha256 of every object under the prefix, as downloaded."""
-    _, key_prefix = prefix_uri[len("s3://"):].split("/", 1)
+def _staged_sha256(s3, prefix_uri: str, folder) -> dict[str, str]:
+    """sha256 of every object under the prefix, as downloaded into ``folder``."""
+    bucket, key_prefix = split_s3_uri(prefix_uri)
+    folder.mkdir()
     found = {}
-    for item in s3.list_objects_v2(Bucket=BUCKET, Prefix=key_prefix)["Contents"]:
-        path = tmp_path / item["Key"].rsplit("/", 1)[-1]
-        s3.download_file(BUCKET, item["Key"], str(path))
+    for item in s3.list_objects_v2(Bucket=bucket, Prefix=key_prefix)["Contents"]:
+        path = folder / item["Key"].rsplit("/", 1)[-1]
+        s3.download_file(bucket, item["Key"], str(path))
         found[path.name] = file_sha256(path)
     return found
 
@@ -50,8 +51,8 @@ def test_a_cached_render_is_uploaded_again_without_rendering(bucket, tmp_path):
     assert second["staged"] and not any("generating" in line for line in logs)
     assert any("reusing" in line for line in logs)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
-    a = _staged_sha256(bucket, f"s3://{BUCKET}/a/", _mk(tmp_path, "a"))
-    b = _staged_sha256(bucket, f"s3://{BUCKET}/b/", _mk(tmp_path, "b"))
+    a = _staged_sha256(bucket, f"s3://{BUCKET}/a/", tmp_path / "a")
+    b = _staged_sha256(bucket, f"s3://{BUCKET}/b/", tmp_path / "b")
     assert a == b and "manifest.json" in a and len(a) == 5  # 2 train + 2 eval shards + manifest
 
 
@@ -69,7 +70,7 @@ def test_a_damaged_cache_is_rendered_again_not_uploaded(bucket, tmp_path):
     assert any("generating" in line for line in logs)
     manifest = json.loads((folder / "manifest.json").read_text())
     expected = {s["file"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
-    staged = _staged_sha256(bucket, f"s3://{BUCKET}/again/", _mk(tmp_path, "again"))
+    staged = _staged_sha256(bucket, f"s3://{BUCKET}/again/", tmp_path / "again")
     assert {name: staged[name] for name in expected} == expected
     assert not [p for p in cache.iterdir() if p.name.startswith(".rendering-")]
 
@@ -77,15 +78,10 @@ def test_a_damaged_cache_is_rendered_again_not_uploaded(bucket, tmp_path):
 def test_without_a_cache_nothing_is_kept(bucket, tmp_path, monkeypatch):
     monkeypatch.delenv(staging.SYNTHETIC_CACHE_ENV, raising=False)
     assert staging.synthetic_cache_root() is None
-    scratch = _mk(tmp_path, "scratch")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     staging.stage_synthetic_dataset(bucket, f"s3://{BUCKET}/plain/", SETTINGS, print,
                                     scratch_root=scratch, cache_root=staging.synthetic_cache_root())
     assert list(scratch.iterdir()) == []
     monkeypatch.setenv(staging.SYNTHETIC_CACHE_ENV, str(tmp_path / "c"))
     assert staging.synthetic_cache_root() == tmp_path / "c"
-
-
-def _mk(root, name):
-    path = root / name
-    path.mkdir()
-    return path

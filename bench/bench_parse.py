@@ -123,7 +123,7 @@ def _describe(dag) -> dict:
         "max_active_runs": dag.max_active_runs,
         "catchup": dag.catchup,
         "params": params,
-        # Retries and their delays are set per task (headpose.scheduling), so per task here.
+        # Retries and their delays are set per task (headpose.planning.scheduling), so per task here.
         "tasks": [
             {"task_id": t.task_id, "upstream": sorted(t.upstream_task_ids),
              "is_teardown": bool(t.is_teardown), "has_outlets": bool(t.outlets),

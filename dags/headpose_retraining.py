@@ -23,7 +23,7 @@ split and publishes it under a stable key - one task per step:
 * Schedule: `$HEADPOSE_SCHEDULE` (default `@weekly`, `none` = manual only), one run at a
   time, no catch-up. AWS-facing tasks retry with exponential backoff; each task has an
   execution timeout (`train`: the request's max run / spot wait + 1 h); the run as a whole
-  times out after `$HEADPOSE_DAGRUN_TIMEOUT_HOURS` (default 192). See `headpose.scheduling`.
+  times out after `$HEADPOSE_DAGRUN_TIMEOUT_HOURS` (default 192). See `headpose.planning.scheduling`.
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
 * Every run's summary (job, accuracy before/after, billable seconds, where the model went)
@@ -53,8 +53,8 @@ try:
 except ImportError:  # a checkout run without PYTHONPATH=include: the package sits beside dags/
     sys.path.append(str(Path(__file__).resolve().parents[1] / "include"))
 
-from headpose import scheduling  # noqa: E402
-from headpose.params import param_schemas  # noqa: E402
+from headpose.planning import scheduling  # noqa: E402
+from headpose.planning.params import param_schemas  # noqa: E402
 from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator  # noqa: E402
 from headpose_operators.notify import failure_notifier  # noqa: E402
 
@@ -107,8 +107,8 @@ def headpose_retraining():
         (`deeplens-TF-headpose-<logical time>`, the same on every retry), every S3 URI of the run
         and the CreateTrainingJob request. No AWS calls. Fails (no retry) on bad parameters: the
         message lists every problem."""
-        from headpose.params import RunParamsError
-        from headpose.plan import plan_run as make_plan
+        from headpose.planning.params import RunParamsError
+        from headpose.planning.plan import plan_run as make_plan
 
         context = get_current_context()
         dag_run = context["dag_run"]
@@ -157,7 +157,7 @@ def headpose_retraining():
     def package_code(plan: dict) -> dict:
         """Packs the training entry point (`include/headpose/training`) into
         `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
-        from headpose.layout import split_s3_uri
+        from headpose.planning.layout import split_s3_uri
         from headpose.sourcedir import build_sourcedir
 
         path, sha256 = build_sourcedir(Path(_scratch(plan)) / "sourcedir.tar.gz")
@@ -171,7 +171,7 @@ def headpose_retraining():
         """Copies the job's `TFartifacts/<job>/output/model.tar.gz` into the run's workspace
         and records its sha256 (checked against the local backend's record). S3 errors retry
         with backoff; a checksum mismatch fails at once."""
-        from headpose.layout import file_sha256, split_s3_uri
+        from headpose.planning.layout import file_sha256, split_s3_uri
 
         description = training["Training"]
         artifact_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
@@ -200,7 +200,7 @@ def headpose_retraining():
         compare. Fails below `min_accuracy`, on parity, or for a graph that breaks the
         contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
         from headpose import staging
-        from headpose.layout import require_workspace_file
+        from headpose.planning.layout import require_workspace_file
         from headpose.publish import PublishError
         from headpose.validation import evaluate_champion, validate_frozen_model
 
@@ -238,7 +238,7 @@ def headpose_retraining():
         """Uploads `frozen_model.pb`, `frozen_model.json`, `report.json` (the metrics) and
         `confusion_matrix.png` to `TFartifacts/<job>/output/`, beside `model.tar.gz`. Nothing
         under `published/` changes here."""
-        from headpose.layout import require_workspace_file, split_s3_uri
+        from headpose.planning.layout import require_workspace_file, split_s3_uri
 
         files = [
             (frozen["frozen_model_path"], frozen["frozen_model_sha256"], plan["frozen_model_uri"]),
@@ -278,7 +278,7 @@ def headpose_retraining():
         cannot turn a failed run green."""
         import shutil
 
-        from headpose.layout import run_workspace
+        from headpose.planning.layout import run_workspace
 
         job = get_current_context()["ti"].xcom_pull(task_ids="plan_run", key="training_job_name")
         if job:
@@ -331,7 +331,7 @@ def _publish_run(plan: dict, training: dict, frozen: dict, report: dict) -> dict
     from airflow.sdk.exceptions import AirflowSkipException
 
     from headpose import publish as publishing
-    from headpose.layout import RunLayout
+    from headpose.planning.layout import RunLayout
 
     layout = RunLayout.from_dict(plan)
     context = get_current_context()

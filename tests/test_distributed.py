@@ -173,7 +173,7 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
 
 @pytest.mark.browser
 def test_the_trigger_form_shows_every_parameter_and_starts_a_run(stack, api):
-    from headpose.params import param_schemas
+    from headpose.planning.params import param_schemas
 
     # The run the form creates must not start: its other values are the tutorial's
     # (ResNet-50, 25000 steps). Paused, it is created and stays queued.

@@ -31,7 +31,7 @@ import pytest
 
 from headpose.archive import pack_model_dir, safe_extract
 from headpose.local_backend import _make_dirs, to_cmd_args, training_environment
-from headpose.plan import plan_run
+from headpose.planning.plan import plan_run
 from headpose.sourcedir import build_sourcedir
 
 ARN = "arn:aws:iam::123456789012:role/SageMakerRole"

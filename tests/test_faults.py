@@ -57,7 +57,7 @@ from fault_support import (
     published_state,
     tar_gz,
 )
-from headpose.layout import training_job_name
+from headpose.planning.layout import training_job_name
 
 pytestmark = pytest.mark.e2e
 
@@ -179,7 +179,7 @@ def models(dataset, tmp_path_factory) -> dict:
 def seed_champion(s3, bucket: str, models: dict) -> dict:
     """A bucket where the good model is published as an earlier run would have left it."""
     from headpose import publish
-    from headpose.layout import RunLayout
+    from headpose.planning.layout import RunLayout
 
     s3.create_bucket(Bucket=bucket)
     layout = RunLayout.for_run(bucket, "headpose", CHAMPION_JOB, DATASET)

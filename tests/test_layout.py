@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from headpose import layout
-from headpose.layout import RunLayout
+from headpose.planning import layout
+from headpose.planning.layout import RunLayout
 
 
 def test_job_name_is_deterministic_valid_and_utc():

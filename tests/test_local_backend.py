@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from headpose.archive import safe_extract
-from headpose.layout import RunLayout, split_s3_uri
+from headpose.planning.layout import RunLayout, split_s3_uri
 from headpose.local_backend import LocalTrainingError, run_local_training_job, to_cmd_args
-from headpose.params import validate_run_params
-from headpose.request import training_job_request
+from headpose.planning.params import validate_run_params
+from headpose.planning.request import training_job_request
 from headpose.sourcedir import build_sourcedir
 
 JOB = "deeplens-TF-headpose-2024-05-06-07-08-09-010"

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 
 from airflow_support import load_dag, load_dagbag
-from headpose import scheduling
+from headpose.planning import scheduling
 
 AWS_TASKS = ["stage_dataset", "package_code", "train", "download_artifact", "validate_model",
              "upload_frozen_model", "publish"]

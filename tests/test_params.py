@@ -14,7 +14,7 @@ import re
 import pytest
 
 from airflow_support import load_dag, scheduler_dag
-from headpose.params import RunParamsError, param_schemas, validate_run_params
+from headpose.planning.params import RunParamsError, param_schemas, validate_run_params
 
 ARN = "arn:aws:iam::123456789012:role/service-role/SageMakerRole"
 
@@ -194,8 +194,8 @@ def test_bucket_default_comes_from_the_environment(monkeypatch):
 def test_the_form_and_the_code_agree_on_bucket_names(bucket):
     import jsonschema
 
-    from headpose.layout import is_valid_bucket_name
-    from headpose.params import BUCKET_NAME_SCHEMA
+    from headpose.planning.layout import is_valid_bucket_name
+    from headpose.planning.params import BUCKET_NAME_SCHEMA
 
     assert jsonschema.Draft7Validator(BUCKET_NAME_SCHEMA).is_valid(bucket) == is_valid_bucket_name(bucket)
 

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from headpose import publish
-from headpose.layout import RunLayout, dataset_prefix_for, training_job_name
+from headpose.planning.layout import RunLayout, dataset_prefix_for, training_job_name
 from support import ROOT
 
 BUCKET = "models"

@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 import boto3
 import pytest
 
-from headpose.layout import RunLayout
-from headpose.params import validate_run_params
-from headpose.plan import plan_run
-from headpose.request import (
+from headpose.planning.layout import RunLayout
+from headpose.planning.params import validate_run_params
+from headpose.planning.plan import plan_run
+from headpose.planning.request import (
     LOCAL_ROLE_ARN,
     LOCAL_TRAINING_IMAGE,
     image_uri_for_backend,
@@ -130,7 +130,7 @@ def test_local_backend_plans_without_importing_the_sagemaker_sdk(tmp_path):
     # the SDK's import (seconds) for an image URI that nothing uses.
     script = (
         "import sys; from datetime import datetime, timezone\n"
-        "from headpose.plan import plan_run\n"
+        "from headpose.planning.plan import plan_run\n"
         "plan = plan_run({'backend': 'local'}, datetime(2026, 1, 2, tzinfo=timezone.utc),\n"
         "                region='us-east-1', dag_id='d', run_id='r')\n"
         "print(plan['training_request']['AlgorithmSpecification']['TrainingImage'])\n"
@@ -159,7 +159,7 @@ def test_run_ids_with_odd_characters_become_valid_tags():
 
 
 def test_a_region_without_an_image_is_a_parameter_error_not_a_crash():
-    from headpose.params import RunParamsError
+    from headpose.planning.params import RunParamsError
 
     with pytest.raises(RunParamsError, match="no TensorFlow training image"):
         plan_run({"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},

@@ -17,9 +17,9 @@ import pytest
 from botocore.stub import Stubber
 
 import airflow_support  # noqa: F401  (a throw-away AIRFLOW_HOME before airflow is imported)
-from headpose.layout import split_s3_uri, training_job_name
-from headpose.plan import plan_run
-from headpose.training_job import Step, foreign_job_problems, next_step, training_summary
+from headpose.planning.layout import split_s3_uri, training_job_name
+from headpose.planning.plan import plan_run
+from headpose.planning.training_job import Step, foreign_job_problems, next_step, training_summary
 from support import aws_env
 
 ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
@@ -40,7 +40,7 @@ def test_every_status_has_one_step(status, step):
 
 
 def test_an_unknown_status_is_neither_created_nor_waited_for():
-    from headpose.training_job import TrainingJobError
+    from headpose.planning.training_job import TrainingJobError
 
     with pytest.raises(TrainingJobError, match="'Exploded'"):
         next_step({"TrainingJobName": JOB, "TrainingJobStatus": "Exploded"})
@@ -347,7 +347,7 @@ def test_a_sagemaker_run_reaches_download_artifact_with_the_artifact_sagemaker_w
     airflow_home, moto_server, tmp_path,
 ):
     from airflow_support import DAG_ID, dags_test, db, xcom
-    from headpose.layout import file_sha256
+    from headpose.planning.layout import file_sha256
     from test_e2e import TINY_CONF
     from test_entry_point import tiny_model_archive
 

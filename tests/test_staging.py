@@ -6,7 +6,7 @@ import json
 import pytest
 
 from headpose import staging
-from headpose.layout import file_sha256, split_s3_uri
+from headpose.planning.layout import file_sha256, split_s3_uri
 from headpose.synthetic import GENERATOR_VERSION
 
 BUCKET = "staging-test"

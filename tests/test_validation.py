@@ -11,7 +11,7 @@ import tensorflow as tf
 from headpose import publish
 from headpose.evaluate import evaluate_frozen_graph
 from headpose.freeze import freeze_saved_model
-from headpose.layout import RunLayout
+from headpose.planning.layout import RunLayout
 from headpose.training.export import export_saved_model
 from headpose.training.model import build_resnet
 from headpose.training.shards import ShardWriter, shard_paths

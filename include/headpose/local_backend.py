@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from headpose.archive import pack_model_dir, safe_extract
-from headpose.layout import LOCAL_JOB_RECORD_FILE, file_sha256, join_uri, split_s3_uri
+from headpose.planning.layout import LOCAL_JOB_RECORD_FILE, file_sha256, join_uri, split_s3_uri
 
 Log = Callable[[str], None]
 CURRENT_HOST = "algo-1"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
-from headpose.layout import (
+from headpose.planning.layout import (
     DEFAULT_FOLDER,
     MANIFEST_FILE,
     RunLayout,

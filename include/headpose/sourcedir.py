@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from headpose.archive import pack_model_dir
-from headpose.layout import file_sha256
+from headpose.planning.layout import file_sha256
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_SCRIPT = "train.py"

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from headpose.layout import MANIFEST_FILE, dataset_id, file_sha256, join_uri, split_s3_uri
+from headpose.planning.layout import MANIFEST_FILE, dataset_id, file_sha256, join_uri, split_s3_uri
 
 Log = Callable[[str], None]
 SHARD_SUFFIX = ".tfrecord"

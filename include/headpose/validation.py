@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from headpose.layout import CONFUSION_PNG_FILE, REPORT_FILE, file_sha256
+from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, file_sha256
 
 # The frozen graph must compute what the SavedModel computes; float32 reordering by
 # Grappler's folding stays orders of magnitude below this.
@@ -121,7 +121,7 @@ def evaluate_champion(
     import tensorflow as tf
 
     from headpose.evaluate import evaluate_frozen_graph
-    from headpose.layout import split_s3_uri
+    from headpose.planning.layout import split_s3_uri
     from headpose.publish import is_missing_key, read_pointer
 
     record, etag = read_pointer(s3_client, pointer_uri)

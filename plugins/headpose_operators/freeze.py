@@ -66,7 +66,7 @@ class FreezeGraphOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from headpose.archive import ArchiveError, find_saved_model, safe_extract
         from headpose.freeze import FreezeError, freeze_saved_model
-        from headpose.layout import file_sha256, require_workspace_file
+        from headpose.planning.layout import file_sha256, require_workspace_file
 
         artifact = require_workspace_file(self.artifact_path, self.artifact_sha256)
         output = Path(self.output_dir)

@@ -7,7 +7,7 @@ timestamped name (``action_if_job_exists="timestamp"``, a second billed job whos
 lands where this run never looks) or fail (``"fail"``, which turns a retry after a
 worker crash into a failed run although the job trains on). A retry must instead wait
 for the job it started, take its result, or report its ``FailureReason``
-(``headpose.training_job.next_step`` decides which).
+(``headpose.planning.training_job.next_step`` decides which).
 
 ``backend="local"`` hands the same request to ``headpose.local_backend`` with the S3
 client of the same AWS connection. Both return the provider's XCom shape
@@ -89,7 +89,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self._persist_links(context)
         if self.backend == "local":
             return self._execute_local()
-        from headpose.training_job import Step, next_step
+        from headpose.planning.training_job import Step, next_step
 
         job = self.config["TrainingJobName"]
         self._resolve_role()
@@ -109,7 +109,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
         """After a deferred wait: the job's result, or its ``FailureReason`` as the error."""
-        from headpose.training_job import Step, next_step
+        from headpose.planning.training_job import Step, next_step
 
         validated = validate_execute_complete_event(event)
         job = validated.get("job_name") or self.config["TrainingJobName"]
@@ -141,7 +141,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     def _resolve_role(self) -> None:
         if self.config.get("RoleArn"):
             return
-        from headpose.params import CONNECTION_ROLE_EXTRA
+        from headpose.planning.params import CONNECTION_ROLE_EXTRA
 
         role = self.hook.conn_config.extra_config.get(CONNECTION_ROLE_EXTRA)
         if not role:
@@ -153,7 +153,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self.expand_role()  # as the provider does: a role name becomes its ARN
 
     def _check_it_is_ours(self, description: dict) -> None:
-        from headpose.training_job import foreign_job_problems
+        from headpose.planning.training_job import foreign_job_problems
 
         problems = foreign_job_problems(description, self.config)
         if problems:
@@ -225,7 +225,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         )
 
     def _finish(self, description: dict) -> dict:
-        from headpose.training_job import Step, failure_message, next_step
+        from headpose.planning.training_job import Step, failure_message, next_step
 
         if next_step(description) is Step.FAIL:
             # Not retried: a retry would attach to the same failed job and fail again.
@@ -235,7 +235,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     # -- both backends ------------------------------------------------------------------
 
     def _result(self, description: dict) -> dict:
-        from headpose.training_job import training_summary
+        from headpose.planning.training_job import training_summary
 
         self.serialized_training_data = description
         summary = training_summary(description)
@@ -248,7 +248,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         return {"Training": description, **summary}
 
     def _persist_links(self, context: Context) -> None:
-        from headpose.layout import join_uri, split_s3_uri
+        from headpose.planning.layout import join_uri, split_s3_uri
 
         job = self.config["TrainingJobName"]
         try:
@@ -267,7 +267,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     # -- local ---------------------------------------------------------------------------
 
     def _execute_local(self) -> dict:
-        from headpose.layout import run_workspace
+        from headpose.planning.layout import run_workspace
         from headpose.local_backend import run_local_training_job
 
         job = self.config["TrainingJobName"]

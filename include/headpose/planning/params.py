@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from headpose.layout import FOLDER_PATTERN, split_s3_uri
+from headpose.planning.layout import FOLDER_PATTERN, split_s3_uri
 
 BACKENDS = ("local", "sagemaker")
 DATASET_SOURCES = ("synthetic", "prima")

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from headpose.layout import RunLayout, join_uri
+from headpose.planning.layout import RunLayout, join_uri
 from headpose.training.entry import METRIC_REGEXES  # entry.py imports TF only inside functions
 
 TF_FRAMEWORK_VERSION = "2.21"

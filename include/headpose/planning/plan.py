@@ -9,15 +9,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
-from headpose.layout import (
+from headpose.planning.layout import (
     RunLayout,
     dataset_id,
     dataset_prefix_for,
     run_workspace,
     training_job_name,
 )
-from headpose.params import RunParamsError, validate_run_params
-from headpose.request import image_uri_for_backend, training_job_request
+from headpose.planning.params import RunParamsError, validate_run_params
+from headpose.planning.request import image_uri_for_backend, training_job_request
 
 ImageResolver = Callable[[str, str, str], str]
 

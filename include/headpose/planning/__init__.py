@@ -1,0 +1,1 @@
+"""Run planning: parameters, the deployment profile, names and S3 layout, the training request, job state and scheduling. Standard library only at import time: the DAG file imports it while it is parsed."""

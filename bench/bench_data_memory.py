@@ -2,7 +2,7 @@
 
 Measured, each in a fresh process:
 
-* ``conversion``: ``python -m headpose.prima`` on a fabricated archive in the Prima layout
+* ``conversion``: ``python -m headpose.datasets.prima`` on a fabricated archive in the Prima layout
   (15 persons, 2 series, ``--images-per-series`` images each at 1x, four times as many
   at 4x);
 * ``training_epoch``: the SageMaker entry point ``include/headpose/training/train.py``
@@ -39,7 +39,7 @@ def fabricate_archive(path: Path, images_per_series: int, seed: int = 0) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from headpose.synthetic import prima_poses
+    from headpose.datasets.synthetic import prima_poses
 
     if not 1 <= images_per_series <= 93:
         raise ValueError("the Prima naming allows 1..93 images per series")
@@ -104,7 +104,7 @@ def bench(images_per_series: int, scale: int, batch_size: int, num_data_aug: int
         archive_bytes = fabricate_archive(archive, per_series)
         shards = case / "shards"
         run = peak_rss(
-            [sys.executable, "-m", "headpose.prima", "--archive", str(archive), "--out", str(shards),
+            [sys.executable, "-m", "headpose.datasets.prima", "--archive", str(archive), "--out", str(shards),
              "--num-data-aug", str(num_data_aug)], _env(), case / "convert.log")
         manifest = json.loads((shards / "manifest.json").read_text())
         train_count = manifest["splits"]["train"]["count"]

@@ -41,12 +41,12 @@ TARGET = 0.95
 
 def write_shards(directory: Path, per_pose: int, images_per_shard: int) -> dict:
     try:
-        from headpose.synthetic import write_synthetic_dataset
+        from headpose.datasets.synthetic import write_synthetic_dataset
     except ImportError:  # before the synthetic module existed: random images
         return _write_random(directory, per_pose * 93, images_per_shard)
     manifest = write_synthetic_dataset(directory, per_pose, 1, seed=0,
                                        images_per_shard=images_per_shard)
-    return {"source": "headpose.synthetic", "train": manifest["splits"]["train"]["count"]}
+    return {"source": "headpose.datasets.synthetic", "train": manifest["splits"]["train"]["count"]}
 
 
 def _write_random(directory: Path, count: int, images_per_shard: int) -> dict:

@@ -48,7 +48,7 @@ def write_base_shards(directory: Path, per_pose: int, eval_per_pose: int,
     """Synthetic shards in a child process, so this process never imports TensorFlow."""
     code = (
         "import json, sys\n"
-        "from headpose.synthetic import write_synthetic_dataset\n"
+        "from headpose.datasets.synthetic import write_synthetic_dataset\n"
         "m = write_synthetic_dataset(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 0, int(sys.argv[4]))\n"
         "print(json.dumps({s: m['splits'][s]['count'] for s in m['splits']}))\n"
     )

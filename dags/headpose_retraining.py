@@ -133,7 +133,7 @@ def headpose_retraining():
         """Puts the run's dataset under `datasets/<id>/` in S3, or checks that a given prefix
         holds `train-*.tfrecord`, `eval-*.tfrecord` and `manifest.json`. A synthetic dataset
         already staged with the same settings is reused. Retries S3 errors with backoff."""
-        from headpose import staging
+        from headpose.datasets import staging
 
         source = plan["run_params"]["dataset_source"]
         s3 = _s3_hook().get_conn()
@@ -199,7 +199,7 @@ def headpose_retraining():
         (the champion, from `published/latest.json`) on the same shards for `publish` to
         compare. Fails below `min_accuracy`, on parity, or for a graph that breaks the
         contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
-        from headpose import staging
+        from headpose.datasets import staging
         from headpose.planning.layout import require_workspace_file
         from headpose.publish import PublishError
         from headpose.validation import evaluate_champion, validate_frozen_model

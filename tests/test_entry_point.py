@@ -90,7 +90,7 @@ def toolkit_command(request: dict, root: Path, channel_dir: Path, extra_env: dic
 
 def tiny_model_archive(work: Path) -> Path:
     """A real ``model.tar.gz`` as SageMaker would upload it, from a tiny toolkit-style run."""
-    from headpose.synthetic import write_synthetic_dataset
+    from headpose.datasets.synthetic import write_synthetic_dataset
 
     shards = work / "shards"
     write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
@@ -101,7 +101,7 @@ def tiny_model_archive(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def toolkit_run(tmp_path_factory):
-    from headpose.synthetic import write_synthetic_dataset
+    from headpose.datasets.synthetic import write_synthetic_dataset
 
     work = tmp_path_factory.mktemp("toolkit")
     shards = work / "shards"
@@ -189,7 +189,7 @@ def test_a_cluster_is_refused_with_a_failure_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
-    from headpose.synthetic import write_synthetic_dataset
+    from headpose.datasets.synthetic import write_synthetic_dataset
 
     shards = tmp_path / "shards"
     write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)

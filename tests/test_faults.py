@@ -87,8 +87,8 @@ def s3(moto_server):
 def dataset(s3, tmp_path_factory) -> dict:
     """The tiny synthetic dataset (93 training and 93 held-out images), staged once, and a
     copy whose training shard is corrupt (its manifest and eval split are fine)."""
-    from headpose import staging
-    from headpose.synthetic import GENERATOR_VERSION
+    from headpose.datasets import staging
+    from headpose.datasets.synthetic import GENERATOR_VERSION
 
     s3.create_bucket(Bucket=DATA_BUCKET)
     settings = staging.synthetic_settings(

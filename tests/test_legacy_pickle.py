@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose import legacy_pickle
+from headpose.datasets import legacy_pickle
 from headpose.training import labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_even_trusted_pickles_may_only_build_numpy_arrays(tmp_path):
 
 def test_cli_help_and_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include")}
-    result = subprocess.run([sys.executable, "-m", "headpose.legacy_pickle", "--help"],
+    result = subprocess.run([sys.executable, "-m", "headpose.datasets.legacy_pickle", "--help"],
                             capture_output=True, text=True, env=env, check=True)
     for option in ("--pickle", "--out", "--trust-pickle", "--channel-order", "--value-range"):
         assert option in result.stdout

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose import prima
+from headpose.datasets import prima
 from headpose.training import labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -373,7 +373,7 @@ def test_stage_prima_skips_a_dataset_already_staged(archive, tmp_path, monkeypat
 
 def test_cli_help_describes_every_argument():
     result = subprocess.run(
-        [sys.executable, "-m", "headpose.prima", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "headpose.datasets.prima", "--help"], capture_output=True, text=True,
         env={"PYTHONPATH": str(ROOT / "include"), "PATH": "/usr/bin:/bin"}, check=True)
     for option in ("--archive", "--out", "--num-data-aug", "--num-eval-aug", "--size", "--seed",
                    "--images-per-shard", "--eval-persons", "--max-pending-mib"):
@@ -391,7 +391,7 @@ def test_cli_converts_and_reports_errors(archive, tmp_path, capsys):
 
 
 def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, tmp_path):
-    from headpose import staging
+    from headpose.datasets import staging
 
     s3_client.create_bucket(Bucket="raw")
     s3_client.upload_file(str(archive), "raw", "prima/HeadPoseImageDatabase.tar.gz")
@@ -413,7 +413,7 @@ def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, 
 
 
 def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
-    from headpose import staging
+    from headpose.datasets import staging
 
     s3_client.create_bucket(Bucket="raw")
     settings = {"archive_uri": "s3://raw/nothing.tar.gz", "num_data_aug": 1, "num_eval_aug": 1,

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from headpose import staging
+from headpose.datasets import staging
 from headpose.planning.layout import file_sha256, split_s3_uri
-from headpose.synthetic import GENERATOR_VERSION
+from headpose.datasets.synthetic import GENERATOR_VERSION
 
 BUCKET = "staging-test"
 SETTINGS = staging.synthetic_settings(

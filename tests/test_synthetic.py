@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headpose import synthetic
+from headpose.datasets import synthetic
 from headpose.training import labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_rejects_empty_splits(tmp_path):
 def test_cli_help_describes_every_argument():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include")}
     result = subprocess.run(
-        [sys.executable, "-m", "headpose.synthetic", "--help"],
+        [sys.executable, "-m", "headpose.datasets.synthetic", "--help"],
         capture_output=True, text=True, env=env, check=True, timeout=60,
     )
     for flag in ("--out", "--train-per-pose", "--eval-per-pose", "--seed", "--images-per-shard"):

@@ -27,13 +27,13 @@ def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]
     source = params["dataset_source"]
     bucket, folder = params["s3_bucket"], params["headpose_folder"]
     if source == "synthetic":
-        from headpose.staging import synthetic_settings
-        from headpose.synthetic import GENERATOR_VERSION
+        from headpose.datasets.staging import synthetic_settings
+        from headpose.datasets.synthetic import GENERATOR_VERSION
 
         settings = synthetic_settings(params, GENERATOR_VERSION)
         return dataset_prefix_for(bucket, folder, dataset_id("synthetic", settings)), settings
     if source == "prima":
-        from headpose.staging import prima_settings
+        from headpose.datasets.staging import prima_settings
 
         settings = prima_settings(params)
         return dataset_prefix_for(bucket, folder, dataset_id("prima", settings)), settings

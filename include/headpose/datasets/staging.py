@@ -108,7 +108,7 @@ def stage_synthetic_dataset(
         log(f"dataset already staged at {prefix_uri} (manifest present); skipping generation")
         return _summary(prefix_uri, existing, staged=False)
 
-    from headpose.synthetic import GENERATOR_VERSION
+    from headpose.datasets.synthetic import GENERATOR_VERSION
 
     if settings["generator_version"] != GENERATOR_VERSION:
         raise DatasetError(
@@ -128,7 +128,7 @@ def stage_synthetic_dataset(
 
 
 def _render_synthetic(folder: Path, settings: Mapping[str, int], log: Log) -> dict:
-    from headpose.synthetic import default_workers, write_synthetic_dataset
+    from headpose.datasets.synthetic import default_workers, write_synthetic_dataset
 
     log(f"generating the synthetic dataset {dict(settings)} in {default_workers()} processes")
     return write_synthetic_dataset(
@@ -269,7 +269,7 @@ def stage_prima_dataset(
     sha256) with the same settings. The archive streams from disk through the converter,
     so memory stays bounded by a few images whatever its size.
     """
-    from headpose import prima
+    from headpose.datasets import prima
 
     archive_bucket, archive_key = split_s3_uri(settings["archive_uri"])
     etag = _object_etag(s3_client, archive_bucket, archive_key, settings["archive_uri"])

@@ -177,7 +177,7 @@ def import_legacy_pickle(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headpose.legacy_pickle",
+        prog="python -m headpose.datasets.legacy_pickle",
         description="Import the tutorial's HeadPoseData_trn_test_x15_py2.pkl (a Python 2 pickle "
         "of train images, test images, train outputs, test outputs) into TFRecord shards and "
         "manifest.json. Unpickling runs code from the file: --trust-pickle is required.",

@@ -540,7 +540,7 @@ def stage_prima(archive_path: str | Path, out_dir: str | Path, **settings: Any) 
 def _parser() -> argparse.ArgumentParser:
     defaults = PrimaSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m headpose.prima",
+        prog="python -m headpose.datasets.prima",
         description="Convert the Prima Head Pose Image Database (HeadPoseImageDatabase.tar.gz) "
         "into TFRecord shards (train-*.tfrecord, eval-*.tfrecord) and manifest.json, with the "
         "tutorial's random face-containing crops. Images are uint8 RGB; tilt and pan are "

@@ -451,7 +451,7 @@ def write_synthetic_dataset(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headpose.synthetic",
+        prog="python -m headpose.datasets.synthetic",
         description="Write a synthetic head-pose data set (TFRecord shards + manifest.json) "
         f"on the Prima pose grid ({len(prima_poses())} poses).",
     )

@@ -15,7 +15,7 @@ depend on the weights' values):
 3. sizes: ``frozen_model.pb`` over the SavedModel's ``variables/`` folder;
 4. latency, in this process: batch 1 and batch 32 through
    - the SavedModel's ``serving_default`` signature (the baseline),
-   - ``headpose.evaluate.load_frozen_graph`` (``wrap_function`` + ``prune``, TF2 runtime),
+   - ``headpose.artifacts.evaluate.load_frozen_graph`` (``wrap_function`` + ``prune``, TF2 runtime),
    - a plain ``tf.compat.v1.Session`` over ``import_graph_def`` (how TF1/C consumers run it),
    on the same fixed inputs; runners are called in rotating order within each repetition
    and the figure per runner is the median of per-repetition ratios to the signature;
@@ -75,7 +75,7 @@ print(json.dumps({"saved_model_dir": str(path)}))
 FREEZE_CODE = """
 import json, sys, time
 import tensorflow as tf
-import headpose.freeze as freeze
+import headpose.artifacts.freeze as freeze
 from tensorflow.python.framework import convert_to_constants
 from tensorflow.python.tools import optimize_for_inference_lib
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
         import tensorflow as tf
 
-        from headpose.evaluate import load_frozen_graph
+        from headpose.artifacts.evaluate import load_frozen_graph
 
         progress("loading the three runners")
         graph_def = tf.compat.v1.GraphDef()

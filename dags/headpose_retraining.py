@@ -202,7 +202,7 @@ def headpose_retraining():
         from headpose.datasets import staging
         from headpose.planning.layout import require_workspace_file
         from headpose.publish import PublishError
-        from headpose.validation import evaluate_champion, validate_frozen_model
+        from headpose.artifacts.acceptance import evaluate_champion, validate_frozen_model
 
         pb_path = require_workspace_file(frozen["frozen_model_path"], frozen["frozen_model_sha256"])
         workspace = Path(plan["workspace_dir"])

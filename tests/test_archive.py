@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from headpose.archive import (
+from headpose.artifacts.archive import (
     ArchiveError,
     UnsafeArchiveError,
     find_saved_model,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from headpose.archive import pack_model_dir, safe_extract
+from headpose.artifacts.archive import pack_model_dir, safe_extract
 from headpose.local_backend import _make_dirs, to_cmd_args, training_environment
 from headpose.planning.plan import plan_run
 from headpose.sourcedir import build_sourcedir

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.evaluate import evaluate_frozen_graph, load_frozen_graph, write_confusion_png
-from headpose.freeze import freeze_saved_model
+from headpose.artifacts.evaluate import evaluate_frozen_graph, load_frozen_graph, write_confusion_png
+from headpose.artifacts.freeze import freeze_saved_model
 from headpose.training import labels
 from headpose.training.export import export_saved_model
 from headpose.training.model import build_resnet

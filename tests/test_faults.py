@@ -152,8 +152,8 @@ def _five_class_model():
 def models(dataset, tmp_path_factory) -> dict:
     """model.tar.gz files: ``good`` and ``poor`` (known accuracies), ``wrong_input`` and
     ``five_classes`` (contract breakers); and the good model's frozen graph."""
-    from headpose.archive import pack_model_dir
-    from headpose.freeze import freeze_model_archive
+    from headpose.artifacts.archive import pack_model_dir
+    from headpose.artifacts.freeze import freeze_model_archive
     from headpose.training.export import export_saved_model
 
     counts = dataset["per_class"]

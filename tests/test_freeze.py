@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.archive import find_saved_model, pack_model_dir, safe_extract  # noqa: E402
-from headpose.freeze import FreezeError, build_parser, freeze_saved_model, main  # noqa: E402
+from headpose.artifacts.archive import find_saved_model, pack_model_dir, safe_extract  # noqa: E402
+from headpose.artifacts.freeze import FreezeError, build_parser, freeze_saved_model, main  # noqa: E402
 from headpose.training import labels  # noqa: E402
 from headpose.training.export import export_saved_model  # noqa: E402
 from headpose.training.model import build_resnet  # noqa: E402
@@ -172,7 +172,7 @@ def test_missing_saved_model_pb(tmp_path):
 def test_modules_import_without_tensorflow():
     """Operators import these at DAG-parse time, where TensorFlow and numpy must not load."""
     code = (
-        "import sys, headpose.freeze, headpose.evaluate, headpose.archive; "
+        "import sys, headpose.artifacts.freeze, headpose.artifacts.evaluate, headpose.artifacts.archive; "
         "print(sorted(m for m in ('tensorflow', 'numpy') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -183,7 +183,7 @@ def test_modules_import_without_tensorflow():
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "headpose.freeze", *args],
+        [sys.executable, "-m", "headpose.artifacts.freeze", *args],
         capture_output=True, text=True, env=env, check=False,
     )
 

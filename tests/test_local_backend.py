@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from headpose.archive import safe_extract
+from headpose.artifacts.archive import safe_extract
 from headpose.planning.layout import RunLayout, split_s3_uri
 from headpose.local_backend import LocalTrainingError, run_local_training_job, to_cmd_args
 from headpose.planning.params import validate_run_params

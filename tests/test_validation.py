@@ -9,13 +9,13 @@ import pytest
 import tensorflow as tf
 
 from headpose import publish
-from headpose.evaluate import evaluate_frozen_graph
-from headpose.freeze import freeze_saved_model
+from headpose.artifacts.evaluate import evaluate_frozen_graph
+from headpose.artifacts.freeze import freeze_saved_model
 from headpose.planning.layout import RunLayout
 from headpose.training.export import export_saved_model
 from headpose.training.model import build_resnet
 from headpose.training.shards import ShardWriter, shard_paths
-from headpose.validation import evaluate_champion, validate_frozen_model
+from headpose.artifacts.acceptance import evaluate_champion, validate_frozen_model
 
 pytestmark = pytest.mark.slow
 

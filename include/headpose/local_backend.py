@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from headpose.archive import pack_model_dir, safe_extract
+from headpose.artifacts.archive import pack_model_dir, safe_extract
 from headpose.planning.layout import LOCAL_JOB_RECORD_FILE, file_sha256, join_uri, split_s3_uri
 
 Log = Callable[[str], None]

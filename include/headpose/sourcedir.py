@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from headpose.archive import pack_model_dir
+from headpose.artifacts.archive import pack_model_dir
 from headpose.planning.layout import file_sha256
 
 PACKAGE_DIR = Path(__file__).resolve().parent

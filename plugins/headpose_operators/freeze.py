@@ -1,7 +1,7 @@
 """``FreezeGraphOperator``: ``model.tar.gz`` in the workspace -> ``frozen_model.pb`` + metadata.
 
-A thin shell over ``headpose.archive`` (safe extraction, finding the SavedModel) and
-``headpose.freeze`` (freezing). TensorFlow is imported in ``execute`` only, so the DAG
+A thin shell over ``headpose.artifacts.archive`` (safe extraction, finding the SavedModel) and
+``headpose.artifacts.freeze`` (freezing). TensorFlow is imported in ``execute`` only, so the DAG
 file that uses this operator stays light to parse.
 """
 from __future__ import annotations
@@ -64,8 +64,8 @@ class FreezeGraphOperator(BaseOperator):
         self.output_node_names = output_node_names
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from headpose.archive import ArchiveError, find_saved_model, safe_extract
-        from headpose.freeze import FreezeError, freeze_saved_model
+        from headpose.artifacts.archive import ArchiveError, find_saved_model, safe_extract
+        from headpose.artifacts.freeze import FreezeError, freeze_saved_model
         from headpose.planning.layout import file_sha256, require_workspace_file
 
         artifact = require_workspace_file(self.artifact_path, self.artifact_sha256)

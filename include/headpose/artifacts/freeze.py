@@ -17,7 +17,7 @@ the node ``softmax_tensor``, as in the tutorial's graph. The steps, TF's own too
 5. the one pass TF lacks, below: a constant per-channel ``AddV2`` after a convolution
    becomes a ``BiasAdd``.
 
-Command line: ``python -m headpose.freeze --help``.
+Command line: ``python -m headpose.artifacts.freeze --help``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from headpose.archive import find_saved_model, safe_extract
+from headpose.artifacts.archive import find_saved_model, safe_extract
 from headpose.training import labels
 
 # TensorFlow is imported inside the functions that run it: importing this module (an
@@ -494,7 +494,7 @@ def _node_of(input_name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headpose.freeze",
+        prog="python -m headpose.artifacts.freeze",
         description=(
             "Freeze a TensorFlow SavedModel (or a SageMaker model.tar.gz holding one under "
             "export/*/*) into frozen_model.pb plus frozen_model.json metadata. Prints a JSON "

@@ -59,7 +59,7 @@ def validate_frozen_model(
     that breaks the contract (missing nodes, wrong output shape, not a GraphDef) raises
     ``ValueError``.
     """
-    from headpose.evaluate import evaluate_frozen_graph, write_confusion_png
+    from headpose.artifacts.evaluate import evaluate_frozen_graph, write_confusion_png
 
     import tensorflow as tf
 
@@ -120,7 +120,7 @@ def evaluate_champion(
     """
     import tensorflow as tf
 
-    from headpose.evaluate import evaluate_frozen_graph
+    from headpose.artifacts.evaluate import evaluate_frozen_graph
     from headpose.planning.layout import split_s3_uri
     from headpose.publish import is_missing_key, read_pointer
 

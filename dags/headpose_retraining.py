@@ -28,7 +28,7 @@ split and publishes it under a stable key - one task per step:
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
 * Every run's summary (job, accuracy before/after, billable seconds, where the model went)
   is in the log of **publish** and its XCom `summary`.
-* Roll back: `python -m headpose.publish --bucket <bucket> rollback [--to <training_job_name>]`.
+* Roll back: `python -m headpose.registry.promotion --bucket <bucket> rollback [--to <training_job_name>]`.
 
 Files pass between tasks through the workspace (`$HEADPOSE_WORKSPACE`, default
 `$AIRFLOW_HOME/headpose-workspace`): with several workers it must be one volume mounted
@@ -201,7 +201,7 @@ def headpose_retraining():
         contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
         from headpose.datasets import staging
         from headpose.planning.layout import require_workspace_file
-        from headpose.publish import PublishError
+        from headpose.registry.promotion import PublishError
         from headpose.artifacts.acceptance import evaluate_champion, validate_frozen_model
 
         pb_path = require_workspace_file(frozen["frozen_model_path"], frozen["frozen_model_sha256"])
@@ -264,7 +264,7 @@ def headpose_retraining():
         it was compared with). Otherwise this task is **skipped** and nothing under
         `published/` changes. Either way the log and XCom `summary` hold the run summary:
         job, accuracy before/after, billable seconds, where the model went."""
-        from headpose.publish import PublishError
+        from headpose.registry.promotion import PublishError
 
         try:
             return _publish_run(plan, training, frozen, report)
@@ -327,10 +327,10 @@ def headpose_retraining():
 
 
 def _publish_run(plan: dict, training: dict, frozen: dict, report: dict) -> dict:
-    """``publish``'s work: promote or skip (``headpose.publish``), and account for the run."""
+    """``publish``'s work: promote or skip (``headpose.registry.promotion``), and account for the run."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from headpose import publish as publishing
+    from headpose.registry import promotion as publishing
     from headpose.planning.layout import RunLayout
 
     layout = RunLayout.from_dict(plan)

@@ -178,7 +178,7 @@ def models(dataset, tmp_path_factory) -> dict:
 
 def seed_champion(s3, bucket: str, models: dict) -> dict:
     """A bucket where the good model is published as an earlier run would have left it."""
-    from headpose import publish
+    from headpose.registry import promotion as publish
     from headpose.planning.layout import RunLayout
 
     s3.create_bucket(Bucket=bucket)
@@ -361,7 +361,7 @@ def test_rollback_puts_the_previous_model_back(batch, s3, models):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     done = subprocess.run(
-        [sys.executable, "-m", "headpose.publish", "--endpoint-url", s3.meta.endpoint_url,
+        [sys.executable, "-m", "headpose.registry.promotion", "--endpoint-url", s3.meta.endpoint_url,
          "--bucket", "faults-forced", "rollback"], env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

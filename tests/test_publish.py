@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from headpose import publish
+from headpose.registry import promotion as publish
 from headpose.planning.layout import RunLayout, dataset_prefix_for, training_job_name
 from support import ROOT
 
@@ -213,7 +213,7 @@ def test_the_rollback_command(s3, s3_endpoint):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "headpose.publish", "--endpoint-url", s3_endpoint, "--bucket", BUCKET, *args],
+            [sys.executable, "-m", "headpose.registry.promotion", "--endpoint-url", s3_endpoint, "--bucket", BUCKET, *args],
             env=env, capture_output=True, text=True, timeout=120,
         )
 

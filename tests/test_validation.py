@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose import publish
+from headpose.registry import promotion as publish
 from headpose.artifacts.evaluate import evaluate_frozen_graph
 from headpose.artifacts.freeze import freeze_saved_model
 from headpose.planning.layout import RunLayout

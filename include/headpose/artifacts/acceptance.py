@@ -122,7 +122,7 @@ def evaluate_champion(
 
     from headpose.artifacts.evaluate import evaluate_frozen_graph
     from headpose.planning.layout import split_s3_uri
-    from headpose.publish import is_missing_key, read_pointer
+    from headpose.registry.promotion import is_missing_key, read_pointer
 
     record, etag = read_pointer(s3_client, pointer_uri)
     if record is None:

@@ -17,7 +17,7 @@ the new one replaces it. The pointer is written with ``If-Match`` on the ETag th
 compared against (``If-None-Match: *`` when nothing was published), so a model published
 by someone else in the meantime is never overwritten unseen.
 
-Command line (``python -m headpose.publish --help``): ``show``, ``history`` and
+Command line (``python -m headpose.registry.promotion --help``): ``show``, ``history`` and
 ``rollback --to <training_job_name>``.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def read_pointer(s3_client: Any, pointer_uri: str) -> tuple[dict[str, Any] | Non
     except ValueError as error:
         raise PublishError(
             f"{pointer_uri} is not JSON ({error}); repair it with "
-            "`python -m headpose.publish rollback --to <training_job_name>`"
+            "`python -m headpose.registry.promotion rollback --to <training_job_name>`"
         ) from None
     if not isinstance(record, dict) or not record.get("training_job_name"):
         raise PublishError(f"{pointer_uri} names no training_job_name")
@@ -452,7 +452,7 @@ def rollback(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m headpose.publish",
+        prog="python -m headpose.registry.promotion",
         description="Inspect the published head-pose model and roll it back. AWS credentials "
         "and region come from the usual boto3 sources (environment, profile, instance role).",
     )

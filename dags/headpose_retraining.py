@@ -158,7 +158,7 @@ def headpose_retraining():
         """Packs the training entry point (`include/headpose/training`) into
         `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
         from headpose.planning.layout import split_s3_uri
-        from headpose.sourcedir import build_sourcedir
+        from headpose.backends.sourcedir import build_sourcedir
 
         path, sha256 = build_sourcedir(Path(_scratch(plan)) / "sourcedir.tar.gz")
         bucket, key = split_s3_uri(plan["sourcedir_uri"])

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from headpose.artifacts.archive import pack_model_dir, safe_extract
-from headpose.local_backend import _make_dirs, to_cmd_args, training_environment
+from headpose.backends.local import _make_dirs, to_cmd_args, training_environment
 from headpose.planning.plan import plan_run
-from headpose.sourcedir import build_sourcedir
+from headpose.backends.sourcedir import build_sourcedir
 
 ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
 LOGICAL = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)

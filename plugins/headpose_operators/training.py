@@ -9,7 +9,7 @@ worker crash into a failed run although the job trains on). A retry must instead
 for the job it started, take its result, or report its ``FailureReason``
 (``headpose.planning.training_job.next_step`` decides which).
 
-``backend="local"`` hands the same request to ``headpose.local_backend`` with the S3
+``backend="local"`` hands the same request to ``headpose.backends.local`` with the S3
 client of the same AWS connection. Both return the provider's XCom shape
 (``{"Training": <describe dict>}``) plus a summary next to the job name (times, final
 metrics, spot saving), so the tasks after ``train`` do not know which backend ran.
@@ -268,7 +268,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def _execute_local(self) -> dict:
         from headpose.planning.layout import run_workspace
-        from headpose.local_backend import run_local_training_job
+        from headpose.backends.local import run_local_training_job
 
         job = self.config["TrainingJobName"]
         work_dir = Path(self.local_work_dir) if self.local_work_dir else run_workspace(job) / "local-training"
@@ -287,7 +287,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def on_kill(self) -> None:
         if self._process is not None:
-            from headpose.local_backend import stop_process
+            from headpose.backends.local import stop_process
 
             self.log.info("Stopping the local training process %s", self._process.pid)
             stop_process(self._process)

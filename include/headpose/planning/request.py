@@ -2,7 +2,7 @@
 
 The dict is exactly what ``SageMakerTrainingOperator(config=...)`` (and boto3's
 ``create_training_job``) takes. The ``sagemaker`` backend sends it to SageMaker; the
-``local`` backend (``headpose.local_backend``) honours the same fields on the worker.
+``local`` backend (``headpose.backends.local``) honours the same fields on the worker.
 Hyperparameters follow the SageMaker TensorFlow training toolkit's script mode: every
 value is a JSON string, ``sagemaker_*`` keys configure the toolkit, and the rest become
 ``--key value`` arguments of ``train.py``.

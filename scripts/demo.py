@@ -15,7 +15,7 @@ from pathlib import Path
 
 import boto3
 
-from headpose.embedded import EmbeddedS3
+from embedded import EmbeddedS3
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "demo-output"

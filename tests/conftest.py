@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "include"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))  # embedded.py: the moto launcher of the demo and tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from support import MotoServer  # noqa: E402

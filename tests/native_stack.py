@@ -182,7 +182,7 @@ class NativeLayout:
 
     @classmethod
     def allocate(cls, base: Path, object_store: str, workers: int) -> "NativeLayout":
-        from headpose.embedded import free_port
+        from embedded import free_port
 
         return cls(base, free_port(), free_port(), free_port(), free_port(), free_port(),
                    [free_port() for _ in range(workers)], object_store)
@@ -364,7 +364,7 @@ class NativeStack:
         return self.base / "process-logs"
 
     def start(self) -> "NativeStack":
-        from headpose.embedded import EmbeddedS3
+        from embedded import EmbeddedS3
 
         started = time.monotonic()
         subprocess.run(["bash", str(SYSTEM_PACKAGES)], check=True)
@@ -580,7 +580,7 @@ def api_token(api_url: str, username: str, password: str) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT / "include"))
+    sys.path[:0] = [str(ROOT / "include"), str(ROOT / "scripts")]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it cleanly, like Ctrl-C
     base = Path(tempfile.mkdtemp(prefix="headpose-stack-"))
     stack = NativeStack(base)

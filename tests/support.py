@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headpose.embedded import EmbeddedS3, free_port  # noqa: F401  (re-exported for tests)
+from embedded import EmbeddedS3, free_port  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from headpose.artifacts.archive import pack_model_dir
 from headpose.planning.layout import file_sha256
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The headpose package root: this module sits in headpose/backends/.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = "train.py"
 
 

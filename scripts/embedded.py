@@ -4,6 +4,9 @@ moto's server speaks the real S3 (and SageMaker) HTTP APIs, so Airflow reaches i
 through the ordinary ``aws_default`` connection with an ``endpoint_url``; nothing in
 the pipeline knows it is not AWS. It runs as a separate process so that it can be
 stopped (or killed, in fault tests) like a real endpoint going away.
+
+A harness for the demo (``scripts/demo.py``) and the tests, so it lives beside them in
+``scripts/`` rather than in the product package.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ split and publishes it under a stable key - one task per step:
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
 * Every run's summary (job, accuracy before/after, billable seconds, where the model went)
   is in the log of **publish** and its XCom `summary`.
-* Roll back: `python -m headpose.registry.promotion --bucket <bucket> rollback [--to <training_job_name>]`.
+* Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`.
 
 Files pass between tasks through the workspace (`$HEADPOSE_WORKSPACE`, default
 `$AIRFLOW_HOME/headpose-workspace`): with several workers it must be one volume mounted
@@ -74,18 +74,6 @@ def _params() -> dict[str, Param]:
     return params
 
 
-def _s3_hook():
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return S3Hook(aws_conn_id=AWS_CONN_ID)
-
-
-def _fail(message: str):
-    from airflow.sdk.exceptions import AirflowFailException
-
-    return AirflowFailException(message)
-
-
 @dag(
     dag_id=DAG_ID,
     schedule=scheduling.schedule(),
@@ -112,19 +100,14 @@ def headpose_retraining():
 
         context = get_current_context()
         dag_run = context["dag_run"]
-        logical_time = dag_run.logical_date or dag_run.run_after
-        region = _s3_hook().conn_region_name or "us-east-1"
         try:
             plan = make_plan(
-                dict(context["params"]), logical_time, region=region, dag_id=DAG_ID, run_id=dag_run.run_id,
+                dict(context["params"]), dag_run.logical_date or dag_run.run_after,
+                region=_s3_hook().conn_region_name or "us-east-1", dag_id=DAG_ID, run_id=dag_run.run_id,
+                dagrun_timeout=context["dag"].dagrun_timeout,
             )
         except RunParamsError as error:
             raise _fail(str(error)) from None
-        too_long = scheduling.run_time_problems(
-            plan["training_request"]["StoppingCondition"], context["dag"].dagrun_timeout
-        )
-        if too_long:
-            raise _fail("invalid run parameters: " + "; ".join(too_long))
         print(f"training_job_name: {plan['training_job_name']}")
         return plan
 
@@ -135,21 +118,8 @@ def headpose_retraining():
         already staged with the same settings is reused. Retries S3 errors with backoff."""
         from headpose.datasets import staging
 
-        source = plan["run_params"]["dataset_source"]
-        s3 = _s3_hook().get_conn()
         try:
-            staging.require_bucket(s3, plan["bucket"])
-            if source == "synthetic":
-                return staging.stage_synthetic_dataset(
-                    s3, plan["dataset_prefix"], plan["dataset_settings"], print,
-                    scratch_root=_scratch(plan), cache_root=staging.synthetic_cache_root(),
-                )
-            if source == "prima":
-                return staging.stage_prima_dataset(
-                    s3, plan["dataset_prefix"], plan["dataset_settings"], print,
-                    scratch_root=_scratch(plan),
-                )
-            return staging.check_dataset_prefix(s3, plan["dataset_prefix"])
+            return staging.stage_dataset(_s3_hook().get_conn(), plan, print, scratch_root=_scratch(plan))
         except staging.DatasetError as error:
             raise _fail(str(error)) from None
 
@@ -157,40 +127,23 @@ def headpose_retraining():
     def package_code(plan: dict) -> dict:
         """Packs the training entry point (`include/headpose/training`) into
         `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
-        from headpose.planning.layout import split_s3_uri
-        from headpose.backends.sourcedir import build_sourcedir
+        from headpose.backends.sourcedir import package_code as pack_and_upload
 
-        path, sha256 = build_sourcedir(Path(_scratch(plan)) / "sourcedir.tar.gz")
-        bucket, key = split_s3_uri(plan["sourcedir_uri"])
-        _s3_hook().load_file(str(path), key, bucket_name=bucket, replace=True)
-        path.unlink()
-        return {"sourcedir_uri": plan["sourcedir_uri"], "sha256": sha256}
+        return pack_and_upload(_s3_hook().get_conn(), plan["sourcedir_uri"], _scratch(plan))
 
     @task(multiple_outputs=True, **scheduling.task_args("download_artifact"))
     def download_artifact(plan: dict, training: dict) -> dict:
         """Copies the job's `TFartifacts/<job>/output/model.tar.gz` into the run's workspace
         and records its sha256 (checked against the local backend's record). S3 errors retry
         with backoff; a checksum mismatch fails at once."""
-        from headpose.planning.layout import file_sha256, split_s3_uri
+        from headpose.planning.handoff import HandoffError, fetch_model_artifact
 
-        description = training["Training"]
-        artifact_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
-        if artifact_uri != plan["model_artifact_uri"]:
-            raise _fail(f"training job {description['TrainingJobName']} wrote {artifact_uri}, "
-                        f"expected {plan['model_artifact_uri']}")
-        target = Path(plan["workspace_dir"]) / "model.tar.gz"
-        target.unlink(missing_ok=True)  # a previous try's copy: the hook refuses to overwrite
-        bucket, key = split_s3_uri(artifact_uri)
-        path = _s3_hook().download_file(
-            key, bucket_name=bucket, local_path=str(target.parent),
-            preserve_file_name=True, use_autogenerated_subdir=False,
-        )
-        sha256 = file_sha256(path)
-        expected = description.get("LocalBackend", {}).get("ArtifactSha256")
-        if expected and expected != sha256:
-            raise _fail(f"{artifact_uri} has sha256 {sha256}, the training job recorded {expected}")
-        return {"path": path, "sha256": sha256, "artifact_uri": artifact_uri,
-                "training_job_name": description["TrainingJobName"]}
+        try:
+            return fetch_model_artifact(
+                _s3_hook().get_conn(), training["Training"], plan["model_artifact_uri"], plan["workspace_dir"],
+            )
+        except HandoffError as error:
+            raise _fail(str(error)) from None
 
     @task(**scheduling.task_args("validate_model"))
     def validate_model(plan: dict, frozen: dict) -> dict:
@@ -199,46 +152,20 @@ def headpose_retraining():
         (the champion, from `published/latest.json`) on the same shards for `publish` to
         compare. Fails below `min_accuracy`, on parity, or for a graph that breaks the
         contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
-        from headpose.datasets import staging
-        from headpose.planning.layout import require_workspace_file
-        from headpose.registry.promotion import PublishError
-        from headpose.artifacts.acceptance import evaluate_champion, validate_frozen_model
+        from headpose.artifacts.acceptance import ModelRefused
+        from headpose.registry.champion import validate_candidate
 
-        pb_path = require_workspace_file(frozen["frozen_model_path"], frozen["frozen_model_sha256"])
-        workspace = Path(plan["workspace_dir"])
-        s3 = _s3_hook().get_conn()
-        eval_shards = staging.download_split(s3, plan["dataset_prefix"], "eval", workspace / "eval-data")
-        inputs, outputs = frozen["input_node_names"], frozen["output_node_names"]
         try:
-            champion = evaluate_champion(
-                s3, plan["published_pointer_uri"], eval_shards, workspace / "champion", inputs[0], outputs[0],
-            )
-        except PublishError as error:  # e.g. latest.json is not JSON: a person must look
+            return validate_candidate(_s3_hook().get_conn(), plan, frozen, plan["workspace_dir"], print)
+        except ModelRefused as error:
             raise _fail(str(error)) from None
-        min_accuracy = plan["run_params"]["min_accuracy"]
-        try:
-            outcome = validate_frozen_model(
-                pb_path, frozen["saved_model_dir"], eval_shards, workspace / "report",
-                min_accuracy=min_accuracy, training_job_name=plan["training_job_name"],
-                input_node_names=inputs, output_node_names=outputs, champion=champion,
-            )
-        except ValueError as error:  # the graph itself is wrong: retrying cannot help
-            raise _fail(f"the frozen model breaks the graph contract: {error}") from None
-        print(f"held-out accuracy: {outcome['accuracy']:.4f} on {outcome['images']} images "
-              f"(min_accuracy {min_accuracy}); parity max abs diff: {outcome['parity_max_abs_diff']}")
-        if champion.get("present"):
-            print(f"published model {champion['training_job_name']} on the same shards: "
-                  + (f"accuracy {champion['accuracy']:.4f}" if "accuracy" in champion else champion["error"]))
-        if outcome["problems"]:
-            raise _fail("the frozen model is not published: " + "; ".join(outcome["problems"]))
-        return outcome
 
     @task(**scheduling.task_args("upload_frozen_model"))
     def upload_frozen_model(plan: dict, frozen: dict, report: dict) -> dict:
         """Uploads `frozen_model.pb`, `frozen_model.json`, `report.json` (the metrics) and
         `confusion_matrix.png` to `TFartifacts/<job>/output/`, beside `model.tar.gz`. Nothing
         under `published/` changes here."""
-        from headpose.planning.layout import require_workspace_file, split_s3_uri
+        from headpose.planning.handoff import upload_checked
 
         files = [
             (frozen["frozen_model_path"], frozen["frozen_model_sha256"], plan["frozen_model_uri"]),
@@ -247,14 +174,7 @@ def headpose_retraining():
         ]
         if report.get("confusion_png_path"):
             files.append((report["confusion_png_path"], None, plan["confusion_png_uri"]))
-        hook = _s3_hook()
-        uploaded = {}
-        for path, sha256, uri in files:
-            require_workspace_file(path, sha256)
-            bucket, key = split_s3_uri(uri)
-            hook.load_file(path, key, bucket_name=bucket, replace=True)
-            uploaded[Path(path).name] = uri
-        return uploaded
+        return upload_checked(_s3_hook().get_conn(), files)
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, frozen: dict, report: dict, uploaded: dict) -> dict:
@@ -264,25 +184,40 @@ def headpose_retraining():
         it was compared with). Otherwise this task is **skipped** and nothing under
         `published/` changes. Either way the log and XCom `summary` hold the run summary:
         job, accuracy before/after, billable seconds, where the model went."""
-        from headpose.registry.promotion import PublishError
+        from airflow.sdk.exceptions import AirflowSkipException
 
+        from headpose.registry.pointer import PublishError
+        from headpose.registry.promotion import format_summary, publish_run
+
+        context = get_current_context()
         try:
-            return _publish_run(plan, training, frozen, report)
+            decision, summary = publish_run(
+                _s3_hook().get_conn(), plan, training, frozen, report,
+                dag_id=DAG_ID, run_id=context["dag_run"].run_id,
+            )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None
+        print(format_summary(summary))
+        context["ti"].xcom_push(key="summary", value=summary)
+        if not decision.promote:
+            # Skipped, not failed: the run worked and the published model is the better one.
+            # A skip also emits no asset event, so nothing downstream reloads an unchanged model.
+            raise AirflowSkipException(f"not published: {decision.reason}")
+        context["outlet_events"][PUBLISHED_MODEL].extra = {
+            "uri": plan["published_pointer_uri"], "training_job_name": plan["training_job_name"],
+        }
+        return summary
 
     @teardown
     @task(**scheduling.task_args("cleanup"))
     def cleanup() -> None:
         """Removes the run's workspace folder, whatever happened before. As a teardown it
         cannot turn a failed run green."""
-        import shutil
-
-        from headpose.planning.layout import run_workspace
+        from headpose.planning.layout import remove_run_workspace
 
         job = get_current_context()["ti"].xcom_pull(task_ids="plan_run", key="training_job_name")
         if job:
-            shutil.rmtree(run_workspace(job), ignore_errors=True)
+            remove_run_workspace(job)
 
     plan = plan_run()
     dataset = stage_dataset(plan)
@@ -294,18 +229,14 @@ def headpose_retraining():
         aws_conn_id=AWS_CONN_ID,
         print_log=True,
         check_interval=30,
-    )
-    # train's timeout and retries, kept apart from its arguments; the timeout is then set
-    # per run from the request's StoppingCondition, just before the task executes.
-    for name, value in scheduling.task_args("train").items():
-        setattr(train, name, value)
-    train.on_execute_callback = [*train.on_execute_callback, _time_train_by_its_request]
-    train.doc_md = (
-        "Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
+        doc_md="Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
         "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`. A retry "
         "never starts a second job: it finds the one of its `training_job_name`. A training error "
         "fails the task with the job's failure reason; its timeout is the request's max run (or "
-        "spot wait) time plus one hour."
+        "spot wait) time plus one hour.",
+        # The timeout given here is the parse-time ceiling; the operator sets the run's own
+        # from its request before it executes.
+        **scheduling.task_args("train"),
     )
     download = download_artifact(plan, train.output)
     freeze = FreezeGraphOperator(
@@ -326,54 +257,16 @@ def headpose_retraining():
     chain(plan, dataset, code, train, download, freeze, report, uploaded, published, cleanup())
 
 
-def _publish_run(plan: dict, training: dict, frozen: dict, report: dict) -> dict:
-    """``publish``'s work: promote or skip (``headpose.registry.promotion``), and account for the run."""
-    from airflow.sdk.exceptions import AirflowSkipException
+def _s3_hook():
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from headpose.registry import promotion as publishing
-    from headpose.planning.layout import RunLayout
-
-    layout = RunLayout.from_dict(plan)
-    context = get_current_context()
-    description = training["Training"]
-    champion = report.get("champion") or {}
-    decision, published = publishing.promote_if_better(
-        _s3_hook().get_conn(), layout,
-        frozen_model_sha256=frozen["frozen_model_sha256"],
-        metrics={"accuracy": report["accuracy"], "images": report["images"],
-                 "parity_max_abs_diff": report["parity_max_abs_diff"]},
-        champion=champion,
-        margin=plan["run_params"]["promotion_margin"],
-        force=plan["run_params"]["force_publish"],
-        extra={
-            "dag_id": DAG_ID,
-            "run_id": context["dag_run"].run_id,
-            "training_job_arn": description.get("TrainingJobArn"),
-            "billable_time_in_seconds": description.get("BillableTimeInSeconds"),
-            "training_time_in_seconds": description.get("TrainingTimeInSeconds"),
-            "final_metrics": {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []},
-        },
-    )
-    summary = publishing.run_summary(
-        training_job_name=layout.training_job_name, decision=decision, accuracy=report["accuracy"],
-        champion=champion, training=description, model_uri=layout.frozen_model_uri, published=published,
-    )
-    print(publishing.format_summary(summary))
-    context["ti"].xcom_push(key="summary", value=summary)
-    if not decision.promote:
-        # Skipped, not failed: the run worked and the published model is the better one.
-        # A skip also emits no asset event, so nothing downstream reloads an unchanged model.
-        raise AirflowSkipException(f"not published: {decision.reason}")
-    context["outlet_events"][PUBLISHED_MODEL].extra = {
-        "uri": layout.published_pointer_uri, "training_job_name": layout.training_job_name,
-    }
-    return summary
+    return S3Hook(aws_conn_id=AWS_CONN_ID)
 
 
-def _time_train_by_its_request(context) -> None:
-    task = context["task"]
-    task.execution_timeout = scheduling.train_timeout(task.config["StoppingCondition"])
-    print(f"train execution_timeout: {task.execution_timeout}")
+def _fail(message: str):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    return AirflowFailException(message)
 
 
 def _scratch(plan: dict) -> str:

@@ -178,7 +178,7 @@ def models(dataset, tmp_path_factory) -> dict:
 
 def seed_champion(s3, bucket: str, models: dict) -> dict:
     """A bucket where the good model is published as an earlier run would have left it."""
-    from headpose.registry import promotion as publish
+    from headpose.registry import promotion
     from headpose.planning.layout import RunLayout
 
     s3.create_bucket(Bucket=bucket)
@@ -186,11 +186,11 @@ def seed_champion(s3, bucket: str, models: dict) -> dict:
     for uri, body in ((layout.frozen_model_uri, models["good_frozen"]), (layout.frozen_model_json_uri, b"{}"),
                       (layout.report_uri, b"{}"), (layout.confusion_png_uri, b"\x89PNG")):
         s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=body)
-    record = publish.publish_record(
+    record = promotion.publish_record(
         layout, hashlib.sha256(models["good_frozen"]).hexdigest(), {"accuracy": models["good_accuracy"]},
-        dataset=publish.dataset_fingerprint(s3, DATASET),
+        dataset=promotion.dataset_fingerprint(s3, DATASET),
     )
-    publish.publish_model(s3, layout, record)
+    promotion.publish_model(s3, layout, record)
     return published_state(s3, bucket)
 
 
@@ -361,7 +361,7 @@ def test_rollback_puts_the_previous_model_back(batch, s3, models):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     done = subprocess.run(
-        [sys.executable, "-m", "headpose.registry.promotion", "--endpoint-url", s3.meta.endpoint_url,
+        [sys.executable, "-m", "headpose.registry", "--endpoint-url", s3.meta.endpoint_url,
          "--bucket", "faults-forced", "rollback"], env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

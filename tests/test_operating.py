@@ -75,12 +75,10 @@ def test_every_task_has_a_timeout_sized_to_its_job(dag):
 def test_train_is_timed_by_its_own_request(dag):
     train = dag.task_dict["train"]
     train.config = {"StoppingCondition": {"MaxRuntimeInSeconds": 600}}
-    for callback in train.on_execute_callback:
-        callback({"task": train})
+    train.pre_execute({"task": train})
     assert train.execution_timeout == timedelta(seconds=600) + scheduling.TRAIN_MARGIN
     train.config = {"StoppingCondition": {"MaxRuntimeInSeconds": 600, "MaxWaitTimeInSeconds": 7200}}
-    for callback in train.on_execute_callback:
-        callback({"task": train})
+    train.pre_execute({"task": train})
     assert train.execution_timeout == timedelta(seconds=7200) + scheduling.TRAIN_MARGIN
 
 

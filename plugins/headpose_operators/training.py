@@ -83,6 +83,17 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self._max_attempts_given = max_attempts is not None
         self._process: subprocess.Popen | None = None
 
+    def pre_execute(self, context: Context) -> None:
+        """Times the task by its own request's ``StoppingCondition``.
+
+        Here, not in ``execute``: Airflow applies ``execution_timeout`` around ``execute``
+        after this runs, and the request (an XCom of ``plan_run``) is only known now.
+        """
+        from headpose.planning.scheduling import train_timeout
+
+        self.execution_timeout = train_timeout(self.config["StoppingCondition"])
+        self.log.info("train execution_timeout: %s", self.execution_timeout)
+
     def execute(self, context: Context) -> dict:
         if self.backend not in BACKENDS:
             raise AirflowFailException(f"backend must be one of {BACKENDS}, got {self.backend!r}")

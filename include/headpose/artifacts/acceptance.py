@@ -5,7 +5,7 @@ counts, confusion matrix, parity with the SavedModel), the verdict, and the same
 evaluation of the published model (the champion) for comparison. When the verdict
 refuses the model, the DAG's task fails with the reasons, so nothing of the run is
 uploaded beside the published model. Whether an accepted model replaces the champion is
-``publish.promotion_decision``'s call.
+``registry.promotion.promotion_decision``'s call.
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, file_sha25
 # The frozen graph must compute what the SavedModel computes; float32 reordering by
 # Grappler's folding stays orders of magnitude below this.
 MAX_PARITY_ABS_DIFF = 1e-4
+
+
+class ModelRefused(RuntimeError):
+    """The new model must not be published; the message says why. Retrying cannot help."""
 
 
 def acceptance_problems(
@@ -104,53 +108,14 @@ def validate_frozen_model(
     }
 
 
-def evaluate_champion(
-    s3_client: Any,
-    pointer_uri: str,
-    eval_shards: Iterable[str | Path],
-    work_dir: str | Path,
-    input_node: str = "inputs",
-    output_node: str = "softmax_tensor",
-) -> dict[str, Any]:
-    """The published model's accuracy on the same held-out shards as the new one.
-
-    ``{"present": False}`` when nothing is published. A published model that cannot be
-    evaluated (its file is gone or changed, or the graph does not run) gives ``error``
-    instead of ``accuracy``; S3 being unreachable raises, so that the task retries.
-    """
-    import tensorflow as tf
-
-    from headpose.artifacts.evaluate import evaluate_frozen_graph
-    from headpose.planning.layout import split_s3_uri
-    from headpose.registry.promotion import is_missing_key, read_pointer
-
-    record, etag = read_pointer(s3_client, pointer_uri)
-    if record is None:
-        return {"present": False}
-    result: dict[str, Any] = {
-        "present": True,
-        "training_job_name": record["training_job_name"],
-        "frozen_model_uri": record.get("frozen_model_uri"),
-        "frozen_model_sha256": record.get("frozen_model_sha256"),
-        "pointer_etag": etag,
-        "published_at": record.get("published_at"),
-    }
-    folder = Path(work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    pb_path = folder / "champion_frozen_model.pb"
-    try:
-        bucket, key = split_s3_uri(record.get("frozen_model_uri") or "")
-        s3_client.download_file(bucket, key, str(pb_path))
-    except Exception as error:
-        if not (is_missing_key(error) or isinstance(error, ValueError)):
-            raise
-        return {**result, "error": f"cannot fetch the published frozen graph: {error}"}
-    actual = file_sha256(pb_path)
-    if actual != record.get("frozen_model_sha256"):
-        return {**result, "error": f"{record['frozen_model_uri']} has sha256 {actual}, "
-                f"latest.json records {record.get('frozen_model_sha256')}"}
-    try:
-        evaluation = evaluate_frozen_graph(pb_path, eval_shards, input_node=input_node, output_node=output_node)
-    except (ValueError, tf.errors.OpError) as error:
-        return {**result, "error": f"the published frozen graph does not run: {type(error).__name__}: {error}"}
-    return {**result, "accuracy": evaluation["accuracy"], "images": evaluation["images"]}
+def outcome_lines(outcome: Mapping[str, Any], min_accuracy: float) -> list[str]:
+    """What ``validate_model`` logs: the new model's figures, then the published one's."""
+    lines = [
+        f"held-out accuracy: {outcome['accuracy']:.4f} on {outcome['images']} images "
+        f"(min_accuracy {min_accuracy}); parity max abs diff: {outcome['parity_max_abs_diff']}"
+    ]
+    champion = outcome.get("champion") or {}
+    if champion.get("present"):
+        figure = f"accuracy {champion['accuracy']:.4f}" if "accuracy" in champion else champion["error"]
+        lines.append(f"published model {champion['training_job_name']} on the same shards: {figure}")
+    return lines

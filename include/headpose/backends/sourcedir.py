@@ -15,9 +15,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from headpose.artifacts.archive import pack_model_dir
-from headpose.planning.layout import file_sha256
+from headpose.planning.layout import file_sha256, split_s3_uri
 
 # The headpose package root: this module sits in headpose/backends/.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -46,3 +47,12 @@ def build_sourcedir(tar_path: str | Path, package_dir: Path = PACKAGE_DIR) -> tu
             shutil.copyfile(source, target)  # contents only: modes and times are normalised anyway
         path = pack_model_dir(root, tar_path)
     return path, file_sha256(path)
+
+
+def package_code(s3_client: Any, sourcedir_uri: str, scratch: str | Path) -> dict[str, str]:
+    """``package_code``'s work: build ``sourcedir.tar.gz`` and upload it where the request names it."""
+    path, sha256 = build_sourcedir(Path(scratch) / "sourcedir.tar.gz")
+    bucket, key = split_s3_uri(sourcedir_uri)
+    s3_client.upload_file(str(path), bucket, key)
+    path.unlink()
+    return {"sourcedir_uri": sourcedir_uri, "sha256": sha256}

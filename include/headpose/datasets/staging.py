@@ -26,6 +26,28 @@ class DatasetError(RuntimeError):
     """A dataset prefix that cannot be trained on; the message says what is missing."""
 
 
+def stage_dataset(
+    s3_client: Any, plan: Mapping[str, Any], log: Log, scratch_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """``stage_dataset``'s work for any ``dataset_source``: the dataset's prefix in S3 and counts.
+
+    Synthetic and Prima datasets are staged (or found staged) under the plan's
+    ``dataset_prefix``; an ``s3://`` source is checked for shards and a manifest.
+    """
+    require_bucket(s3_client, plan["bucket"])
+    source = plan["run_params"]["dataset_source"]
+    if source == "synthetic":
+        return stage_synthetic_dataset(
+            s3_client, plan["dataset_prefix"], plan["dataset_settings"], log,
+            scratch_root=scratch_root, cache_root=synthetic_cache_root(),
+        )
+    if source == "prima":
+        return stage_prima_dataset(
+            s3_client, plan["dataset_prefix"], plan["dataset_settings"], log, scratch_root=scratch_root,
+        )
+    return check_dataset_prefix(s3_client, plan["dataset_prefix"])
+
+
 def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dict[str, int]:
     """The settings that define a synthetic dataset (and its prefix's hash)."""
     return {

@@ -219,6 +219,13 @@ def run_workspace(training_job_name: str, environ: Mapping[str, str] | None = No
     return workspace_root(environ) / training_job_name
 
 
+def remove_run_workspace(training_job_name: str) -> None:
+    """``cleanup``'s work: the run's workspace folder gone, whatever it held."""
+    import shutil
+
+    shutil.rmtree(run_workspace(training_job_name), ignore_errors=True)
+
+
 class WorkspaceError(RuntimeError):
     """A file another task put in the workspace is missing or different here."""
 

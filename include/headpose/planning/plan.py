@@ -6,7 +6,7 @@ sagemaker SDK's bundled tables, no network), which callers may replace.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from headpose.planning.layout import (
@@ -17,6 +17,7 @@ from headpose.planning.layout import (
     training_job_name,
 )
 from headpose.planning.params import RunParamsError, validate_run_params
+from headpose.planning.scheduling import run_time_problems
 from headpose.planning.request import image_uri_for_backend, training_job_request
 
 ImageResolver = Callable[[str, str, str], str]
@@ -48,8 +49,12 @@ def plan_run(
     dag_id: str,
     run_id: str,
     resolve_image: ImageResolver = image_uri_for_backend,
+    dagrun_timeout: timedelta | None = None,
 ) -> dict[str, Any]:
-    """Everything later tasks need, as JSON-ready values (``RunParamsError`` if invalid)."""
+    """Everything later tasks need, as JSON-ready values (``RunParamsError`` if invalid).
+
+    With ``dagrun_timeout``, a training job that could outlast the run is refused too.
+    """
     params = validate_run_params(raw_params)
     job = training_job_name(logical_time)
     dataset_prefix, dataset_settings = dataset_plan(params)
@@ -62,6 +67,9 @@ def plan_run(
             f"in {region}: {error}"
         ) from error
     request = training_job_request(layout, params, image, region=region, dag_id=dag_id, run_id=run_id)
+    too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout)
+    if too_long:
+        raise RunParamsError("invalid run parameters: " + "; ".join(too_long))
     return {
         "training_job_name": job,
         "run_params": params,

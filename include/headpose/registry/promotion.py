@@ -1,4 +1,4 @@
-"""Promoting a validated frozen model, the published pointer, and rolling it back.
+"""Promoting a validated frozen model: the decision, the record, the ordered writes.
 
 Publishing is ordered so that a failure at any point leaves a consistent "latest":
 
@@ -12,104 +12,28 @@ publish died between steps 2 and 3 (then ``latest.json`` still names the previou
 model, whose immutable files are untouched).
 
 Champion and challenger: ``validate_model`` evaluates the new model and the one
-``latest.json`` names on the same held-out shards; ``promotion_decision`` says whether
-the new one replaces it. The pointer is written with ``If-Match`` on the ETag that was
-compared against (``If-None-Match: *`` when nothing was published), so a model published
-by someone else in the meantime is never overwritten unseen.
-
-Command line (``python -m headpose.registry.promotion --help``): ``show``, ``history`` and
-``rollback --to <training_job_name>``.
+``latest.json`` names on the same held-out shards (``registry.champion``);
+``promotion_decision`` says whether the new one replaces it.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
-from headpose.planning.layout import (
-    DEFAULT_FOLDER,
-    MANIFEST_FILE,
-    RunLayout,
-    is_valid_training_job_name,
-    join_uri,
-    s3_uri,
-    split_s3_uri,
+from headpose.planning.layout import MANIFEST_FILE, RunLayout, join_uri, split_s3_uri
+from headpose.registry.pointer import (
+    RECORD_VERSION,
+    PointerChangedError,
+    PublishError,
+    is_missing_key,
+    now_iso,
+    pointer_summary,
+    put_json,
+    put_pointer,
+    read_pointer,
 )
-
-RECORD_VERSION = 2
-POINTER_NAME = "latest.json"
-Log = Callable[[str], None]
-
-
-class PublishError(RuntimeError):
-    """The published state is not what publishing or a rollback needs; the message says why."""
-
-
-class PointerChangedError(PublishError):
-    """``latest.json`` changed between reading it and replacing it."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def is_missing_key(error: Exception) -> bool:
-    """Whether a boto3 error says the key (or object) does not exist."""
-    from botocore.exceptions import ClientError
-
-    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
-        "NoSuchKey", "404", "NotFound",
-    )
-
-
-def _is_precondition_failed(error: Exception) -> bool:
-    from botocore.exceptions import ClientError
-
-    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
-        "PreconditionFailed", "412",
-    )
-
-
-# -- reading what is published -------------------------------------------------------
-
-def read_pointer(s3_client: Any, pointer_uri: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(record, etag)`` of ``latest.json``; ``(None, None)`` when nothing is published."""
-    bucket, key = split_s3_uri(pointer_uri)
-    try:
-        response = s3_client.get_object(Bucket=bucket, Key=key)
-    except Exception as error:
-        if is_missing_key(error):
-            return None, None
-        raise
-    body = response["Body"].read()
-    try:
-        record = json.loads(body)
-    except ValueError as error:
-        raise PublishError(
-            f"{pointer_uri} is not JSON ({error}); repair it with "
-            "`python -m headpose.registry.promotion rollback --to <training_job_name>`"
-        ) from None
-    if not isinstance(record, dict) or not record.get("training_job_name"):
-        raise PublishError(f"{pointer_uri} names no training_job_name")
-    return record, response["ETag"]
-
-
-def pointer_summary(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """What a pointer says about the model it replaced (its ``previous``), one level deep."""
-    if not record:
-        return None
-    return {
-        "training_job_name": record["training_job_name"],
-        "published_at": record.get("published_at"),
-        "frozen_model_uri": record.get("frozen_model_uri"),
-        "frozen_model_sha256": record.get("frozen_model_sha256"),
-        "history_record_uri": record.get("history_record_uri"),
-        "accuracy": (record.get("metrics") or {}).get("accuracy"),
-    }
 
 
 def dataset_fingerprint(s3_client: Any, dataset_prefix: str) -> dict[str, Any]:
@@ -187,7 +111,7 @@ def publish_record(
     return {
         "version": RECORD_VERSION,
         "training_job_name": layout.training_job_name,
-        "published_at": _now(),
+        "published_at": now_iso(),
         "frozen_model_uri": layout.frozen_model_uri,
         "frozen_model_sha256": frozen_model_sha256,
         "frozen_model_json_uri": layout.frozen_model_json_uri,
@@ -209,12 +133,6 @@ def publish_record(
     }
 
 
-def _put_json(s3_client: Any, uri: str, document: Mapping[str, Any], **conditions: str) -> None:
-    bucket, key = split_s3_uri(uri)
-    body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
-    s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **conditions)
-
-
 def _latest_copies(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(immutable source, latest/ target)`` URI pairs of a record (older ones lack the PNG)."""
     latest = record.get("latest") or {}
@@ -224,25 +142,12 @@ def _latest_copies(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(source, target) for source, target in pairs if source and target]
 
 
-def _copy_to_latest(s3_client: Any, record: Mapping[str, Any]) -> None:
+def copy_to_latest(s3_client: Any, record: Mapping[str, Any]) -> None:
     for source, target in _latest_copies(record):
         source_bucket, source_key = split_s3_uri(source)
         target_bucket, target_key = split_s3_uri(target)
         # Managed copy: server-side, and multipart for objects over 5 GB.
         s3_client.copy({"Bucket": source_bucket, "Key": source_key}, target_bucket, target_key)
-
-
-def _put_pointer(s3_client: Any, pointer_uri: str, record: Mapping[str, Any], expected_etag: str | None) -> None:
-    condition = {"IfMatch": expected_etag} if expected_etag else {"IfNoneMatch": "*"}
-    try:
-        _put_json(s3_client, pointer_uri, record, **condition)
-    except Exception as error:
-        if _is_precondition_failed(error) or (expected_etag and is_missing_key(error)):
-            raise PointerChangedError(
-                f"{pointer_uri} changed while this model was being published "
-                f"(expected {'ETag ' + expected_etag if expected_etag else 'no pointer'})"
-            ) from None
-        raise
 
 
 def publish_model(
@@ -257,14 +162,14 @@ def publish_model(
     (``None``: there was none). If the pointer changed since, ``PointerChangedError`` is
     raised and ``latest/`` is put back to the files the pointer names.
     """
-    _put_json(s3_client, layout.history_record_uri, record)
-    _copy_to_latest(s3_client, record)
+    put_json(s3_client, layout.history_record_uri, record)
+    copy_to_latest(s3_client, record)
     try:
-        _put_pointer(s3_client, layout.published_pointer_uri, record, expected_etag)
+        put_pointer(s3_client, layout.published_pointer_uri, record, expected_etag)
     except PointerChangedError:
         winner, _ = read_pointer(s3_client, layout.published_pointer_uri)
         if winner:
-            _copy_to_latest(s3_client, winner)
+            copy_to_latest(s3_client, winner)
         raise
     return {
         "published_pointer_uri": layout.published_pointer_uri,
@@ -368,127 +273,39 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ])
 
 
-# -- history and rollback --------------------------------------------------------------
-
-def published_prefix(bucket: str, folder: str = DEFAULT_FOLDER) -> str:
-    return s3_uri(bucket, folder, "published/")
-
-
-def history(s3_client: Any, bucket: str, folder: str = DEFAULT_FOLDER) -> list[dict[str, Any]]:
-    """Every model ever published under ``folder``, oldest first (by ``published_at``)."""
-    _, prefix = split_s3_uri(join_uri(published_prefix(bucket, folder), "history/"))
-    records = []
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".json"):
-                records.append(json.loads(s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()))
-    return sorted(records, key=lambda r: (r.get("published_at") or "", r.get("training_job_name", "")))
-
-
-def _sha256_of_object(s3_client: Any, uri: str) -> str:
-    bucket, key = split_s3_uri(uri)
-    digest = hashlib.sha256()
-    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"]
-    for block in iter(lambda: body.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def rollback(
+def publish_run(
     s3_client: Any,
-    bucket: str,
-    folder: str = DEFAULT_FOLDER,
-    to_job: str | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
-    """Point ``latest.json`` (and ``latest/``) back at an earlier published model.
-
-    ``to_job`` defaults to the current pointer's ``previous``. The target's history
-    record must exist and its frozen graph must still have the recorded sha256; the
-    new pointer is that record with ``rolled_back`` and ``previous`` set.
-    """
-    pointer_uri = join_uri(published_prefix(bucket, folder), POINTER_NAME)
-    current, etag = read_pointer(s3_client, pointer_uri)
-    if to_job is None:
-        to_job = ((current or {}).get("previous") or {}).get("training_job_name")
-        if not to_job:
-            raise PublishError(f"{pointer_uri} names no previous model; pass --to <training_job_name>")
-    if not is_valid_training_job_name(to_job):
-        raise PublishError(f"{to_job!r} is not a training job name")
-    record_uri = join_uri(published_prefix(bucket, folder), f"history/{to_job}.json")
-    record_bucket, record_key = split_s3_uri(record_uri)
-    try:
-        target = json.loads(s3_client.get_object(Bucket=record_bucket, Key=record_key)["Body"].read())
-    except Exception as error:
-        if not is_missing_key(error):
-            raise
-        known = [r["training_job_name"] for r in history(s3_client, bucket, folder)]
-        raise PublishError(f"{to_job} was never published (no {record_uri}); published: {known}") from None
-    try:
-        actual = _sha256_of_object(s3_client, target["frozen_model_uri"])
-    except Exception as error:
-        if not is_missing_key(error):
-            raise
-        raise PublishError(f"{target['frozen_model_uri']} is gone; cannot roll back to {to_job}") from None
-    if actual != target["frozen_model_sha256"]:
-        raise PublishError(
-            f"{target['frozen_model_uri']} has sha256 {actual}, its history record says "
-            f"{target['frozen_model_sha256']}; refusing to roll back to a changed file"
-        )
-    now = _now()
-    pointer = {
-        **target,
-        "published_at": now,
-        "rolled_back": {"at": now, "from": (current or {}).get("training_job_name")},
-        "previous": pointer_summary(current),
-    }
-    _copy_to_latest(s3_client, target)
-    _put_pointer(s3_client, pointer_uri, pointer, etag)
-    log(f"{pointer_uri} now names {to_job} (was {(current or {}).get('training_job_name')})")
-    return pointer
-
-
-# -- command line ----------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m headpose.registry.promotion",
-        description="Inspect the published head-pose model and roll it back. AWS credentials "
-        "and region come from the usual boto3 sources (environment, profile, instance role).",
+    plan: Mapping[str, Any],
+    training: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    report: Mapping[str, Any],
+    *,
+    dag_id: str,
+    run_id: str,
+) -> tuple[Decision, dict[str, Any]]:
+    """``publish``'s work: promote the run's model or keep the published one; the run summary."""
+    layout = RunLayout.from_dict(plan)
+    description = training["Training"]
+    champion = report.get("champion") or {}
+    decision, published = promote_if_better(
+        s3_client, layout,
+        frozen_model_sha256=frozen["frozen_model_sha256"],
+        metrics={"accuracy": report["accuracy"], "images": report["images"],
+                 "parity_max_abs_diff": report["parity_max_abs_diff"]},
+        champion=champion,
+        margin=plan["run_params"]["promotion_margin"],
+        force=plan["run_params"]["force_publish"],
+        extra={
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "training_job_arn": description.get("TrainingJobArn"),
+            "billable_time_in_seconds": description.get("BillableTimeInSeconds"),
+            "training_time_in_seconds": description.get("TrainingTimeInSeconds"),
+            "final_metrics": {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []},
+        },
     )
-    parser.add_argument("--bucket", required=True, help="the s3_bucket of the runs")
-    parser.add_argument("--folder", default=DEFAULT_FOLDER, help="the headpose_folder (default: headpose)")
-    parser.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint (e.g. moto, MinIO)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("show", help="print latest.json")
-    commands.add_parser("history", help="list every published model, oldest first")
-    back = commands.add_parser("rollback", help="point latest.json at an earlier published model")
-    back.add_argument("--to", dest="to_job", default=None,
-                      help="training_job_name to restore (default: the pointer's previous)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import boto3
-
-    args = build_parser().parse_args(argv)
-    s3_client = boto3.client("s3", endpoint_url=args.endpoint_url)
-    try:
-        if args.command == "show":
-            record, _ = read_pointer(s3_client, join_uri(published_prefix(args.bucket, args.folder), POINTER_NAME))
-            print(json.dumps(record, indent=2, sort_keys=True))
-        elif args.command == "history":
-            for record in history(s3_client, args.bucket, args.folder):
-                accuracy = (record.get("metrics") or {}).get("accuracy")
-                print(f"{record.get('published_at')}  {record['training_job_name']}  accuracy={accuracy}")
-        else:
-            rollback(s3_client, args.bucket, args.folder, args.to_job)
-    except PublishError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
+    summary = run_summary(
+        training_job_name=layout.training_job_name, decision=decision, accuracy=report["accuracy"],
+        champion=champion, training=description, model_uri=layout.frozen_model_uri, published=published,
+    )
+    return decision, summary

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.registry import promotion as publish
+from headpose.registry import promotion
 from headpose.artifacts.evaluate import evaluate_frozen_graph
 from headpose.artifacts.freeze import freeze_saved_model
 from headpose.planning.layout import RunLayout
 from headpose.training.export import export_saved_model
 from headpose.training.model import build_resnet
 from headpose.training.shards import ShardWriter, shard_paths
-from headpose.artifacts.acceptance import evaluate_champion, validate_frozen_model
+from headpose.artifacts.acceptance import validate_frozen_model
+from headpose.registry.champion import evaluate_champion
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def publish_graph(s3, graph: bytes, recorded_sha: str | None = None) -> None:
     s3.create_bucket(Bucket=BUCKET)
     layout = RunLayout.for_run(BUCKET, "headpose", JOB, f"s3://{BUCKET}/headpose/datasets/x/")
     s3.put_object(Bucket=BUCKET, Key=layout.frozen_model_uri.split("/", 3)[3], Body=graph)
-    record = publish.publish_record(layout, recorded_sha or hashlib.sha256(graph).hexdigest(), {"accuracy": 0.5})
+    record = promotion.publish_record(layout, recorded_sha or hashlib.sha256(graph).hexdigest(), {"accuracy": 0.5})
     s3.put_object(Bucket=BUCKET, Key="headpose/published/latest.json", Body=json.dumps(record).encode())
 
 
@@ -68,7 +69,7 @@ def test_a_champion_whose_file_changed_or_vanished_is_an_error_not_a_score(model
     s3_client.delete_object(Bucket=BUCKET, Key=f"headpose/TFartifacts/{JOB}/output/frozen_model.pb")
     gone = evaluate_champion(s3_client, POINTER, model["shards"], tmp_path)
     assert "accuracy" not in gone and "cannot fetch" in gone["error"]
-    assert publish.promotion_decision(0.1, gone).promote  # a broken champion does not block
+    assert promotion.promotion_decision(0.1, gone).promote  # a broken champion does not block
 
 
 def test_a_champion_graph_that_does_not_run_is_an_error(model, s3_client, tmp_path):

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from headpose.registry import promotion as publish
+from headpose.registry import pointer as pointers, promotion, rollback as rollbacks
 from headpose.planning.layout import RunLayout, dataset_prefix_for, training_job_name
 from support import ROOT
 
@@ -51,12 +51,12 @@ def upload_run(s3, layout: RunLayout, graph: bytes) -> str:
 
 def publish_run(s3, layout: RunLayout, graph: bytes, accuracy: float = 0.5) -> dict:
     sha = upload_run(s3, layout, graph)
-    current, etag = publish.read_pointer(s3, POINTER)
-    record = publish.publish_record(
+    current, etag = pointers.read_pointer(s3, POINTER)
+    record = promotion.publish_record(
         layout, sha, {"accuracy": accuracy},
-        dataset=publish.dataset_fingerprint(s3, layout.dataset_prefix), previous=current,
+        dataset=promotion.dataset_fingerprint(s3, layout.dataset_prefix), previous=current,
     )
-    publish.publish_model(s3, layout, record, expected_etag=etag)
+    promotion.publish_model(s3, layout, record, expected_etag=etag)
     return record
 
 
@@ -80,7 +80,7 @@ def s3(s3_client):
      "could not be evaluated"),
 ])
 def test_promotion_decision(accuracy, champion, margin, force, promote, words):
-    decision = publish.promotion_decision(accuracy, champion, margin, force)
+    decision = promotion.promotion_decision(accuracy, champion, margin, force)
     assert decision.promote is promote
     assert words in decision.reason
 
@@ -113,14 +113,14 @@ def test_the_pointer_records_job_metrics_sha_dataset_time_and_previous(s3):
 def test_a_pointer_changed_since_the_comparison_is_not_overwritten(s3):
     first, second, third = layout_for(1), layout_for(8), layout_for(15)
     publish_run(s3, first, b"graph-1")
-    _, compared_etag = publish.read_pointer(s3, POINTER)
+    _, compared_etag = pointers.read_pointer(s3, POINTER)
     publish_run(s3, second, b"graph-2")  # someone else published in between
     before = json.loads(get(s3, POINTER))
 
     sha = upload_run(s3, third, b"graph-3")
-    record = publish.publish_record(third, sha, {"accuracy": 0.9})
-    with pytest.raises(publish.PointerChangedError):
-        publish.publish_model(s3, third, record, expected_etag=compared_etag)
+    record = promotion.publish_record(third, sha, {"accuracy": 0.9})
+    with pytest.raises(pointers.PointerChangedError):
+        promotion.publish_model(s3, third, record, expected_etag=compared_etag)
     assert json.loads(get(s3, POINTER)) == before
     # latest/ was put back to the files the pointer names.
     assert get(s3, third.published_model_uri) == b"graph-2"
@@ -130,32 +130,32 @@ def test_a_pointer_changed_since_the_comparison_is_not_overwritten(s3):
 def test_a_first_publish_refuses_to_overwrite_a_pointer_that_appeared(s3):
     publish_run(s3, layout_for(1), b"graph-1")
     layout = layout_for(8)
-    record = publish.publish_record(layout, upload_run(s3, layout, b"graph-2"), {"accuracy": 1.0})
-    with pytest.raises(publish.PointerChangedError):
-        publish.publish_model(s3, layout, record, expected_etag=None)  # it saw no pointer
+    record = promotion.publish_record(layout, upload_run(s3, layout, b"graph-2"), {"accuracy": 1.0})
+    with pytest.raises(pointers.PointerChangedError):
+        promotion.publish_model(s3, layout, record, expected_etag=None)  # it saw no pointer
     assert json.loads(get(s3, POINTER))["training_job_name"] == layout_for(1).training_job_name
 
 
 def test_a_corrupt_pointer_is_an_error_that_says_how_to_repair_it(s3):
     put(s3, POINTER, b"{not json")
-    with pytest.raises(publish.PublishError, match="rollback --to"):
-        publish.read_pointer(s3, POINTER)
+    with pytest.raises(pointers.PublishError, match="rollback --to"):
+        pointers.read_pointer(s3, POINTER)
 
 
 def test_nothing_published_reads_as_none(s3):
-    assert publish.read_pointer(s3, POINTER) == (None, None)
+    assert pointers.read_pointer(s3, POINTER) == (None, None)
 
 
 def test_the_run_summary_names_everything_ops_ask_for():
-    summary = publish.run_summary(
-        training_job_name="job-b", decision=publish.Decision(False, "accuracy 0.7 < published 0.8"),
+    summary = promotion.run_summary(
+        training_job_name="job-b", decision=promotion.Decision(False, "accuracy 0.7 < published 0.8"),
         accuracy=0.7, champion={"present": True, "accuracy": 0.8, "training_job_name": "job-a"},
         training={"BillableTimeInSeconds": 120, "TrainingTimeInSeconds": 130},
         model_uri="s3://b/headpose/TFartifacts/job-b/output/frozen_model.pb", published=None,
     )
     assert summary["accuracy_before"] == 0.8 and summary["accuracy_after"] == 0.7
     assert summary["promoted"] is False and summary["billable_time_in_seconds"] == 120
-    text = publish.format_summary(summary)
+    text = promotion.format_summary(summary)
     for words in ("job-b", "before 0.8000 (job-a)", "after 0.7000", "billable seconds: 120",
                   "TFartifacts/job-b/output/frozen_model.pb", "latest.json unchanged"):
         assert words in text
@@ -168,7 +168,7 @@ def test_rollback_restores_the_previous_model(s3):
     publish_run(s3, first, b"graph-1")
     publish_run(s3, second, b"graph-2")
 
-    pointer = publish.rollback(s3, BUCKET, log=lambda line: None)
+    pointer = rollbacks.rollback(s3, BUCKET, log=lambda line: None)
     assert pointer["training_job_name"] == first.training_job_name
     stored = json.loads(get(s3, POINTER))
     assert stored["training_job_name"] == first.training_job_name
@@ -177,7 +177,7 @@ def test_rollback_restores_the_previous_model(s3):
     assert get(s3, first.published_model_uri) == b"graph-1"
     assert get(s3, first.published_model_json_uri) == b'{"graph": "graph-1"}'
     # Rolling back again goes forward to the model it replaced.
-    publish.rollback(s3, BUCKET, log=lambda line: None)
+    rollbacks.rollback(s3, BUCKET, log=lambda line: None)
     assert json.loads(get(s3, POINTER))["training_job_name"] == second.training_job_name
 
 
@@ -187,21 +187,21 @@ def test_rollback_refuses_an_unknown_job_or_a_changed_file_and_changes_nothing(s
     publish_run(s3, second, b"graph-2")
     before = published_state(s3)
 
-    with pytest.raises(publish.PublishError, match="never published") as refused:
-        publish.rollback(s3, BUCKET, to_job=layout_for(20).training_job_name)
+    with pytest.raises(pointers.PublishError, match="never published") as refused:
+        rollbacks.rollback(s3, BUCKET, to_job=layout_for(20).training_job_name)
     assert first.training_job_name in str(refused.value)  # lists what can be restored
     put(s3, first.frozen_model_uri, b"tampered")
-    with pytest.raises(publish.PublishError, match="refusing to roll back"):
-        publish.rollback(s3, BUCKET, to_job=first.training_job_name)
-    with pytest.raises(publish.PublishError, match="not a training job name"):
-        publish.rollback(s3, BUCKET, to_job="../../etc")
+    with pytest.raises(pointers.PublishError, match="refusing to roll back"):
+        rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name)
+    with pytest.raises(pointers.PublishError, match="not a training job name"):
+        rollbacks.rollback(s3, BUCKET, to_job="../../etc")
     assert published_state(s3) == before
 
 
 def test_rollback_without_a_previous_model_says_so(s3):
     publish_run(s3, layout_for(1), b"graph-1")
-    with pytest.raises(publish.PublishError, match="no previous model"):
-        publish.rollback(s3, BUCKET)
+    with pytest.raises(pointers.PublishError, match="no previous model"):
+        rollbacks.rollback(s3, BUCKET)
 
 
 def test_the_rollback_command(s3, s3_endpoint):
@@ -213,7 +213,7 @@ def test_the_rollback_command(s3, s3_endpoint):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "headpose.registry.promotion", "--endpoint-url", s3_endpoint, "--bucket", BUCKET, *args],
+            [sys.executable, "-m", "headpose.registry", "--endpoint-url", s3_endpoint, "--bucket", BUCKET, *args],
             env=env, capture_output=True, text=True, timeout=120,
         )
 
@@ -230,13 +230,13 @@ def test_the_rollback_command(s3, s3_endpoint):
 # -- promote_if_better: what the publish task does -------------------------------------
 
 def champion_of(s3) -> dict:
-    record, etag = publish.read_pointer(s3, POINTER)
+    record, etag = pointers.read_pointer(s3, POINTER)
     return {"present": True, "training_job_name": record["training_job_name"], "accuracy": 0.6,
             "pointer_etag": etag}
 
 
 def promote(s3, layout, graph: bytes, accuracy: float, champion: dict, **options):
-    return publish.promote_if_better(
+    return promotion.promote_if_better(
         s3, layout, frozen_model_sha256=upload_run(s3, layout, graph), metrics={"accuracy": accuracy},
         champion=champion, **options,
     )

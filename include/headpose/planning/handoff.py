@@ -1,0 +1,49 @@
+"""Moving a run's files between S3 and a worker, each transfer checked by its sha256.
+
+Tasks hand files to each other by S3 URI and sha256 (XCom carries both); these are the
+transfers at either end. boto3 is never imported here: the client is passed in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from headpose.planning.layout import file_sha256, require_workspace_file, split_s3_uri
+
+
+class HandoffError(RuntimeError):
+    """A file is not what the task that wrote it recorded; the message says which and how."""
+
+
+def fetch_model_artifact(
+    s3_client: Any, description: Mapping[str, Any], expected_uri: str, dest_dir: str | Path,
+) -> dict[str, str]:
+    """``download_artifact``'s work: the job's ``model.tar.gz`` on this worker, with its sha256.
+
+    Refuses an artifact at another URI than the run's, and one whose sha256 differs from
+    what the local backend recorded when it uploaded it.
+    """
+    artifact_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
+    job = description["TrainingJobName"]
+    if artifact_uri != expected_uri:
+        raise HandoffError(f"training job {job} wrote {artifact_uri}, expected {expected_uri}")
+    target = Path(dest_dir) / "model.tar.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bucket, key = split_s3_uri(artifact_uri)
+    s3_client.download_file(bucket, key, str(target))
+    sha256 = file_sha256(target)
+    recorded = description.get("LocalBackend", {}).get("ArtifactSha256")
+    if recorded and recorded != sha256:
+        raise HandoffError(f"{artifact_uri} has sha256 {sha256}, the training job recorded {recorded}")
+    return {"path": str(target), "sha256": sha256, "artifact_uri": artifact_uri, "training_job_name": job}
+
+
+def upload_checked(s3_client: Any, files: Iterable[tuple[str, str | None, str]]) -> dict[str, str]:
+    """Upload ``(local path, recorded sha256 or None, s3 uri)`` triples; ``{file name: uri}``."""
+    uploaded = {}
+    for path, sha256, uri in files:
+        require_workspace_file(path, sha256)
+        bucket, key = split_s3_uri(uri)
+        s3_client.upload_file(str(path), bucket, key)
+        uploaded[Path(path).name] = uri
+    return uploaded

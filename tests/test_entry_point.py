@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from headpose.artifacts.archive import pack_model_dir, safe_extract
-from headpose.backends.local import _make_dirs, to_cmd_args, training_environment
+from headpose.backends.container import make_dirs, to_cmd_args, training_environment
 from headpose.planning.plan import plan_run
 from headpose.backends.sourcedir import build_sourcedir
 
@@ -73,7 +73,7 @@ def start_like_the_toolkit(request: dict, root: Path, channel_dir: Path, extra_e
 
 def toolkit_command(request: dict, root: Path, channel_dir: Path, extra_env: dict | None = None):
     """Lay out ``root`` as ``/opt/ml`` for ``request``; ``(command, dirs, args, env)`` to run."""
-    dirs = _make_dirs(root, request)
+    dirs = make_dirs(root, request)
     sourcedir, _ = build_sourcedir(root / "sourcedir.tar.gz")
     safe_extract(sourcedir, dirs["code"])
     training = dirs["data"] / "training"

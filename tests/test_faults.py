@@ -87,11 +87,11 @@ def s3(moto_server):
 def dataset(s3, tmp_path_factory) -> dict:
     """The tiny synthetic dataset (93 training and 93 held-out images), staged once, and a
     copy whose training shard is corrupt (its manifest and eval split are fine)."""
-    from headpose.datasets import staging
-    from headpose.datasets.synthetic import GENERATOR_VERSION
+    from headpose.datasets import settings as dataset_settings, staging
+    from headpose.datasets.settings import GENERATOR_VERSION
 
     s3.create_bucket(Bucket=DATA_BUCKET)
-    settings = staging.synthetic_settings(
+    settings = dataset_settings.synthetic_settings(
         {"synthetic_train_per_pose": 1, "synthetic_eval_per_pose": 1, "seed": 0, "images_per_shard": 128},
         GENERATOR_VERSION,
     )

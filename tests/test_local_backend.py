@@ -15,7 +15,8 @@ import pytest
 
 from headpose.artifacts.archive import safe_extract
 from headpose.planning.layout import RunLayout, split_s3_uri
-from headpose.backends.local import LocalTrainingError, run_local_training_job, to_cmd_args
+from headpose.backends.container import to_cmd_args
+from headpose.backends.local import LocalTrainingError, run_local_training_job
 from headpose.planning.params import validate_run_params
 from headpose.planning.request import training_job_request
 from headpose.backends.sourcedir import build_sourcedir
@@ -247,7 +248,7 @@ def test_sourcedir_is_deterministic_and_self_contained(tmp_path):
 def test_a_training_program_left_by_a_killed_task_is_stopped_before_the_retry(tmp_path):
     """A task process killed with SIGKILL (OOM killer, lost container) cannot stop its
     training program, which leads its own process group; the retry must."""
-    from headpose.backends.local import PID_FILE, stop_previous_program
+    from headpose.backends.process import PID_FILE, stop_previous_program
 
     root = tmp_path / "local-training"
     (root / "code").mkdir(parents=True)

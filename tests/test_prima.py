@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.datasets import prima
+from headpose.datasets import prima, prima_archive, prima_crops
 from headpose.training import labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def _images():
             for index in (0, 1):
                 tilt, pan = next(pose)
                 k = len(result)
-                box = prima.FaceBox(130 + 9 * k, 110 + 4 * k, 60 + 2 * (k % 5) * 2, 80 + 2 * (k % 3) * 2)
+                box = prima_archive.FaceBox(130 + 9 * k, 110 + 4 * k, 60 + 2 * (k % 5) * 2, 80 + 2 * (k % 3) * 2)
                 result.append((person, series, index, tilt, pan, box))
     return result
 
@@ -56,7 +56,7 @@ def _stem(person, series, index, tilt, pan) -> str:
     return f"Person{person:02d}/person{person:02d}{series}{index:02d}{tilt:+d}{pan:+d}"
 
 
-def _draw(box: prima.FaceBox, person: int) -> bytes:
+def _draw(box: prima_archive.FaceBox, person: int) -> bytes:
     image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
     image[:] = (20 + 10 * person, 40, 60)
     top, bottom, left, right = box.top, box.bottom, box.left, box.right
@@ -68,7 +68,7 @@ def _draw(box: prima.FaceBox, person: int) -> bytes:
     return tf.io.encode_jpeg(image, quality=95, chroma_downsampling=False).numpy()
 
 
-def _annotation(name: str, box: prima.FaceBox) -> bytes:
+def _annotation(name: str, box: prima_archive.FaceBox) -> bytes:
     lines = [name, "", "Face", box.centre_x, box.centre_y, box.width, box.height]
     return ("\r\n".join(str(v) for v in lines) + "\r\n").encode()
 
@@ -131,11 +131,11 @@ def converted(archive, tmp_path_factory):
 # --- names, annotations, crop sampling ------------------------------------------------
 
 def test_member_names_follow_the_database():
-    assert prima.parse_member_name("Person01/person01100-90+0.jpg") == (
-        prima.ImageKey(person=1, series=1, index=0, tilt=-90, pan=0), "jpg")
-    assert prima.parse_member_name("Person15/person15292+15-30.txt") == (
-        prima.ImageKey(person=15, series=2, index=92, tilt=15, pan=-30), "txt")
-    assert prima.parse_member_name("Person07/person07145+0-75.jpg")[0].pan == -75
+    assert prima_archive.parse_member_name("Person01/person01100-90+0.jpg") == (
+        prima_archive.ImageKey(person=1, series=1, index=0, tilt=-90, pan=0), "jpg")
+    assert prima_archive.parse_member_name("Person15/person15292+15-30.txt") == (
+        prima_archive.ImageKey(person=15, series=2, index=92, tilt=15, pan=-30), "txt")
+    assert prima_archive.parse_member_name("Person07/person07145+0-75.jpg")[0].pan == -75
 
 
 @pytest.mark.parametrize("name", [
@@ -149,18 +149,18 @@ def test_member_names_follow_the_database():
     "Person01/README",
 ])
 def test_unparseable_names_are_refused_by_name(name):
-    with pytest.raises(prima.PrimaFormatError, match="not a Prima|folder|index|pose") as caught:
-        prima.parse_member_name(name)
+    with pytest.raises(prima_archive.PrimaFormatError, match="not a Prima|folder|index|pose") as caught:
+        prima_archive.parse_member_name(name)
     assert caught.value.member == name and name in str(caught.value)
 
 
 def test_annotation_is_three_header_lines_then_the_box():
     text = b"person01100-90+0.jpg\n\nFace\n186\n161\n96\n131\n"
-    assert prima.parse_face_box(text, "m") == prima.FaceBox(186, 161, 96, 131)
-    with pytest.raises(prima.PrimaFormatError, match="Person01/x.txt"):
-        prima.parse_face_box(b"person01100-90+0.jpg\n\nFace\n186\n161\n", "Person01/x.txt")
-    with pytest.raises(prima.PrimaFormatError, match="header"):
-        prima.parse_face_box(b"a\n\nFace\n186\nabc\n96\n131\n", "m")
+    assert prima_archive.parse_face_box(text, "m") == prima_archive.FaceBox(186, 161, 96, 131)
+    with pytest.raises(prima_archive.PrimaFormatError, match="Person01/x.txt"):
+        prima_archive.parse_face_box(b"person01100-90+0.jpg\n\nFace\n186\n161\n", "Person01/x.txt")
+    with pytest.raises(prima_archive.PrimaFormatError, match="header"):
+        prima_archive.parse_face_box(b"a\n\nFace\n186\nabc\n96\n131\n", "m")
 
 
 @pytest.mark.parametrize("size", [(84, 84), (96, 54)])
@@ -169,19 +169,19 @@ def test_every_sampled_crop_contains_the_face_box(size):
     rng = np.random.default_rng(1)
     for _ in range(200):
         width, height = int(rng.integers(20, 150)), int(rng.integers(20, 150))
-        box = prima.FaceBox(int(rng.integers(width // 2 + 1, WIDTH - width // 2 - 2)),
+        box = prima_archive.FaceBox(int(rng.integers(width // 2 + 1, WIDTH - width // 2 - 2)),
                             int(rng.integers(height // 2 + 1, HEIGHT - height // 2 - 2)),
                             width, height)
-        for x, y, w, h in prima.crop_windows(rng, HEIGHT, WIDTH, box, 5, out_width, out_height):
+        for x, y, w, h in prima_crops.crop_windows(rng, HEIGHT, WIDTH, box, 5, out_width, out_height):
             assert 0 <= x <= box.left and x + w - 1 >= box.right and x + w <= WIDTH
             assert 0 <= y <= box.top and y + h - 1 >= box.bottom and y + h <= HEIGHT
             assert w * out_height == h * out_width
 
 
 def test_a_box_that_admits_no_crop_is_an_error_not_a_hang():
-    box = prima.FaceBox(192, 144, 380, 284)  # the face fills the frame
-    with pytest.raises(prima.PrimaFormatError, match="Person01/x.jpg.*no 96:54 crop"):
-        prima.crop_windows(np.random.default_rng(0), HEIGHT, WIDTH, box, 1, 96, 54, "Person01/x.jpg")
+    box = prima_archive.FaceBox(192, 144, 380, 284)  # the face fills the frame
+    with pytest.raises(prima_archive.PrimaFormatError, match="Person01/x.jpg.*no 96:54 crop"):
+        prima_crops.crop_windows(np.random.default_rng(0), HEIGHT, WIDTH, box, 1, 96, 54, "Person01/x.jpg")
 
 
 # --- conversion -------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_truncated_archive_is_an_error_naming_a_member(archive, tmp_path):
     for cut in (len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 5):
         broken = tmp_path / f"cut{cut}.tar.gz"
         broken.write_bytes(data[:cut])
-        with pytest.raises(prima.PrimaFormatError, match="truncated") as caught:
+        with pytest.raises(prima_archive.PrimaFormatError, match="truncated") as caught:
             prima.convert_archive(broken, tmp_path / f"out{cut}")
         assert caught.value.member in names and caught.value.member in str(caught.value)
         assert not list((tmp_path / f"out{cut}").glob("*.tfrecord"))
@@ -296,8 +296,8 @@ def test_tar_cut_at_a_member_boundary_inside_valid_gzip_is_caught(tmp_path):
     boundary = sum(512 + -(-len(data) // 512) * 512 for _, data in members[:2])
     broken = tmp_path / "cut.tar.gz"
     broken.write_bytes(gzip.compress(whole[:boundary]))
-    with pytest.raises(prima.PrimaFormatError, match="end-of-archive") as caught:
-        list(prima.iter_image_pairs(open(broken, "rb")))
+    with pytest.raises(prima_archive.PrimaFormatError, match="end-of-archive") as caught:
+        list(prima_archive.iter_image_pairs(open(broken, "rb")))
     assert caught.value.member == members[1][0]
 
 
@@ -305,7 +305,7 @@ def test_unparseable_member_name_stops_the_conversion(tmp_path):
     bad = "Person02/person0214+15-30.jpg"  # index of one digit
     members = _members()
     members.insert(5, (bad, members[0][1]))
-    with pytest.raises(prima.PrimaFormatError) as caught:
+    with pytest.raises(prima_archive.PrimaFormatError) as caught:
         prima.convert_archive(_write_archive(tmp_path / "bad.tar.gz", members), tmp_path / "out")
     assert caught.value.member == bad and bad in str(caught.value)
     assert not list((tmp_path / "out").iterdir())
@@ -317,7 +317,7 @@ def test_an_image_without_its_partner_is_named(tmp_path, drop, missing):
     orphan = next(name for name, _ in members if name.endswith(drop))
     kept = orphan[: -len(drop)] + (".jpg" if drop == ".txt" else ".txt")
     members = [m for m in members if m[0] != orphan]
-    with pytest.raises(prima.PrimaFormatError, match=missing) as caught:
+    with pytest.raises(prima_archive.PrimaFormatError, match=missing) as caught:
         prima.convert_archive(_write_archive(tmp_path / "o.tar.gz", members), tmp_path / "out")
     assert caught.value.member == kept
 
@@ -325,7 +325,7 @@ def test_an_image_without_its_partner_is_named(tmp_path, drop, missing):
 def test_pairs_further_apart_than_the_buffer_allows_are_refused(tmp_path):
     members = sorted(_members(), key=lambda m: m[0].endswith(".txt"))  # every .jpg first
     archive = _write_archive(tmp_path / "far.tar.gz", members)
-    with pytest.raises(prima.PrimaFormatError, match="too far apart"):
+    with pytest.raises(prima_archive.PrimaFormatError, match="too far apart"):
         prima.convert_archive(archive, tmp_path / "out", max_pending_bytes=30_000)
     assert prima.convert_archive(archive, tmp_path / "ok")["source_images"]["eval"] == 12
 
@@ -334,7 +334,7 @@ def test_non_jpeg_image_is_named(tmp_path):
     members = _members()
     name, _ = members[2]
     members[2] = (name, b"not a jpeg")
-    with pytest.raises(prima.PrimaFormatError, match="JPEG") as caught:
+    with pytest.raises(prima_archive.PrimaFormatError, match="JPEG") as caught:
         prima.convert_archive(_write_archive(tmp_path / "j.tar.gz", members), tmp_path / "out")
     assert caught.value.member == name
 
@@ -391,11 +391,11 @@ def test_cli_converts_and_reports_errors(archive, tmp_path, capsys):
 
 
 def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, tmp_path):
-    from headpose.datasets import staging
+    from headpose.datasets import settings as dataset_settings, staging
 
     s3_client.create_bucket(Bucket="raw")
     s3_client.upload_file(str(archive), "raw", "prima/HeadPoseImageDatabase.tar.gz")
-    settings = staging.prima_settings({
+    settings = dataset_settings.prima_settings({
         "prima_archive_uri": "s3://raw/prima/HeadPoseImageDatabase.tar.gz",
         "prima_num_data_aug": 2, "prima_num_eval_aug": 1, "seed": 0, "images_per_shard": 50,
     })
@@ -423,7 +423,6 @@ def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
 
 
 def test_a_prima_run_needs_the_archive_and_names_its_prefix_by_it():
-    from datetime import datetime, timezone
 
     from headpose.planning.params import RunParamsError, validate_run_params
     from headpose.planning.plan import dataset_plan

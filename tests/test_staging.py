@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from headpose.datasets import staging
+from headpose.datasets import settings as dataset_settings, staging
 from headpose.planning.layout import file_sha256, split_s3_uri
-from headpose.datasets.synthetic import GENERATOR_VERSION
+from headpose.datasets.settings import GENERATOR_VERSION
 
 BUCKET = "staging-test"
-SETTINGS = staging.synthetic_settings(
+SETTINGS = dataset_settings.synthetic_settings(
     {"synthetic_train_per_pose": 1, "synthetic_eval_per_pose": 1, "seed": 3, "images_per_shard": 50},
     GENERATOR_VERSION,
 )

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headpose.datasets import synthetic
+from headpose.datasets import rendering, synthetic
 from headpose.training import labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _image(seed: int, tilt: float, pan: float, size: int = 84) -> np.ndarray:
-    return synthetic.generate_image(np.random.default_rng(seed), tilt, pan, size)
+    return rendering.generate_image(np.random.default_rng(seed), tilt, pan, size)
 
 
 def test_image_is_uint8_rgb_of_the_requested_size():

@@ -298,7 +298,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def on_kill(self) -> None:
         if self._process is not None:
-            from headpose.backends.local import stop_process
+            from headpose.backends.process import stop_process
 
             self.log.info("Stopping the local training process %s", self._process.pid)
             stop_process(self._process)

@@ -34,15 +34,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from headpose.artifacts.archive import find_saved_model, safe_extract
-from headpose.training import labels
+from headpose.artifacts.graph_passes import (
+    DT_FLOAT,
+    conv_add_to_bias_add,
+    grappler_fold_constants,
+    node_of,
+    split_tensor,
+)
+from headpose.artifacts.metadata import build_metadata
+from headpose.planning.layout import FROZEN_MODEL_FILE, FROZEN_MODEL_JSON_FILE
 
 # TensorFlow is imported inside the functions that run it: importing this module (an
 # Airflow operator does, at DAG-parse time) or asking the CLI for --help stays instant.
 if TYPE_CHECKING:
     from tensorflow.core.framework.graph_pb2 import GraphDef
 
-FROZEN_GRAPH_FILE = "frozen_model.pb"
-METADATA_FILE = "frozen_model.json"
 DEFAULT_INPUTS = ("inputs",)
 DEFAULT_OUTPUTS = ("softmax_tensor",)
 DEFAULT_SIGNATURE = "serving_default"
@@ -55,8 +61,6 @@ FORBIDDEN_OPS = frozenset({
     "Assign", "AssignSub", "AssignAdd", "StatefulPartitionedCall", "PartitionedCall",
     "SaveV2", "RestoreV2", "NoOp", "Rsqrt", "RandomUniform", "RandomStandardNormal",
 })
-_CONV_OPS = ("Conv2D", "DepthwiseConv2dNative")
-_DT_FLOAT = 1  # tensorflow.DataType.DT_FLOAT
 
 
 class FreezeError(ValueError):
@@ -114,8 +118,8 @@ def freeze_saved_model(
     graph_def = optimize_for_inference_lib.optimize_for_inference(
         graph_def, input_names, output_names, dtypes
     )
-    graph_def = _grappler_fold_constants(graph_def, input_names, output_names)
-    graph_def = _conv_add_to_bias_add(graph_def)
+    graph_def = grappler_fold_constants(graph_def, input_names, output_names)
+    graph_def = conv_add_to_bias_add(graph_def)
     graph_def = tf.compat.v1.graph_util.extract_sub_graph(graph_def, output_names)
     for node in graph_def.node:
         node.device = ""  # no placement tied to the freezing machine
@@ -186,7 +190,7 @@ def _named_outputs(graph_def, function, converted, requested: Sequence[str]) -> 
 
 def _output_candidates(graph_def, signature_keys: Sequence[str]) -> list[str]:
     """Signature output keys, then nodes that look like outputs (softmax, graph sinks)."""
-    consumed = {_node_of(i) for node in graph_def.node for i in node.input}
+    consumed = {node_of(i) for node in graph_def.node for i in node.input}
     likely = [
         node.name for node in graph_def.node
         if node.op in ("Softmax", "Sigmoid")
@@ -205,7 +209,7 @@ def _rename_outputs(graph_def: GraphDef, outputs: dict[str, str]) -> GraphDef:
     result = copy.deepcopy(graph_def)
     nodes = {node.name: node for node in result.node}
     for wanted, tensor in outputs.items():
-        if _split_tensor(tensor)[0] == wanted:  # a graph node asked for by its own name
+        if split_tensor(tensor)[0] == wanted:  # a graph node asked for by its own name
             continue
         producer, index = _through_identities(nodes, tensor)
         if wanted in nodes:
@@ -214,16 +218,16 @@ def _rename_outputs(graph_def: GraphDef, outputs: dict[str, str]) -> GraphDef:
             _rename_node(result, producer, wanted)
         else:
             alias = result.node.add(name=wanted, op="Identity", input=[f"{producer}:{index}"])
-            alias.attr["T"].type = nodes[producer].attr["T"].type or _DT_FLOAT
+            alias.attr["T"].type = nodes[producer].attr["T"].type or DT_FLOAT
         nodes = {node.name: node for node in result.node}
     return result
 
 
 def _through_identities(nodes, tensor: str) -> tuple[str, int]:
-    name, index = _split_tensor(tensor)
+    name, index = split_tensor(tensor)
     while nodes[name].op == "Identity" and index == 0:
         data_inputs = [i for i in nodes[name].input if not i.startswith("^")]
-        name, index = _split_tensor(data_inputs[0])
+        name, index = split_tensor(data_inputs[0])
     return name, index
 
 
@@ -244,79 +248,6 @@ def _check_inputs(graph_def, input_names: Sequence[str]) -> None:
 
 def _placeholder_dtype(graph_def, name: str) -> int:
     return next(node.attr["dtype"].type for node in graph_def.node if node.name == name)
-
-
-def _grappler_fold_constants(graph_def: GraphDef, input_names, output_names) -> GraphDef:
-    """Grappler's constant folding and arithmetic passes only, on the frozen graph."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
-    from tensorflow.python.grappler import tf_optimizer
-    from tensorflow.python.training.saver import export_meta_graph
-
-    with tf.Graph().as_default() as graph:
-        tf.compat.v1.import_graph_def(graph_def, name="")
-    meta_graph = export_meta_graph(graph_def=graph_def, graph=graph)
-    # Grappler keeps what the "train_op" collection names (the fetches) and the feeds.
-    fetch = meta_graph_pb2.CollectionDef()
-    fetch.node_list.value.extend(list(input_names) + list(output_names))
-    meta_graph.collection_def["train_op"].CopyFrom(fetch)
-    config = config_pb2.ConfigProto()
-    rewrite = config.graph_options.rewrite_options
-    rewrite.optimizers[:] = ["constfold", "arithmetic"]
-    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.TWO
-    rewrite.min_graph_nodes = -1
-    return tf_optimizer.OptimizeGraph(config, meta_graph, verbose=False)
-
-
-def _conv_add_to_bias_add(graph_def: GraphDef) -> GraphDef:
-    """Turn ``AddV2(conv, per-channel constant)`` into ``BiasAdd(conv, constant)``.
-
-    Why by hand: after Grappler has pushed the batch-norm scale into the convolution
-    weights, the batch-norm shift is left as an ``AddV2``. Grappler only fuses that pair
-    in its CPU remapper (into ``_FusedConv2D``, which edge runtimes cannot load), and
-    ``optimize_for_inference`` only knows ``FusedBatchNorm``. ``BiasAdd`` is what
-    runtimes recognise as a convolution's bias and merge into the convolution layer.
-    The values are unchanged: this only retypes the node.
-    """
-    result = copy.deepcopy(graph_def)
-    nodes = {node.name: node for node in result.node}
-    for node in result.node:
-        if node.op not in ("Add", "AddV2") or len(node.input) != 2:
-            continue
-        pair = [nodes.get(_node_of(i)) for i in node.input]
-        for conv_at in (0, 1):
-            conv, const = pair[conv_at], pair[1 - conv_at]
-            if _is_nhwc_conv(conv) and _is_vector_const(const, _channels(conv, nodes)):
-                data, bias = node.input[conv_at], node.input[1 - conv_at]
-                node.op = "BiasAdd"
-                node.input[:] = [data, bias]
-                node.attr["data_format"].s = b"NHWC"
-                break
-    return result
-
-
-def _is_nhwc_conv(node) -> bool:
-    return (
-        node is not None and node.op in _CONV_OPS
-        and node.attr["data_format"].s in (b"", b"NHWC")
-    )
-
-
-def _channels(conv, nodes) -> int | None:
-    weights = nodes.get(_node_of(conv.input[1]))
-    if weights is None or weights.op != "Const":
-        return None
-    shape = [d.size for d in weights.attr["value"].tensor.tensor_shape.dim]
-    if len(shape) != 4:
-        return None
-    return shape[3] if conv.op == "Conv2D" else shape[2] * shape[3]
-
-
-def _is_vector_const(node, channels: int | None) -> bool:
-    if node is None or node.op != "Const" or channels is None:
-        return False
-    shape = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
-    return shape == [channels]
 
 
 def _verify(graph_def: GraphDef, input_names, output_names, node_count_before: int) -> None:
@@ -387,7 +318,7 @@ def _parity(function, graph_def, input_names, output_names, signature_key) -> fl
 def _write(graph_def, output_dir: Path, input_names, output_names, function,
            signature_key: str, node_count_before: int, parity: float | None) -> FreezeResult:
     output_dir.mkdir(parents=True, exist_ok=True)
-    pb_path = output_dir / FROZEN_GRAPH_FILE
+    pb_path = output_dir / FROZEN_MODEL_FILE
     data = graph_def.SerializeToString(deterministic=True)
     _write_atomically(pb_path, data)
     sha256 = hashlib.sha256(data).hexdigest()
@@ -395,7 +326,7 @@ def _write(graph_def, output_dir: Path, input_names, output_names, function,
         graph_def, input_names, output_names, function, signature_key,
         sha256, len(data), node_count_before, parity,
     )
-    json_path = output_dir / METADATA_FILE
+    json_path = output_dir / FROZEN_MODEL_JSON_FILE
     _write_atomically(json_path, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
     return FreezeResult(
         pb_path=pb_path, json_path=json_path, sha256=sha256, size_bytes=len(data),
@@ -410,86 +341,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(data)
     partial.replace(path)
-
-
-def build_metadata(graph_def, input_names, output_names, function, signature_key: str,
-                   sha256: str, size_bytes: int, node_count_before: int,
-                   parity: float | None) -> dict:
-    """What a consumer needs besides the graph: tensors, preprocessing, class map."""
-    import tensorflow as tf
-
-    nodes = {node.name: node for node in graph_def.node}
-    input_shapes = {name: _shape_list(nodes[name].attr["shape"].shape) for name in input_names}
-    out_specs = function.structured_outputs
-    low, high = labels.BIN_THRESHOLDS
-    names = labels.class_names()
-    return {
-        "format": "tensorflow frozen GraphDef (binary protobuf)",
-        "graph_file": FROZEN_GRAPH_FILE,
-        "sha256": sha256,
-        "size_bytes": size_bytes,
-        "node_count": len(graph_def.node),
-        "node_count_before_optimisation": node_count_before,
-        "op_counts": dict(sorted(collections.Counter(n.op for n in graph_def.node).items())),
-        "tensorflow_version": tf.__version__,
-        "signature_key": signature_key,
-        "inputs": [
-            {
-                "name": name,
-                "tensor": f"{name}:0",
-                "dtype": tf.dtypes.as_dtype(nodes[name].attr["dtype"].type).name,
-                "shape": input_shapes[name],
-            }
-            for name in input_names
-        ],
-        "outputs": [
-            {
-                "name": name,
-                "tensor": f"{name}:0",
-                "dtype": (out_specs[name].dtype if name in out_specs
-                          else tf.dtypes.as_dtype(nodes[name].attr["T"].type or _DT_FLOAT)).name,
-                "shape": out_specs[name].shape.as_list() if name in out_specs else None,
-            }
-            for name in output_names
-        ],
-        "preprocessing": {
-            "layout": "NHWC",
-            "image_size": (input_shapes[input_names[0]] or [None] * 4)[1:3],
-            "colour_order": "RGB",
-            "value_range": [0.0, 1.0],
-            "scaling": "float32(uint8 pixel) / 255",
-        },
-        "classes": [
-            {
-                "index": i, "name": names[i],
-                "pan_bin": i // labels.NUM_BINS, "tilt_bin": i % labels.NUM_BINS,
-            }
-            for i in range(labels.NUM_CLASSES)
-        ],
-        "class_index": "pan_bin * 3 + tilt_bin",
-        "bins": {
-            "angle_normalisation": "degrees / 90",
-            "thresholds_normalised": [low, high],
-            "thresholds_degrees": [low * 90.0, high * 90.0],
-            "bin_of_angle": "0 if a < t0, 1 if t0 <= a < t1, 2 if a >= t1",
-        },
-        "parity_max_abs_diff": parity,
-    }
-
-
-def _shape_list(shape_proto) -> list[int | None] | None:
-    if shape_proto.unknown_rank:
-        return None
-    return [None if d.size < 0 else d.size for d in shape_proto.dim]
-
-
-def _split_tensor(name: str) -> tuple[str, int]:
-    node, _, index = name.lstrip("^").partition(":")
-    return node, int(index) if index else 0
-
-
-def _node_of(input_name: str) -> str:
-    return _split_tensor(input_name)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model.tar.gz to extract safely (path-traversal and size checks) "
                              "and search for its one export/*/* SavedModel")
     parser.add_argument("--output-dir", type=Path, required=True,
-                        help=f"folder for {FROZEN_GRAPH_FILE} and {METADATA_FILE} (created)")
+                        help=f"folder for {FROZEN_MODEL_FILE} and {FROZEN_MODEL_JSON_FILE} (created)")
     parser.add_argument("--input-node", action="append", dest="input_nodes", metavar="NAME",
                         help="input placeholder name; repeat for several (default: inputs)")
     parser.add_argument("--output-node", action="append", dest="output_nodes", metavar="NAME",

@@ -48,17 +48,6 @@ def stage_dataset(
     return check_dataset_prefix(s3_client, plan["dataset_prefix"])
 
 
-def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dict[str, int]:
-    """The settings that define a synthetic dataset (and its prefix's hash)."""
-    return {
-        "generator_version": generator_version,
-        "train_per_pose": int(params["synthetic_train_per_pose"]),
-        "eval_per_pose": int(params["synthetic_eval_per_pose"]),
-        "seed": int(params["seed"]),
-        "images_per_shard": int(params["images_per_shard"]),
-    }
-
-
 def require_bucket(s3_client: Any, bucket: str) -> None:
     """``DatasetError`` unless ``bucket`` exists and these credentials can reach it.
 
@@ -130,7 +119,7 @@ def stage_synthetic_dataset(
         log(f"dataset already staged at {prefix_uri} (manifest present); skipping generation")
         return _summary(prefix_uri, existing, staged=False)
 
-    from headpose.datasets.synthetic import GENERATOR_VERSION
+    from headpose.datasets.settings import GENERATOR_VERSION
 
     if settings["generator_version"] != GENERATOR_VERSION:
         raise DatasetError(
@@ -265,17 +254,6 @@ def download_split(s3_client: Any, prefix_uri: str, split: str, dest: str | Path
         s3_client.download_file(bucket, key, str(path))
         paths.append(path)
     return paths
-
-
-def prima_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that define a Prima dataset (and, with the archive URI, its prefix)."""
-    return {
-        "archive_uri": str(params["prima_archive_uri"]),
-        "num_data_aug": int(params["prima_num_data_aug"]),
-        "num_eval_aug": int(params["prima_num_eval_aug"]),
-        "seed": int(params["seed"]),
-        "images_per_shard": int(params["images_per_shard"]),
-    }
 
 
 def stage_prima_dataset(

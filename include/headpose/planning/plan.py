@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
+from headpose.datasets.settings import GENERATOR_VERSION, prima_settings, synthetic_settings
 from headpose.planning.layout import (
     RunLayout,
     dataset_id,
@@ -28,14 +29,9 @@ def dataset_plan(params: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]
     source = params["dataset_source"]
     bucket, folder = params["s3_bucket"], params["headpose_folder"]
     if source == "synthetic":
-        from headpose.datasets.staging import synthetic_settings
-        from headpose.datasets.synthetic import GENERATOR_VERSION
-
         settings = synthetic_settings(params, GENERATOR_VERSION)
         return dataset_prefix_for(bucket, folder, dataset_id("synthetic", settings)), settings
     if source == "prima":
-        from headpose.datasets.staging import prima_settings
-
         settings = prima_settings(params)
         return dataset_prefix_for(bucket, folder, dataset_id("prima", settings)), settings
     return source.rstrip("/") + "/", None

@@ -1,0 +1,136 @@
+"""Supervising the training program: streamed output, metrics, the run-time limit, stopping.
+
+The program leads its own process group, so a stop reaches its children too; its pid is
+recorded in the job's folder so that a retry can stop one a killed task left behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+Log = Callable[[str], None]
+
+
+class MetricCollector:
+    """The last value each ``MetricDefinitions`` regex matched, as SageMaker reports them."""
+
+    def __init__(self, definitions: list[Mapping[str, str]]):
+        self.patterns = [(d["Name"], re.compile(d["Regex"])) for d in definitions]
+        self.values: dict[str, float] = {}
+
+    def feed(self, line: str) -> None:
+        for name, pattern in self.patterns:
+            match = pattern.search(line)
+            if match:
+                try:
+                    self.values[name] = float(match.group(1))
+                except (IndexError, ValueError):
+                    pass
+
+    def final(self, when: datetime) -> list[dict[str, Any]]:
+        return [{"MetricName": n, "Value": v, "Timestamp": when} for n, v in self.values.items()]
+
+    def summary(self) -> str:
+        return ", ".join(f"{n}={v:g}" for n, v in self.values.items()) or "none"
+
+
+def run_program(
+    command: list[str], cwd: Path, env: dict[str, str], metrics: MetricCollector, log: Log,
+    max_runtime: int, on_start: Callable[[subprocess.Popen], None] | None,
+) -> tuple[int, bool]:
+    """Run ``command``, each output line to ``log`` as it comes; stop it after ``max_runtime`` s."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, encoding="utf-8", errors="replace", bufsize=1,
+        start_new_session=True,  # its own process group, so a stop reaches its children too
+    )
+    if on_start is not None:
+        on_start(process)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        stop_process(process)
+
+    timer = threading.Timer(max_runtime, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            log(line)
+            metrics.feed(line)
+        exit_code = process.wait()
+    except BaseException:
+        # The task itself is being stopped (timeout, kill): do not leave training behind.
+        stop_process(process)
+        process.wait()
+        raise
+    finally:
+        timer.cancel()
+    return exit_code, timed_out.is_set()
+
+
+PID_FILE = "training.pid"
+
+
+def recording_pid(
+    root: Path, on_start: Callable[[subprocess.Popen], None] | None
+) -> Callable[[subprocess.Popen], None]:
+    def started(process: subprocess.Popen) -> None:
+        (root / PID_FILE).write_text(str(process.pid))
+        if on_start is not None:
+            on_start(process)
+    return started
+
+
+def stop_previous_program(root: Path, log: Log) -> bool:
+    """Kill the training program a previous try left running in ``root``; whether there was one.
+
+    The program leads its own process group (so that a stop reaches its children), which
+    also means it outlives a task process killed with SIGKILL (an OOM kill, a lost
+    worker container): on_kill never runs then. Left alone, it would train beside the
+    retry in the folder the retry is about to empty. The pid is only trusted if that
+    process still works in this folder (``/proc/<pid>/cwd``), so a recycled pid is spared.
+    """
+    try:
+        pid = int((root / PID_FILE).read_text())
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except (OSError, ValueError):
+        return False
+    if cwd != (root / "code").resolve():
+        return False
+    log(f"stopping the training program {pid} that a previous try left running")
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    for _ in range(100):  # it is reaped by init; wait until /proc no longer shows it working here
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM the training process and its children (it leads its own process group)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass

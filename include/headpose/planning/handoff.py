@@ -47,3 +47,24 @@ def upload_checked(s3_client: Any, files: Iterable[tuple[str, str | None, str]])
         s3_client.upload_file(str(path), bucket, key)
         uploaded[Path(path).name] = uri
     return uploaded
+
+
+def download_verified(s3_client: Any, uri: str, dest: str | Path, sha256: str | None) -> Path:
+    """``uri`` downloaded to ``dest`` (boto3's transfer manager), refused unless it has ``sha256``."""
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bucket, key = split_s3_uri(uri)
+    s3_client.download_file(bucket, key, str(target))
+    actual = file_sha256(target)
+    if sha256 is not None and actual != sha256:
+        target.unlink()
+        raise HandoffError(f"{uri} has sha256 {actual}, but the task that wrote it recorded {sha256}")
+    return target
+
+
+def upload_file(s3_client: Any, path: str | Path, uri: str) -> str:
+    """Upload ``path`` to ``uri`` (boto3's transfer manager); returns the file's sha256."""
+    bucket, key = split_s3_uri(uri)
+    sha256 = file_sha256(path)
+    s3_client.upload_file(str(path), bucket, key)
+    return sha256

@@ -55,6 +55,7 @@ except ImportError:  # a checkout run without PYTHONPATH=include: the package si
 
 from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
+from headpose.planning.profile import load_profile  # noqa: E402
 from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator  # noqa: E402
 from headpose_operators.notify import failure_notifier  # noqa: E402
 
@@ -83,10 +84,11 @@ def _params() -> dict[str, Param]:
     dagrun_timeout=scheduling.dagrun_timeout(),
     params=_params(),
     # Timeouts and retries are per task: scheduling.task_args(<task_id>).
-    default_args={"on_failure_callback": failure_notifier()},
+    default_args={"owner": scheduling.owner(), "on_failure_callback": failure_notifier()},
     on_failure_callback=failure_notifier(),
     tags=["headpose", "sagemaker", "tensorflow"],
-    doc_md=__doc__,
+    description="Retrains the head-pose ResNet, freezes, validates and publishes it for edge devices",
+    doc_md=__doc__ + "\n#### In force\n" + load_profile().describe() + "\n",
 )
 def headpose_retraining():
     @task(multiple_outputs=True, **scheduling.task_args("plan_run"))
@@ -95,19 +97,26 @@ def headpose_retraining():
         (`deeplens-TF-headpose-<logical time>`, the same on every retry), every S3 URI of the run
         and the CreateTrainingJob request. No AWS calls. Fails (no retry) on bad parameters: the
         message lists every problem."""
-        from headpose.planning.params import RunParamsError
+        from headpose.planning.rules import RunParamsError
         from headpose.planning.plan import plan_run as make_plan
+
+        from headpose.planning.params import CONNECTION_ROLE_EXTRA
+        from headpose_operators.s3 import OWNER_EXTRA
 
         context = get_current_context()
         dag_run = context["dag_run"]
+        hook = _s3_hook()
+        extra = hook.conn_config.extra_config
         try:
             plan = make_plan(
                 dict(context["params"]), dag_run.logical_date or dag_run.run_after,
-                region=_s3_hook().conn_region_name or "us-east-1", dag_id=DAG_ID, run_id=dag_run.run_id,
+                region=hook.conn_region_name or "us-east-1", dag_id=DAG_ID, run_id=dag_run.run_id,
                 dagrun_timeout=context["dag"].dagrun_timeout,
+                connection_role=extra.get(CONNECTION_ROLE_EXTRA), connection_owner=extra.get(OWNER_EXTRA),
             )
         except RunParamsError as error:
             raise _fail(str(error)) from None
+        print(plan["profile"])
         print(f"training_job_name: {plan['training_job_name']}")
         return plan
 
@@ -119,7 +128,7 @@ def headpose_retraining():
         from headpose.datasets import staging
 
         try:
-            return staging.stage_dataset(_s3_hook().get_conn(), plan, print, scratch_root=_scratch(plan))
+            return staging.stage_dataset(_s3(plan), plan, print, scratch_root=_scratch(plan))
         except staging.DatasetError as error:
             raise _fail(str(error)) from None
 
@@ -129,7 +138,7 @@ def headpose_retraining():
         `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
         from headpose.backends.sourcedir import package_code as pack_and_upload
 
-        return pack_and_upload(_s3_hook().get_conn(), plan["sourcedir_uri"], _scratch(plan))
+        return pack_and_upload(_s3(plan), plan["sourcedir_uri"], _scratch(plan))
 
     @task(multiple_outputs=True, **scheduling.task_args("download_artifact"))
     def download_artifact(plan: dict, training: dict) -> dict:
@@ -140,7 +149,7 @@ def headpose_retraining():
 
         try:
             return fetch_model_artifact(
-                _s3_hook().get_conn(), training["Training"], plan["model_artifact_uri"], plan["workspace_dir"],
+                _s3(plan), training["Training"], plan["model_artifact_uri"], plan["workspace_dir"],
             )
         except HandoffError as error:
             raise _fail(str(error)) from None
@@ -156,7 +165,7 @@ def headpose_retraining():
         from headpose.registry.champion import validate_candidate
 
         try:
-            return validate_candidate(_s3_hook().get_conn(), plan, frozen, plan["workspace_dir"], print)
+            return validate_candidate(_s3(plan), plan, frozen, plan["workspace_dir"], print)
         except ModelRefused as error:
             raise _fail(str(error)) from None
 
@@ -174,7 +183,7 @@ def headpose_retraining():
         ]
         if report.get("confusion_png_path"):
             files.append((report["confusion_png_path"], None, plan["confusion_png_uri"]))
-        return upload_checked(_s3_hook().get_conn(), files)
+        return upload_checked(_s3(plan), files)
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, frozen: dict, report: dict, uploaded: dict) -> dict:
@@ -192,7 +201,7 @@ def headpose_retraining():
         context = get_current_context()
         try:
             decision, summary = publish_run(
-                _s3_hook().get_conn(), plan, training, frozen, report,
+                _s3(plan), plan, training, frozen, report,
                 dag_id=DAG_ID, run_id=context["dag_run"].run_id,
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
@@ -261,6 +270,13 @@ def _s3_hook():
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     return S3Hook(aws_conn_id=AWS_CONN_ID)
+
+
+def _s3(plan: dict):
+    """The run's S3 client: the connection's, pinned to the bucket owner plan_run resolved."""
+    from headpose_operators.s3 import s3_client
+
+    return s3_client(AWS_CONN_ID, plan.get("expected_bucket_owner"))
 
 
 def _fail(message: str):

@@ -12,6 +12,9 @@ sys.path.insert(0, str(ROOT / "include"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))  # embedded.py: the moto launcher of the demo and tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests' deployment bucket: there is no built-in one (plan_run refuses a run naming none;
+# tests of that refusal remove this). Subprocess runs get their own environment (cli_env).
+os.environ.setdefault("HEADPOSE_S3_BUCKET", "headpose-tests")
 
 from support import MotoServer  # noqa: E402
 

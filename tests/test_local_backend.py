@@ -17,7 +17,7 @@ from headpose.artifacts.archive import safe_extract
 from headpose.planning.layout import RunLayout, split_s3_uri
 from headpose.backends.container import to_cmd_args
 from headpose.backends.local import LocalTrainingError, run_local_training_job
-from headpose.planning.params import validate_run_params
+from headpose.planning.rules import validate_run_params
 from headpose.planning.request import training_job_request
 from headpose.backends.sourcedir import build_sourcedir
 
@@ -95,7 +95,7 @@ def job(s3_client, tmp_path):
     s3_client.create_bucket(Bucket=BUCKET)
     params = validate_run_params({
         "s3_bucket": BUCKET, "training_steps": 2, "evaluation_steps": 1, "batch_size": 4,
-        "resnet_size": 10, "base_filters": 8,
+        "resnet_size": 10, "base_filters": 8, "batch_norm_momentum": 0.99, "learning_rate_decay_epochs": "100,150,200",
     })
     layout = RunLayout.for_run(BUCKET, "headpose", JOB, f"s3://{BUCKET}/headpose/datasets/tiny/")
     _, prefix = split_s3_uri(layout.dataset_prefix)

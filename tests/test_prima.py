@@ -424,7 +424,7 @@ def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
 
 def test_a_prima_run_needs_the_archive_and_names_its_prefix_by_it():
 
-    from headpose.planning.params import RunParamsError, validate_run_params
+    from headpose.planning.rules import RunParamsError, validate_run_params
     from headpose.planning.plan import dataset_plan
 
     with pytest.raises(RunParamsError, match="dataset_source=prima needs prima_archive_uri"):

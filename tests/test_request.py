@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from headpose.planning.layout import RunLayout
-from headpose.planning.params import validate_run_params
+from headpose.planning.rules import validate_run_params
 from headpose.planning.plan import plan_run
 from headpose.planning.request import (
     LOCAL_ROLE_ARN,
@@ -39,8 +39,11 @@ def _sagemaker(endpoint: str):
 
 @pytest.fixture(scope="module")
 def sagemaker_plan():
+    # The tutorial's run: ResNet-50, 25000 steps of 200 (the documented production profile's values).
     return plan_run(
-        {"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge", "s3_bucket": "bkt"},
+        {"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge", "s3_bucket": "bkt",
+         "resnet_size": 50, "base_filters": 64, "training_steps": 25000, "batch_size": 200,
+         "evaluation_steps": 700},
         LOGICAL, region="us-east-1", dag_id="headpose_retraining",
         run_id="manual__2024-05-06T07:08:09.010000+00:00",
     )
@@ -159,7 +162,7 @@ def test_run_ids_with_odd_characters_become_valid_tags():
 
 
 def test_a_region_without_an_image_is_a_parameter_error_not_a_crash():
-    from headpose.planning.params import RunParamsError
+    from headpose.planning.rules import RunParamsError
 
     with pytest.raises(RunParamsError, match="no TensorFlow training image"):
         plan_run({"backend": "sagemaker", "role_arn": ARN, "instance_type": "ml.g4dn.xlarge"},
@@ -204,8 +207,12 @@ def test_the_default_instance_type_has_a_tensorflow_2_21_gpu_image():
     assert re.search(r"/tensorflow-training:2\.21[.\d]*-gpu-py312", request["AlgorithmSpecification"]["TrainingImage"])
 
 
-def test_an_empty_role_is_left_for_the_train_task_to_resolve():
-    # With backend=sagemaker and no role_arn the request carries no role; the train task
-    # takes it from the AWS connection (and refuses to start without one).
-    plan = plan_run({"backend": "sagemaker"}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")
-    assert plan["training_request"]["RoleArn"] == ""
+def test_without_role_arn_the_request_takes_the_connections_role_and_without_either_plan_run_refuses():
+    role = "arn:aws:iam::123456789012:role/FromTheConnection"
+    plan = plan_run({"backend": "sagemaker"}, LOGICAL, region="us-east-1", dag_id="d", run_id="r",
+                    connection_role=role)
+    assert plan["training_request"]["RoleArn"] == role
+    from headpose.planning.rules import RunParamsError
+
+    with pytest.raises(RunParamsError, match="needs the SageMaker execution role"):
+        plan_run({"backend": "sagemaker"}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")

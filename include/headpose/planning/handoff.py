@@ -68,3 +68,25 @@ def upload_file(s3_client: Any, path: str | Path, uri: str) -> str:
     sha256 = file_sha256(path)
     s3_client.upload_file(str(path), bucket, key)
     return sha256
+
+
+def pin_bucket_owner(s3_client: Any, expected_bucket_owner: str | None) -> Any:
+    """``s3_client``, sending ``ExpectedBucketOwner`` with every call whose API takes it.
+
+    S3 then refuses (403) any call to a bucket another account owns - say one a stranger
+    created under a name this deployment expected to own. A botocore event hook rather
+    than an argument at every call site, so that no call (the transfer manager's parts,
+    paginators, server-side copies) can be missed.
+    """
+    if not expected_bucket_owner:
+        return s3_client
+
+    def add_owner(params: dict, model: Any, **_: Any) -> None:
+        members = model.input_shape.members if model.input_shape is not None else {}
+        if "ExpectedBucketOwner" in members:
+            params.setdefault("ExpectedBucketOwner", expected_bucket_owner)
+        if "ExpectedSourceBucketOwner" in members:  # CopyObject, UploadPartCopy: the source too
+            params.setdefault("ExpectedSourceBucketOwner", expected_bucket_owner)
+
+    s3_client.meta.events.register("before-parameter-build.s3", add_owner, unique_id="headpose-bucket-owner")
+    return s3_client

@@ -46,6 +46,17 @@ BUCKET_NAME_PATTERN = (
 )
 _BUCKET_RE = re.compile(BUCKET_NAME_PATTERN)
 
+# What the trigger form and Airflow check of a bucket name when a run is created: its
+# length and alphabet. The rest of BUCKET_NAME_PATTERN (no "..", not IP-shaped, reserved
+# prefixes and suffixes) is plan_run's, whose refusal says it in words; as JSON-schema
+# keywords it made Airflow's refusal print a page of regexes.
+BUCKET_NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 3,
+    "maxLength": 63,
+    "pattern": r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
+}
+
 # One path segment: the folder is a key prefix, not a path, so "a/b" or ".." are refused.
 FOLDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _FOLDER_RE = re.compile(FOLDER_PATTERN)

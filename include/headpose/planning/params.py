@@ -1,54 +1,33 @@
-"""The retraining run's parameters: one JSON schema each, plus the cross-field rules.
+"""The retraining run's parameters: one JSON schema each.
 
-``PARAM_SCHEMAS`` is the single definition. The DAG turns each entry into an Airflow
+``param_schemas`` is the single definition. The DAG turns each entry into an Airflow
 ``Param`` (so the trigger form shows a typed, described field and Airflow refuses a bad
-value when the run is created, before any task runs); ``validate_run_params`` checks the
-same schemas again plus the rules that tie fields together (which a per-field schema
-cannot express), and ``plan_run`` calls it before any cloud call.
+value when the run is created, before any task runs); ``planning.rules`` checks the same
+schemas again in ``plan_run``, plus the rules that tie fields together.
 
-Defaults are the original tutorial's (``batch_size`` 200, ``training_steps`` 25000,
-``evaluation_steps`` 700, ResNet-50, 100 GB volume, 432000 s), except the instance type:
-the tutorial's ``ml.p2.xlarge`` has no TensorFlow 2.21 image, so ``ml.g4dn.xlarge``
-(the smallest current single-GPU training type) takes its place.
+Built-in defaults are the embedded demo's: a small ResNet on the synthetic dataset that
+trains, freezes, validates and publishes in minutes on a laptop. A deployment replaces
+them with its own through ``$HEADPOSE_RUN_DEFAULTS`` (``planning.profile``); the
+tutorial's settings (ResNet-50, 25000 steps of 200 on SageMaker) are such a profile. Each
+description names the tutorial's value where it differs.
 
 Standard library only at import time: the DAG file imports this module at parse time.
 """
 from __future__ import annotations
 
-import copy
 import os
-import re
 from typing import Any, Mapping
 
-from headpose.planning.layout import FOLDER_PATTERN, split_s3_uri
+from headpose.planning.layout import BUCKET_NAME_SCHEMA, FOLDER_PATTERN, TRAINING_JOB_NAME_PATTERN
 
 BACKENDS = ("local", "sagemaker")
 DATASET_SOURCES = ("synthetic", "prima")
 RESNET_SIZES = (10, 18, 34, 50)
 BUCKET_ENV = "HEADPOSE_S3_BUCKET"
-FALLBACK_BUCKET = "headpose-models"
 
 ROLE_ARN_PATTERN = r"^(|arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512})$"
 DATASET_SOURCE_PATTERN = r"^(synthetic|prima|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?)$"
 INSTANCE_TYPE_PATTERN = r"^ml\.[a-z0-9-]+\.[a-z0-9]+$"
-
-# The rules of layout.BUCKET_NAME_PATTERN, one keyword each, so that a refusal says which
-# rule was broken ("is too short") instead of printing one long regex.
-BUCKET_NAME_SCHEMA: dict[str, Any] = {
-    "type": "string",
-    "minLength": 3,
-    "maxLength": 63,
-    "pattern": r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
-    "not": {
-        "anyOf": [
-            {"pattern": r"\.\."},
-            {"pattern": r"\.-|-\."},
-            {"pattern": r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"},
-            {"pattern": r"^(xn--|sthree-|amzn-s3-demo-)"},
-            {"pattern": r"(-s3alias|--ol-s3|--x-s3)$"},
-        ]
-    },
-}
 
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
 # Shown in the trigger form and in the refusal of a larger count, so the reason is given
@@ -62,17 +41,34 @@ CONNECTION_ROLE_EXTRA = "sagemaker_role_arn"
 # SageMaker ends any training job 30 days after it starts, waiting included.
 MAX_JOB_LIFETIME_SECONDS = 2_592_000
 
-# SageMaker's TensorFlow 2.12+ images refuse P2 instances (the sagemaker SDK's image_uris
-# raises for them), so the tutorial's ml.p2.xlarge only works with the local backend.
-_DEPRECATED_INSTANCE_RE = re.compile(r"^ml\.p2\.")
+# SageMaker allows 63 characters in a job name; the run's suffix takes 24
+# (-YYYY-MM-DD-HH-MM-SS-mmm) and an attempt suffix up to 3 (-NN).
+MAX_BASE_JOB_NAME = 36
+BASE_JOB_NAME_PATTERN = TRAINING_JOB_NAME_PATTERN.replace("{0,62}", "{0,%d}" % (MAX_BASE_JOB_NAME - 1))
+CHANNEL_ORDERS = ("bgr", "rgb")
 
 
-def default_bucket(environ: Mapping[str, str] | None = None) -> str:
+def default_bucket(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$HEADPOSE_S3_BUCKET``, or None: there is no built-in bucket (a name anyone may create)."""
     env = os.environ if environ is None else environ
-    return env.get(BUCKET_ENV) or FALLBACK_BUCKET
+    return env.get(BUCKET_ENV) or None
 
 
 def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The schemas with this deployment's defaults (``$HEADPOSE_RUN_DEFAULTS`` over the built-in ones).
+
+    Raises ``profile.ProfileError`` for a profile that names an unknown parameter or a
+    value its schema refuses.
+    """
+    from headpose.planning.profile import load_profile  # profile validates against the built-in schemas
+
+    schemas = built_in_param_schemas(environ)
+    for name, value in load_profile(environ).params.items():
+        schemas[name]["default"] = value
+    return schemas
+
+
+def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """``{name: {"default": ..., "type": ..., "description": ..., <JSON-schema keywords>}}``.
 
     ``title`` and ``description`` feed the trigger form; ``section`` groups its fields.
@@ -82,10 +78,13 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
         "s3_bucket": {
             "default": default_bucket(environ),
             **BUCKET_NAME_SCHEMA,
+            # null: no built-in bucket; plan_run refuses a run that names none.
+            "type": ["string", "null"],
             "title": "S3 bucket",
             "description": "Bucket for datasets, code, artifacts and the published model "
-            f"(default from ${BUCKET_ENV}). S3 naming rules: 3-63 lowercase letters, "
-            "digits, '.' and '-', starting and ending with a letter or digit.",
+            f"(default: the deployment profile's, else ${BUCKET_ENV}; there is no built-in one). "
+            "S3 naming rules: 3-63 lowercase letters, digits, '.' and '-', starting and ending "
+            "with a letter or digit.",
             "section": "Storage",
         },
         "headpose_folder": {
@@ -95,6 +94,16 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "title": "Folder in the bucket",
             "description": "Top-level key prefix of everything the run writes (the tutorial's "
             "'headpose'); one path segment, no '/'.",
+            "section": "Storage",
+        },
+        "base_job_name": {
+            "default": "deeplens-TF-headpose",
+            "type": "string",
+            "pattern": BASE_JOB_NAME_PATTERN,
+            "title": "Base job name",
+            "description": "Training job names are <base>-<logical time> (the tutorial's "
+            f"deeplens-TF-headpose); give each deployment in one account and region its own. At "
+            f"most {MAX_BASE_JOB_NAME} letters, digits and single hyphens.",
             "section": "Storage",
         },
         # -- how ----------------------------------------------------------------------
@@ -119,38 +128,49 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "that already holds train-*.tfrecord, eval-*.tfrecord and manifest.json.",
             "section": "Training",
         },
+        "channel_order": {
+            "default": "bgr",
+            "type": "string",
+            "enum": list(CHANNEL_ORDERS),
+            "title": "Channel order",
+            "description": "Colour order of the shards a staged dataset is written in, and so of the "
+            "model's input: 'bgr' as the tutorial trained and its DeepLens Lambda feeds (an OpenCV "
+            "frame / 255), or 'rgb'. A given s3:// dataset must be in this order.",
+            "section": "Training",
+        },
         "training_steps": {
-            "default": 25000, "type": "integer", "minimum": 1, "maximum": 10_000_000,
+            "default": 1000, "type": "integer", "minimum": 1, "maximum": 10_000_000,
             "title": "Training steps",
             "description": "Optimizer steps (tutorial: 25000).",
             "section": "Training",
         },
         "evaluation_steps": {
-            "default": 700, "type": "integer", "minimum": 1, "maximum": 1_000_000,
+            "default": 100, "type": "integer", "minimum": 1, "maximum": 1_000_000,
             "title": "Evaluation steps",
-            "description": "At most this many eval batches after training (tutorial: 700).",
+            "description": "At most this many eval batches in train's quick check after training "
+            "(tutorial: 700); validate_model's gate always uses the whole evaluation set.",
             "section": "Training",
         },
         "batch_size": {
-            "default": 200, "type": "integer", "minimum": 1, "maximum": 8192,
+            "default": 64, "type": "integer", "minimum": 1, "maximum": 8192,
             "title": "Batch size",
             "description": "Images per step (tutorial: 200).",
             "section": "Training",
         },
         "resnet_size": {
-            "default": 50, "type": "integer", "enum": list(RESNET_SIZES),
+            "default": 10, "type": "integer", "enum": list(RESNET_SIZES),
             "title": "ResNet depth",
             "description": "ResNet v2 depth (tutorial: 50; 10 trains fast on a CPU).",
             "section": "Training",
         },
         "base_filters": {
-            "default": 64, "type": "integer", "minimum": 4, "maximum": 512,
+            "default": 8, "type": "integer", "minimum": 4, "maximum": 512,
             "title": "Base filters",
             "description": "Filters of the first ResNet stage, doubled per stage (tutorial: 64).",
             "section": "Training",
         },
         "learning_rate_decay_epochs": {
-            "default": "100,150,200", "type": "string",
+            "default": "8,10", "type": "string",
             "pattern": r"^[0-9]+(,[0-9]+)*$",
             "title": "Learning-rate decay epochs",
             "description": "Epochs at which the learning rate (0.1 * batch_size / 128) is divided "
@@ -158,10 +178,10 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "section": "Training",
         },
         "batch_norm_momentum": {
-            "default": 0.99, "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+            "default": 0.9, "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
             "title": "Batch-norm momentum",
-            "description": "Moving-average momentum of the batch-norm statistics; lower values "
-            "(e.g. 0.9) suit runs of a few hundred steps.",
+            "description": "Moving-average momentum of the batch-norm statistics (tutorial: 0.99); "
+            "lower values such as 0.9 suit runs of a few thousand steps.",
             "section": "Training",
         },
         "seed": {
@@ -217,9 +237,9 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "type": "boolean",
             "title": "Managed spot training",
             "description": "backend=sagemaker only: train on spot capacity (often 60-90% cheaper; "
-            "the job may wait for capacity and be interrupted). SageMaker syncs /opt/ml/checkpoints "
-            "to .../TFartifacts/<job>/checkpoints; the entry point writes no checkpoints yet, so "
-            "an interrupted job restarts training from step 0.",
+            "the job may wait for capacity and be interrupted). The entry point saves its state to "
+            "/opt/ml/checkpoints every 500 steps, which SageMaker syncs to "
+            ".../TFartifacts/<job>/checkpoints; an interrupted job resumes from the latest one.",
             "section": "SageMaker",
         },
         "max_wait_seconds": {
@@ -232,10 +252,18 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
         },
         # -- acceptance ---------------------------------------------------------------
         "min_accuracy": {
-            "default": 0.9, "type": "number", "minimum": 0, "maximum": 1,
+            "default": 0.75, "type": "number", "minimum": 0, "maximum": 1,
             "title": "Minimum held-out accuracy",
-            "description": "The frozen model is published only if its accuracy on the held-out "
-            "split reaches this (0..1).",
+            "description": "The frozen model is published only if its top-1 accuracy on the evaluation "
+            "set reaches this (0..1). The tutorial's own models reach 0.79-0.82 on Prima persons "
+            "05/10/15.",
+            "section": "Acceptance",
+        },
+        "min_class_recall": {
+            "default": 0.4, "type": "number", "minimum": 0, "maximum": 1,
+            "title": "Minimum recall of every class",
+            "description": "...and only if each of the 9 classes present in the evaluation set is "
+            "recognised at least this often (0..1): a model that never predicts a class fails.",
             "section": "Acceptance",
         },
         "promotion_margin": {
@@ -244,6 +272,14 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "description": "The new model replaces the published one if its held-out accuracy is at "
             "least the published model's (on the same shards) minus this margin (0..1).",
             "section": "Acceptance",
+        },
+        "max_training_attempts": {
+            "default": 3, "type": "integer", "minimum": 1, "maximum": 9,
+            "title": "Training jobs per run",
+            "description": "backend=sagemaker: how many jobs (<job>, <job>-2, ...) one run may start "
+            "when one fails for lack of capacity or an internal error, or when train is cleared "
+            "after a failed or stopped job.",
+            "section": "SageMaker",
         },
         "force_publish": {
             "default": False, "type": "boolean",
@@ -294,71 +330,3 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "section": "Synthetic dataset",
         },
     }
-
-
-class RunParamsError(ValueError):
-    """Run parameters that cannot work together; the message says which and why."""
-
-
-def validate_run_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's parameters with defaults filled in, or ``RunParamsError`` listing every problem.
-
-    Checks each value against its schema (as Airflow does when a run is created) and then
-    the rules across fields. Unknown names are refused too: a misspelt ``trainig_steps``
-    would otherwise be ignored and the run would silently use the default.
-    """
-    import jsonschema  # light, and only needed at run time
-
-    schemas = param_schemas()
-    problems: list[str] = []
-    unknown = sorted(set(params) - set(schemas))
-    if unknown:
-        problems.append(f"unknown parameter(s) {unknown}; known: {sorted(schemas)}")
-    values = {name: copy.deepcopy(params.get(name, spec["default"])) for name, spec in schemas.items()}
-    for name, spec in schemas.items():
-        schema = {k: v for k, v in spec.items() if k not in ("default", "title", "section")}
-        try:
-            jsonschema.validate(values[name], schema)
-        except jsonschema.ValidationError as error:
-            reason = error.message
-            if error.validator in ("pattern", "not"):  # a regex or sub-schema means nothing to a user
-                reason = f"breaks the naming rules: {spec['description']}"
-            elif name == "instance_count":
-                reason = f"{reason}. {SINGLE_HOST_REASON}"
-            problems.append(f"{name}={values[name]!r}: {reason}")
-    if not problems:
-        problems.extend(_cross_field_problems(values))
-    if problems:
-        raise RunParamsError("invalid run parameters:\n  - " + "\n  - ".join(problems))
-    return values
-
-
-def _cross_field_problems(values: Mapping[str, Any]) -> list[str]:
-    problems = []
-    if values["dataset_source"] == "prima" and not values["prima_archive_uri"]:
-        problems.append("dataset_source=prima needs prima_archive_uri (the archive's s3:// URI)")
-    if values["backend"] == "sagemaker":
-        if _DEPRECATED_INSTANCE_RE.match(values["instance_type"]):
-            problems.append(
-                f"instance_type={values['instance_type']!r}: SageMaker's TensorFlow 2.21 "
-                "training images do not run on P2 instances; use e.g. ml.g4dn.xlarge, "
-                "ml.p3.2xlarge or ml.m5.xlarge"
-            )
-    if values["use_spot_instances"]:
-        if values["backend"] != "sagemaker":
-            problems.append(
-                "use_spot_instances needs backend=sagemaker (the local backend has no spot capacity)"
-            )
-        if values["max_wait_seconds"] < values["max_run_seconds"]:
-            problems.append(
-                f"max_wait_seconds={values['max_wait_seconds']} is less than max_run_seconds="
-                f"{values['max_run_seconds']}: SageMaker needs MaxWaitTimeInSeconds >= "
-                "MaxRuntimeInSeconds for spot training (the wait includes the run)"
-            )
-    source = values["dataset_source"]
-    if source.startswith("s3://"):
-        try:
-            split_s3_uri(source)
-        except ValueError as error:
-            problems.append(f"dataset_source={source!r}: {error}")
-    return problems

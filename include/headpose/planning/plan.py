@@ -17,7 +17,8 @@ from headpose.planning.layout import (
     run_workspace,
     training_job_name,
 )
-from headpose.planning.params import RunParamsError, validate_run_params
+from headpose.planning.profile import load_profile
+from headpose.planning.rules import RunParamsError, validate_run_params
 from headpose.planning.scheduling import run_time_problems
 from headpose.planning.request import image_uri_for_backend, training_job_request
 
@@ -46,13 +47,21 @@ def plan_run(
     run_id: str,
     resolve_image: ImageResolver = image_uri_for_backend,
     dagrun_timeout: timedelta | None = None,
+    connection_role: str | None = None,
+    connection_owner: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything later tasks need, as JSON-ready values (``RunParamsError`` if invalid).
 
-    With ``dagrun_timeout``, a training job that could outlast the run is refused too.
+    The deployment profile (``$HEADPOSE_RUN_DEFAULTS`` of ``environ``) gives the defaults
+    and the deployment settings; ``connection_role`` is the AWS connection's
+    ``sagemaker_role_arn`` extra and ``connection_owner`` its ``expected_bucket_owner``
+    (the profile's wins). With ``dagrun_timeout``, a training job that could
+    outlast the run is refused too.
     """
-    params = validate_run_params(raw_params)
-    job = training_job_name(logical_time)
+    profile = load_profile(environ)
+    params = validate_run_params(raw_params, profile.settings, connection_role=connection_role, environ=environ)
+    job = training_job_name(logical_time, params["base_job_name"])
     dataset_prefix, dataset_settings = dataset_plan(params)
     layout = RunLayout.for_run(params["s3_bucket"], params["headpose_folder"], job, dataset_prefix)
     try:
@@ -63,12 +72,17 @@ def plan_run(
             f"in {region}: {error}"
         ) from error
     request = training_job_request(layout, params, image, region=region, dag_id=dag_id, run_id=run_id)
+    if not request["RoleArn"]:  # backend=sagemaker without role_arn: the connection's (rules checked it)
+        request["RoleArn"] = connection_role
     too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout)
     if too_long:
         raise RunParamsError("invalid run parameters: " + "; ".join(too_long))
     return {
         "training_job_name": job,
         "run_params": params,
+        "deployment": profile.settings.to_dict(),
+        "expected_bucket_owner": profile.settings.expected_bucket_owner or connection_owner,
+        "profile": profile.describe(),
         "region": region,
         "dataset_settings": dataset_settings,
         "workspace_dir": str(run_workspace(job)),

@@ -10,6 +10,7 @@ value everywhere), not by editing the DAG:
 ``HEADPOSE_MAX_RETRY_DELAY_SECONDS``  cap of that delay (default 1800)
 ``HEADPOSE_DAGRUN_TIMEOUT_HOURS``     a run still going after this fails (default 192 = 8 days:
                                       the 7-day spot wait ceiling plus every other task)
+``HEADPOSE_OWNER``                    the team the UI shows as the DAG's owner (default ml-platform)
 
 Environment rather than an Airflow Variable: it is read at every DAG parse, and a
 Variable lookup there is a metadata-database query per parse.
@@ -23,6 +24,8 @@ from datetime import timedelta
 from typing import Any, Mapping
 
 SCHEDULE_ENV = "HEADPOSE_SCHEDULE"
+OWNER_ENV = "HEADPOSE_OWNER"
+DEFAULT_OWNER = "ml-platform"
 DEFAULT_SCHEDULE = "@weekly"
 DISABLED = ("none", "off", "manual")
 
@@ -84,6 +87,11 @@ def schedule(environ: Mapping[str, str] | None = None) -> str | None:
         raise ValueError(f"${SCHEDULE_ENV}={value!r} is not a cron expression, a preset such as "
                          f"@weekly, or 'none'")
     return value
+
+
+def owner(environ: Mapping[str, str] | None = None) -> str:
+    """The team shown as the DAG's owner in the UI (``$HEADPOSE_OWNER``, default ml-platform)."""
+    return _env(environ).get(OWNER_ENV, "").strip() or DEFAULT_OWNER
 
 
 def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:

@@ -2,38 +2,39 @@
 ### Head-pose retraining
 
 Trains the head-pose ResNet (9 classes: pan bin x tilt bin) the way the original
-SageMaker tutorial did, freezes it into `frozen_model.pb`, checks it on the held-out
-split and publishes it under a stable key - one task per step:
+SageMaker tutorial did, freezes it into `frozen_model.pb`, judges it on the deployment's
+evaluation set against the published model and publishes it for edge devices - one task
+per step:
 
 `plan_run` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
 `freeze_graph` -> `validate_model` -> `upload_frozen_model` -> `publish` -> `cleanup`
 
-* **plan_run** derives the run's `training_job_name` (`deeplens-TF-headpose-<logical time>`,
-  the same on a retry), every S3 URI and the CreateTrainingJob request; XCom carries them on.
+* **plan_run** checks every parameter and rule across them (nothing is written before),
+  derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
+  retry), every S3 URI and the CreateTrainingJob request; XCom carries them on.
+* **stage_dataset** makes or finds the dataset and validates it (checksums, counts, all 9
+  classes, shapes, pixels) before anything trains on it.
 * **train** runs that request on SageMaker (`backend=sagemaker`) or on the worker
-  (`backend=local`), writing `.../TFartifacts/<training_job_name>/output/model.tar.gz`.
-* **validate_model** fails the run below `min_accuracy`; **publish** then never runs, and
-  `published/latest.json` keeps naming the last good model. It also evaluates the
-  published model (the champion) on the same held-out shards.
-* **publish** promotes the new model only if its accuracy is at least the champion's minus
-  `promotion_margin` (or `force_publish` is set); otherwise it is **skipped** (the run stays
-  green, the reason is in its log and XCom `summary`, and no asset event is emitted).
+  (`backend=local`). A job that fails for lack of capacity, or that a person clears `train`
+  after, is followed by one new job `<job>-2`, ... (`max_training_attempts`).
+* **validate_model** scores the frozen graph and the published model (the champion) on the
+  same images - the pinned evaluation set when the deployment names one; below
+  `min_accuracy` or `min_class_recall` it fails, and its report lands under the run's
+  `rejected/` prefix.
+* **publish** promotes the new model only if it compares fairly and its accuracy is at least
+  the champion's minus `promotion_margin` (or `force_publish` is set); otherwise it is
+  **skipped** (the run stays green, the reason is in its log and XCom `summary`).
 
 #### Operating
+* Tasks hand files to each other through S3 (names, URIs and sha256s in XCom), so any task
+  can be cleared and run again alone, on any worker, even after the run failed.
 * Schedule: `$HEADPOSE_SCHEDULE` (default `@weekly`, `none` = manual only), one run at a
-  time, no catch-up. AWS-facing tasks retry with exponential backoff; each task has an
-  execution timeout (`train`: the request's max run / spot wait + 1 h); the run as a whole
-  times out after `$HEADPOSE_DAGRUN_TIMEOUT_HOURS` (default 192). See `headpose.planning.scheduling`.
+  time, no catch-up. A scheduled run uses the deployment profile (`$HEADPOSE_RUN_DEFAULTS`).
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
 * Every run's summary (job, accuracy before/after, billable seconds, where the model went)
   is in the log of **publish** and its XCom `summary`.
 * Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`.
-
-Files pass between tasks through the workspace (`$HEADPOSE_WORKSPACE`, default
-`$AIRFLOW_HOME/headpose-workspace`): with several workers it must be one volume mounted
-on all of them. Each task checks the sha256 the previous one recorded and says so if the
-file is missing or different.
 """
 from __future__ import annotations
 
@@ -93,14 +94,13 @@ def _params() -> dict[str, Param]:
 def headpose_retraining():
     @task(multiple_outputs=True, **scheduling.task_args("plan_run"))
     def plan_run() -> dict:
-        """Validates the trigger parameters, derives `training_job_name`
-        (`deeplens-TF-headpose-<logical time>`, the same on every retry), every S3 URI of the run
-        and the CreateTrainingJob request. No AWS calls. Fails (no retry) on bad parameters: the
-        message lists every problem."""
-        from headpose.planning.rules import RunParamsError
-        from headpose.planning.plan import plan_run as make_plan
-
+        """Validates the trigger parameters against the deployment profile, derives
+        `training_job_name` (`<base_job_name>-<logical time>`, the same on every retry), every
+        S3 URI of the run and the CreateTrainingJob request. No AWS calls, nothing written.
+        Fails (no retry) on bad parameters: the message lists every problem."""
         from headpose.planning.params import CONNECTION_ROLE_EXTRA
+        from headpose.planning.plan import plan_run as make_plan
+        from headpose.planning.rules import RunParamsError
         from headpose_operators.s3 import OWNER_EXTRA
 
         context = get_current_context()
@@ -122,77 +122,84 @@ def headpose_retraining():
 
     @task(**scheduling.task_args("stage_dataset"))
     def stage_dataset(plan: dict) -> dict:
-        """Puts the run's dataset under `datasets/<id>/` in S3, or checks that a given prefix
-        holds `train-*.tfrecord`, `eval-*.tfrecord` and `manifest.json`. A synthetic dataset
-        already staged with the same settings is reused. Retries S3 errors with backoff."""
-        from headpose.datasets import staging
+        """Puts the run's dataset under `datasets/<id>/` in S3 (a synthetic or Prima dataset
+        staged before with the same settings is reused), or takes a given prefix; validates
+        it either way and refuses it with the figures if a check fails. Retries S3 errors."""
+        from headpose.datasets.staging import stage_dataset as stage
+        from headpose.datasets.store import DatasetError
+        from headpose.planning.layout import task_scratch
 
         try:
-            return staging.stage_dataset(_s3(plan), plan, print, scratch_root=_scratch(plan))
-        except staging.DatasetError as error:
+            with task_scratch(plan["training_job_name"], "stage_dataset") as scratch:
+                return stage(_s3(plan), plan, print, scratch_root=scratch)
+        except DatasetError as error:
             raise _fail(str(error)) from None
 
     @task(**scheduling.task_args("package_code"))
     def package_code(plan: dict) -> dict:
         """Packs the training entry point (`include/headpose/training`) into
-        `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it."""
+        `customTFcodes/<job>/source/sourcedir.tar.gz`, where the training request names it,
+        and records its sha256 for `train` to check."""
         from headpose.backends.sourcedir import package_code as pack_and_upload
+        from headpose.planning.layout import task_scratch
 
-        return pack_and_upload(_s3(plan), plan["sourcedir_uri"], _scratch(plan))
+        with task_scratch(plan["training_job_name"], "package_code") as scratch:
+            return pack_and_upload(_s3(plan), plan["sourcedir_uri"], scratch)
 
     @task(multiple_outputs=True, **scheduling.task_args("download_artifact"))
     def download_artifact(plan: dict, training: dict) -> dict:
-        """Copies the job's `TFartifacts/<job>/output/model.tar.gz` into the run's workspace
-        and records its sha256 (checked against the local backend's record). S3 errors retry
-        with backoff; a checksum mismatch fails at once."""
-        from headpose.planning.handoff import HandoffError, fetch_model_artifact
+        """Downloads the job's `TFartifacts/<job>/output/model.tar.gz`, checks it against the
+        local backend's record and records its sha256, which every later reader checks.
+        S3 errors retry with backoff; a checksum mismatch fails at once."""
+        from headpose.planning.handoff import HandoffError, verify_model_artifact
+        from headpose.planning.layout import RunLayout, task_scratch
 
+        layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
         try:
-            return fetch_model_artifact(
-                _s3(plan), training["Training"], plan["model_artifact_uri"], plan["workspace_dir"],
-            )
+            with task_scratch(plan["training_job_name"], "download_artifact") as scratch:
+                artifact = verify_model_artifact(_s3(plan), training["Training"], layout.model_artifact_uri, scratch)
         except HandoffError as error:
             raise _fail(str(error)) from None
+        return {**artifact, "candidate_prefix": layout.candidate_prefix}
 
     @task(**scheduling.task_args("validate_model"))
-    def validate_model(plan: dict, frozen: dict) -> dict:
-        """Runs the frozen graph on the held-out split: accuracy, confusion matrix, parity
-        with the SavedModel (`report.json`, `confusion_matrix.png`). Runs the published model
-        (the champion, from `published/latest.json`) on the same shards for `publish` to
-        compare. Fails below `min_accuracy`, on parity, or for a graph that breaks the
-        contract (missing `inputs`/`softmax_tensor`, wrong shapes)."""
+    def validate_model(plan: dict, dataset: dict, artifact: dict, frozen: dict) -> dict:
+        """Scores the frozen graph on the evaluation set (the deployment's pinned one, else the
+        run's eval split): accuracy, every class's recall, confusion matrix, parity with the
+        SavedModel; scores the published model (the champion) on the same images for
+        `publish`. Fails below `min_accuracy` / `min_class_recall`, on parity, or for a graph
+        that breaks the contract; the report then lands under the run's `rejected/` prefix."""
         from headpose.artifacts.acceptance import ModelRefused
-        from headpose.registry.champion import validate_candidate
+        from headpose.planning.layout import task_scratch
+        from headpose.registry.evaluation import validate_candidate
 
         try:
-            return validate_candidate(_s3(plan), plan, frozen, plan["workspace_dir"], print)
+            with task_scratch(plan["training_job_name"], "validate_model") as scratch:
+                return validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print)
         except ModelRefused as error:
             raise _fail(str(error)) from None
 
     @task(**scheduling.task_args("upload_frozen_model"))
     def upload_frozen_model(plan: dict, frozen: dict, report: dict) -> dict:
-        """Uploads `frozen_model.pb`, `frozen_model.json`, `report.json` (the metrics) and
-        `confusion_matrix.png` to `TFartifacts/<job>/output/`, beside `model.tar.gz`. Nothing
-        under `published/` changes here."""
-        from headpose.planning.handoff import upload_checked
+        """Copies the accepted model - `frozen_model.pb`, `frozen_model.json`, `report.json`,
+        `confusion_matrix.png` - to `TFartifacts/<job>/output/`, beside `model.tar.gz`: the
+        immutable version `publish` points at. Nothing under `published/` changes here."""
+        from headpose.registry.pointer import PublishError
+        from headpose.registry.versions import make_version
 
-        files = [
-            (frozen["frozen_model_path"], frozen["frozen_model_sha256"], plan["frozen_model_uri"]),
-            (frozen["frozen_model_json_path"], frozen["frozen_model_json_sha256"], plan["frozen_model_json_uri"]),
-            (report["report_path"], report["report_sha256"], plan["report_uri"]),
-        ]
-        if report.get("confusion_png_path"):
-            files.append((report["confusion_png_path"], None, plan["confusion_png_uri"]))
-        return upload_checked(_s3(plan), files)
+        try:
+            return make_version(_s3(plan), plan, frozen, report)
+        except PublishError as error:
+            raise _fail(str(error)) from None
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
-    def publish(plan: dict, training: dict, frozen: dict, report: dict, uploaded: dict) -> dict:
-        """Promotes the new model if it is at least as accurate as the published one (minus
-        `promotion_margin`) or `force_publish` is set: history record, `published/latest/`
-        copies, then the `published/latest.json` pointer (last, conditional on the pointer
-        it was compared with). Otherwise this task is **skipped** and nothing under
-        `published/` changes. Either way the log and XCom `summary` hold the run summary:
-        job, accuracy before/after, billable seconds, where the model went."""
+    def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
+        """Promotes the new version if it compares fairly and is at least as accurate as the
+        published one (minus `promotion_margin`), or `force_publish` is set: history record,
+        then the `published/latest.json` pointer (conditional on the pointer it was compared
+        with), then the `published/latest/` mirror. Otherwise this task is **skipped** and
+        nothing under `published/` changes. Either way the log and XCom `summary` hold the
+        run summary: job, accuracy before/after, billable seconds, where the model went."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
@@ -201,8 +208,7 @@ def headpose_retraining():
         context = get_current_context()
         try:
             decision, summary = publish_run(
-                _s3(plan), plan, training, frozen, report,
-                dag_id=DAG_ID, run_id=context["dag_run"].run_id,
+                _s3(plan), plan, training, dataset, report, version, dag_id=DAG_ID, run_id=context["dag_run"].run_id,
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None
@@ -213,15 +219,16 @@ def headpose_retraining():
             # A skip also emits no asset event, so nothing downstream reloads an unchanged model.
             raise AirflowSkipException(f"not published: {decision.reason}")
         context["outlet_events"][PUBLISHED_MODEL].extra = {
-            "uri": plan["published_pointer_uri"], "training_job_name": plan["training_job_name"],
+            "uri": plan["published_pointer_uri"], "training_job_name": summary["training_job_name"],
         }
         return summary
 
     @teardown
     @task(**scheduling.task_args("cleanup"))
     def cleanup() -> None:
-        """Removes the run's workspace folder, whatever happened before. As a teardown it
-        cannot turn a failed run green."""
+        """Removes what the run left in this worker's scratch (a killed try's files). Nothing
+        in S3 is removed: a cleared task reads its inputs from there. As a teardown it cannot
+        turn a failed run green."""
         from headpose.planning.layout import remove_run_workspace
 
         job = get_current_context()["ti"].xcom_pull(task_ids="plan_run", key="training_job_name")
@@ -240,30 +247,32 @@ def headpose_retraining():
         check_interval=30,
         doc_md="Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
         "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`. A retry "
-        "never starts a second job: it finds the one of its `training_job_name`. A training error "
-        "fails the task with the job's failure reason; its timeout is the request's max run (or "
-        "spot wait) time plus one hour.",
+        "never starts a second job while one runs: it finds the one of its `training_job_name`. A "
+        "training error fails the task with the job's failure reason; its timeout is the request's "
+        "max run (or spot wait) time plus one hour.",
         # The timeout given here is the parse-time ceiling; the operator sets the run's own
         # from its request before it executes.
         **scheduling.task_args("train"),
     )
-    download = download_artifact(plan, train.output)
+    artifact = download_artifact(plan, train.output)
     freeze = FreezeGraphOperator(
         task_id="freeze_graph",
-        training_job_name=plan["training_job_name"],
-        artifact_path=download["path"],
-        artifact_sha256=download["sha256"],
-        output_dir=plan["workspace_dir"],
+        training_job_name=artifact["training_job_name"],
+        artifact_uri=artifact["artifact_uri"],
+        artifact_sha256=artifact["sha256"],
+        output_prefix=artifact["candidate_prefix"],
+        aws_conn_id=AWS_CONN_ID,
+        expected_bucket_owner=plan["expected_bucket_owner"],
         doc_md="Safely extracts `model.tar.gz` (no `..`, absolute paths, links out, oversized "
         "members), finds its one `export/*/<ts>` SavedModel and freezes it into `frozen_model.pb` "
-        "(input `inputs`, output `softmax_tensor`) + `frozen_model.json`. A refused archive or "
-        "model fails the task without retrying.",
+        "(input `inputs`, output `softmax_tensor`) + `frozen_model.json`, uploaded to the run's "
+        "`candidate/` prefix. A refused archive or model fails the task without retrying.",
         **scheduling.task_args("freeze_graph"),
     )
-    report = validate_model(plan, freeze.output)
-    uploaded = upload_frozen_model(plan, freeze.output, report)
-    published = publish(plan, train.output, freeze.output, report, uploaded)
-    chain(plan, dataset, code, train, download, freeze, report, uploaded, published, cleanup())
+    report = validate_model(plan, dataset, artifact, freeze.output)
+    version = upload_frozen_model(plan, freeze.output, report)
+    published = publish(plan, train.output, dataset, report, version)
+    chain(plan, dataset, code, train, artifact, freeze, report, version, published, cleanup())
 
 
 def _s3_hook():
@@ -283,12 +292,6 @@ def _fail(message: str):
     from airflow.sdk.exceptions import AirflowFailException
 
     return AirflowFailException(message)
-
-
-def _scratch(plan: dict) -> str:
-    folder = Path(plan["workspace_dir"]) / "scratch"
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder)
 
 
 headpose_retraining()

@@ -32,6 +32,7 @@ TINY_TRAINING = {
     "evaluation_steps": 2,
     "batch_size": 16,
     "min_accuracy": 0,
+    "min_class_recall": 0,
 }
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 

@@ -47,8 +47,8 @@ def test_operators_and_failure_handling(dag):
 def test_templated_fields_of_the_custom_operators():
     from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator
 
-    assert {"training_job_name", "artifact_path", "output_dir", "input_node_names",
-            "output_node_names"} <= set(FreezeGraphOperator.template_fields)
+    assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
+            "output_node_names", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
     assert {"config", "backend"} <= set(HeadposeTrainingOperator.template_fields)
 
 

@@ -87,7 +87,7 @@ def s3(moto_server):
 def dataset(s3, tmp_path_factory) -> dict:
     """The tiny synthetic dataset (93 training and 93 held-out images), staged once, and a
     copy whose training shard is corrupt (its manifest and eval split are fine)."""
-    from headpose.datasets import settings as dataset_settings, staging
+    from headpose.datasets import settings as dataset_settings, staging, store
     from headpose.datasets.settings import GENERATOR_VERSION
 
     s3.create_bucket(Bucket=DATA_BUCKET)
@@ -96,7 +96,7 @@ def dataset(s3, tmp_path_factory) -> dict:
         GENERATOR_VERSION,
     )
     staging.stage_synthetic_dataset(s3, DATASET, settings, print, scratch_root=tmp_path_factory.mktemp("stage"))
-    shards = staging.download_split(s3, DATASET, "eval", tmp_path_factory.mktemp("eval"))
+    shards = store.download_split(s3, DATASET, "eval", tmp_path_factory.mktemp("eval"))
     manifest = s3.get_object(Bucket=DATA_BUCKET, Key="headpose/datasets/tiny/manifest.json")["Body"].read()
     corrupt = "headpose/datasets/corrupt/"
     s3.put_object(Bucket=DATA_BUCKET, Key=corrupt + "train-00000.tfrecord", Body=b"\x00garbage, not TFRecord" * 64)

@@ -404,7 +404,7 @@ def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, 
     first = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
     assert first["staged"] is True and first["source"] == "prima"
     assert first["train_count"] > 0 and first["eval_count"] > 0
-    checked = staging.check_dataset_prefix(s3_client, prefix)
+    checked = staging.check_dataset_prefix(s3_client, prefix, print)
     assert checked["train_count"] == first["train_count"]
 
     again = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
@@ -413,12 +413,12 @@ def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, 
 
 
 def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
-    from headpose.datasets import staging
+    from headpose.datasets import staging, store
 
     s3_client.create_bucket(Bucket="raw")
     settings = {"archive_uri": "s3://raw/nothing.tar.gz", "num_data_aug": 1, "num_eval_aug": 1,
                 "seed": 0, "images_per_shard": 10}
-    with pytest.raises(staging.DatasetError, match="s3://raw/nothing.tar.gz does not exist"):
+    with pytest.raises(store.DatasetError, match="s3://raw/nothing.tar.gz does not exist"):
         staging.stage_prima_dataset(s3_client, "s3://raw/ds/", settings, print, scratch_root=tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""Champion/challenger decisions, the conditional pointer, history and rollback, on moto's S3."""
+"""The registry on moto's S3: decisions, version 3 records, the conditional pointer, the mirror,
+rollback, and what a crash after any write leaves behind."""
 from __future__ import annotations
 
 import hashlib
@@ -6,78 +7,65 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 
 from headpose.registry import pointer as pointers, promotion, rollback as rollbacks
-from headpose.planning.layout import RunLayout, dataset_prefix_for, training_job_name
+from registry_support import (
+    BUCKET,
+    DATASET,
+    DATASET_SECTION,
+    MANIFEST,
+    MIRROR,
+    POINTER,
+    ConflictOnce,
+    CrashAfterWrites,
+    assert_consistent,
+    assert_mirror_equals_pointer,
+    champion_of,
+    get,
+    layout_for,
+    published_state,
+    put,
+    record_json,
+    report_with,
+    version_of,
+)
 from support import ROOT
 
-BUCKET = "models"
-DATASET = dataset_prefix_for(BUCKET, "headpose", "synthetic-abc")
-POINTER = f"s3://{BUCKET}/headpose/published/latest.json"
 
-
-def layout_for(day: int) -> RunLayout:
-    job = training_job_name(datetime(2025, 3, day, 3, 0, tzinfo=timezone.utc))
-    return RunLayout.for_run(BUCKET, "headpose", job, DATASET)
-
-
-def put(s3, uri: str, body: bytes) -> None:
-    bucket, key = uri[len("s3://"):].split("/", 1)
-    s3.put_object(Bucket=bucket, Key=key, Body=body)
-
-
-def get(s3, uri: str) -> bytes:
-    bucket, key = uri[len("s3://"):].split("/", 1)
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def published_state(s3) -> dict[str, tuple[str, bytes]]:
-    """Every key under published/ with its ETag and bytes."""
-    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix="headpose/published/").get("Contents", [])
-    return {o["Key"]: (o["ETag"], get(s3, f"s3://{BUCKET}/{o['Key']}")) for o in listing}
-
-
-def upload_run(s3, layout: RunLayout, graph: bytes) -> str:
-    """What upload_frozen_model leaves beside the artifact; returns the graph's sha256."""
-    put(s3, layout.frozen_model_uri, graph)
-    put(s3, layout.frozen_model_json_uri, b'{"graph": "%s"}' % graph)
-    put(s3, layout.report_uri, b'{"accuracy": 0.5}')
-    put(s3, layout.confusion_png_uri, b"\x89PNG" + graph)
-    return hashlib.sha256(graph).hexdigest()
-
-
-def publish_run(s3, layout: RunLayout, graph: bytes, accuracy: float = 0.5) -> dict:
-    sha = upload_run(s3, layout, graph)
-    current, etag = pointers.read_pointer(s3, POINTER)
-    record = promotion.publish_record(
-        layout, sha, {"accuracy": accuracy},
-        dataset=promotion.dataset_fingerprint(s3, layout.dataset_prefix), previous=current,
+def publish_run(s3, layout, graph: bytes, accuracy: float = 0.5, **options) -> tuple:
+    """promote_if_better as the publish task calls it, forced (the decision is tested apart)."""
+    return promotion.promote_if_better(
+        s3, layout, version=version_of(s3, layout, graph), report=report_with(accuracy, champion_of(s3, 0.5)),
+        force=True, dataset=DATASET_SECTION, **options,
     )
-    promotion.publish_model(s3, layout, record, expected_etag=etag)
-    return record
 
 
 @pytest.fixture()
 def s3(s3_client):
     s3_client.create_bucket(Bucket=BUCKET)
-    put(s3_client, DATASET + "manifest.json", b'{"source": "synthetic", "splits": {}}')
+    put(s3_client, DATASET + "manifest.json", MANIFEST)
     return s3_client
 
 
 # -- the decision --------------------------------------------------------------------
 
+OLD = {"present": True, "accuracy": 0.80, "training_job_name": "old", "comparable": True}
+
+
 @pytest.mark.parametrize("accuracy, champion, margin, force, promote, words", [
     (0.5, None, 0.0, False, True, "no model is published"),
     (0.5, {"present": False}, 0.0, False, True, "no model is published"),
-    (0.80, {"present": True, "accuracy": 0.80, "training_job_name": "old"}, 0.0, False, True, ">= published"),
-    (0.79, {"present": True, "accuracy": 0.80, "training_job_name": "old"}, 0.0, False, False, "old stays published"),
-    (0.79, {"present": True, "accuracy": 0.80, "training_job_name": "old"}, 0.02, False, True, "margin 0.02"),
-    (0.10, {"present": True, "accuracy": 0.80, "training_job_name": "old"}, 0.0, True, True, "force_publish"),
-    (0.10, {"present": True, "error": "sha256 differs", "training_job_name": "old"}, 0.0, False, True,
-     "could not be evaluated"),
+    (0.80, OLD, 0.0, False, True, ">= published"),
+    (0.79, OLD, 0.0, False, False, "old stays published"),
+    (0.79, OLD, 0.02, False, True, "margin 0.02"),
+    (0.10, OLD, 0.0, True, True, "force_publish"),
+    (0.10, {**OLD, "accuracy": None, "error": "sha256 differs"}, 0.0, False, True, "could not be evaluated"),
+    (0.99, {**OLD, "comparable": False, "comparison": "validated on prima-1, this run on synthetic-2"}, 0.0, False,
+     False, "not compared: validated on prima-1"),
+    (0.10, {**OLD, "comparable": False, "comparison": "other data"}, 0.0, True, True, "force_publish"),
 ])
 def test_promotion_decision(accuracy, champion, margin, force, promote, words):
     decision = promotion.promotion_decision(accuracy, champion, margin, force)
@@ -87,27 +75,34 @@ def test_promotion_decision(accuracy, champion, margin, force, promote, words):
 
 # -- publishing ----------------------------------------------------------------------
 
-def test_the_pointer_records_job_metrics_sha_dataset_time_and_previous(s3):
+def test_the_record_names_every_file_of_the_version_by_uri_and_sha256(s3):
     first, second = layout_for(1), layout_for(8)
     publish_run(s3, first, b"graph-1", accuracy=0.6)
-    publish_run(s3, second, b"graph-2", accuracy=0.7)
+    publish_run(s3, second, b"graph-2", accuracy=0.7, attempts=[second.training_job_name])
 
-    pointer = json.loads(get(s3, POINTER))
-    assert pointer["training_job_name"] == second.training_job_name
-    assert pointer["metrics"] == {"accuracy": 0.7}
-    assert pointer["frozen_model_sha256"] == hashlib.sha256(b"graph-2").hexdigest()
-    assert pointer["dataset"]["manifest_uri"] == DATASET + "manifest.json"
-    assert pointer["dataset"]["manifest_sha256"] == hashlib.sha256(
-        b'{"source": "synthetic", "splits": {}}').hexdigest()
+    pointer = record_json(s3, POINTER)
+    assert pointer["version"] == 3 and pointer["training_job_name"] == second.training_job_name
+    assert pointer["files"]["frozen_model.pb"] == {
+        "uri": second.version_prefix + "frozen_model.pb", "sha256": hashlib.sha256(b"graph-2").hexdigest()}
+    assert set(pointer["files"]) == {"frozen_model.pb", "frozen_model.json", "report.json", "confusion_matrix.png"}
+    assert pointer["formats"]["onnx"]["runtime"] == "onnxruntime"
+    assert pointer["metrics"]["accuracy"] == 0.7 and pointer["channel_order"] == "bgr"
+    assert pointer["dataset"]["manifest_sha256"] == hashlib.sha256(MANIFEST).hexdigest()
+    assert pointer["evaluation_set"]["id"] == "synthetic-abc@000"
+    assert pointer["attempts"] == [second.training_job_name]
     assert datetime.fromisoformat(pointer["published_at"]).tzinfo is not None
     assert pointer["previous"]["training_job_name"] == first.training_job_name
-    assert pointer["previous"]["accuracy"] == 0.6
-    assert "previous" not in pointer["previous"]  # one level: the chain lives in history/
-    # latest/ holds this run's files, the PNG included; the previous model stays addressable.
-    assert get(s3, second.published_model_uri) == b"graph-2"
-    assert get(s3, second.published_confusion_png_uri) == b"\x89PNGgraph-2"
-    assert get(s3, first.frozen_model_uri) == b"graph-1"
-    assert json.loads(get(s3, first.history_record_uri))["training_job_name"] == first.training_job_name
+    assert pointer["previous"]["accuracy"] == 0.6 and "previous" not in pointer["previous"]
+    assert record_json(s3, first.history_record_uri)["training_job_name"] == first.training_job_name
+    # The mirror holds exactly the pointer's files, edge formats under edge/.
+    assert_mirror_equals_pointer(s3)
+    assert get(s3, MIRROR + "frozen_model.pb") == b"graph-2" and get(s3, MIRROR + "edge/model.onnx") == b"onnx:graph-2"
+
+
+def test_without_the_mirror_nothing_is_written_under_latest(s3):
+    publish_run(s3, layout_for(1), b"graph-1", mirror=False)
+    assert not [k for k in published_state(s3) if "/published/latest/" in k]
+    assert_consistent(s3)
 
 
 def test_a_pointer_changed_since_the_comparison_is_not_overwritten(s3):
@@ -115,25 +110,73 @@ def test_a_pointer_changed_since_the_comparison_is_not_overwritten(s3):
     publish_run(s3, first, b"graph-1")
     _, compared_etag = pointers.read_pointer(s3, POINTER)
     publish_run(s3, second, b"graph-2")  # someone else published in between
-    before = json.loads(get(s3, POINTER))
+    before = {k: v for k, v in published_state(s3).items() if "/history/" not in k}
 
-    sha = upload_run(s3, third, b"graph-3")
-    record = promotion.publish_record(third, sha, {"accuracy": 0.9})
+    record = promotion.publish_record(third, version_of(s3, third, b"graph-3"), report_with(0.9))
     with pytest.raises(pointers.PointerChangedError):
         promotion.publish_model(s3, third, record, expected_etag=compared_etag)
-    assert json.loads(get(s3, POINTER)) == before
-    # latest/ was put back to the files the pointer names.
-    assert get(s3, third.published_model_uri) == b"graph-2"
-    assert get(s3, third.published_confusion_png_uri) == b"\x89PNGgraph-2"
+    # Neither the pointer nor the mirror moved: the mirror is only written after the pointer.
+    assert {k: v for k, v in published_state(s3).items() if "/history/" not in k} == before
 
 
-def test_a_first_publish_refuses_to_overwrite_a_pointer_that_appeared(s3):
-    publish_run(s3, layout_for(1), b"graph-1")
-    layout = layout_for(8)
-    record = promotion.publish_record(layout, upload_run(s3, layout, b"graph-2"), {"accuracy": 1.0})
+def test_a_409_on_the_pointer_is_retried_and_a_412_is_a_lost_race(s3):
+    first, second = layout_for(1), layout_for(8)
+    publish_run(s3, first, b"graph-1")
+    conflict = ConflictOnce(s3, times=2)
+    publish_run(s3, second, b"graph-2")
+    assert conflict.answered == 2  # answered 409 twice, then the real conditional write went through
+    assert record_json(s3, POINTER)["training_job_name"] == second.training_job_name
+    assert_consistent(s3)
+    record = promotion.publish_record(layout_for(15), version_of(s3, layout_for(15), b"graph-3"), report_with(0.9))
     with pytest.raises(pointers.PointerChangedError):
-        promotion.publish_model(s3, layout, record, expected_etag=None)  # it saw no pointer
-    assert json.loads(get(s3, POINTER))["training_job_name"] == layout_for(1).training_job_name
+        promotion.publish_model(s3, layout_for(15), record, expected_etag=None)  # 412: it saw no pointer
+
+
+@pytest.mark.parametrize("after", range(1, 12))
+def test_a_crash_after_any_write_of_publish_leaves_one_consistent_model(s3, after):
+    old, new = layout_for(1), layout_for(8)
+    publish_run(s3, old, b"graph-1")
+    version = version_of(s3, new, b"graph-2")
+    crash = CrashAfterWrites(s3, after)
+    try:
+        promotion.promote_if_better(s3, new, version=version, report=report_with(0.9, champion_of(s3, 0.5)),
+                                    dataset=DATASET_SECTION)
+    except CrashAfterWrites.Crash:
+        pass
+    record = assert_consistent(s3)
+    assert record["training_job_name"] in (old.training_job_name, new.training_job_name)
+    allowed = {e["sha256"] for record in (record_json(s3, old.history_record_uri), {"version": 3, **version})
+               for e in pointers.mirror_files(record).values()}
+    for key in published_state(s3):
+        if "/published/latest/" in key:  # a mirror file is the old version's or the new one's
+            assert hashlib.sha256(get(s3, f"s3://{BUCKET}/{key}")).hexdigest() in allowed
+    # The task is retried (or cleared): then the pointer names the new model, the mirror equals it.
+    s3.meta.events.unregister("after-call.s3", crash._after_call)
+    champion = champion_of(s3, 0.5)
+    decision, _ = promotion.promote_if_better(s3, new, version=version, report=report_with(0.9, champion),
+                                              dataset=DATASET_SECTION)
+    assert decision.promote
+    assert assert_consistent(s3)["training_job_name"] == new.training_job_name
+    assert_mirror_equals_pointer(s3)
+
+
+@pytest.mark.parametrize("after", range(1, 8))
+def test_a_crash_after_any_write_of_rollback_leaves_one_consistent_model(s3, after):
+    first, second = layout_for(1), layout_for(8)
+    publish_run(s3, first, b"graph-1")
+    publish_run(s3, second, b"graph-2")
+    crash = CrashAfterWrites(s3, after)
+    try:
+        rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name, log=lambda line: None)
+    except CrashAfterWrites.Crash:
+        pass
+    assert assert_consistent(s3)["training_job_name"] in (first.training_job_name, second.training_job_name)
+    s3.meta.events.unregister("after-call.s3", crash._after_call)
+    # The person runs the rollback again: it moves the pointer if the crash came before it,
+    # and repairs the mirror either way.
+    rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name, log=lambda line: None)
+    assert record_json(s3, POINTER)["training_job_name"] == first.training_job_name
+    assert_mirror_equals_pointer(s3)
 
 
 def test_a_corrupt_pointer_is_an_error_that_says_how_to_repair_it(s3):
@@ -147,38 +190,102 @@ def test_nothing_published_reads_as_none(s3):
 
 
 def test_the_run_summary_names_everything_ops_ask_for():
+    champion = {"present": True, "accuracy": 0.8, "training_job_name": "job-a"}
     summary = promotion.run_summary(
         training_job_name="job-b", decision=promotion.Decision(False, "accuracy 0.7 < published 0.8"),
-        accuracy=0.7, champion={"present": True, "accuracy": 0.8, "training_job_name": "job-a"},
+        report={**report_with(0.7, champion), "formats": {"onnx": {"accepted": True}, "litert_int8": {}}},
         training={"BillableTimeInSeconds": 120, "TrainingTimeInSeconds": 130},
         model_uri="s3://b/headpose/TFartifacts/job-b/output/frozen_model.pb", published=None,
     )
     assert summary["accuracy_before"] == 0.8 and summary["accuracy_after"] == 0.7
     assert summary["promoted"] is False and summary["billable_time_in_seconds"] == 120
     text = promotion.format_summary(summary)
-    for words in ("job-b", "before 0.8000 (job-a)", "after 0.7000", "billable seconds: 120",
-                  "TFartifacts/job-b/output/frozen_model.pb", "latest.json unchanged"):
+    for words in ("job-b", "on synthetic-abc@000: before 0.8000 (job-a)", "after 0.7000", "billable seconds: 120",
+                  "edge formats: onnx", "TFartifacts/job-b/output/frozen_model.pb", "latest.json unchanged"):
         assert words in text
+
+
+# -- promote_if_better: what the publish task does -------------------------------------
+
+def test_a_better_model_is_promoted_with_its_reason_recorded(s3):
+    publish_run(s3, layout_for(1), b"graph-1", accuracy=0.6)
+    layout = layout_for(8)
+    decision, published = promotion.promote_if_better(
+        s3, layout, version=version_of(s3, layout, b"graph-2"), report=report_with(0.7, champion_of(s3, 0.6)),
+        extra={"run_id": "r"}, dataset=DATASET_SECTION)
+    assert decision.promote and published["published_pointer_uri"] == POINTER
+    pointer = record_json(s3, POINTER)
+    assert pointer["training_job_name"] == layout.training_job_name and pointer["run_id"] == "r"
+    assert ">= published 0.6000" in pointer["promotion"]["reason"]
+
+
+def test_a_worse_model_changes_nothing(s3):
+    publish_run(s3, layout_for(1), b"graph-1", accuracy=0.6)
+    before = published_state(s3)
+    layout = layout_for(8)
+    decision, published = promotion.promote_if_better(
+        s3, layout, version=version_of(s3, layout, b"graph-2"), report=report_with(0.5, champion_of(s3, 0.6)))
+    assert not decision.promote and published is None and "stays published" in decision.reason
+    assert published_state(s3) == before
+
+
+def test_a_pointer_that_moved_after_the_comparison_is_not_replaced(s3):
+    publish_run(s3, layout_for(1), b"graph-1")
+    compared = champion_of(s3, 0.5)
+    publish_run(s3, layout_for(8), b"graph-2")
+    before = published_state(s3)
+    layout = layout_for(15)
+    version = version_of(s3, layout, b"graph-3")
+    decision, _ = promotion.promote_if_better(s3, layout, version=version, report=report_with(0.9, compared))
+    assert not decision.promote and "changed after the comparison" in decision.reason
+    assert published_state(s3) == before
+    forced, _ = promotion.promote_if_better(s3, layout, version=version, report=report_with(0.1, compared), force=True)
+    assert forced.promote and record_json(s3, POINTER)["training_job_name"] == layout.training_job_name
+
+
+# -- existing buckets: version 2 records ------------------------------------------------
+
+def version_2_record(s3, layout, graph: bytes) -> dict:
+    """A record as the previous release wrote it: flat URIs, the frozen graph's sha256 only."""
+    put(s3, layout.frozen_model_uri, graph)
+    put(s3, layout.frozen_model_json_uri, b"{}")
+    record = {"version": 2, "training_job_name": layout.training_job_name, "published_at": "2025-01-01T00:00:00+00:00",
+              "frozen_model_uri": layout.frozen_model_uri, "frozen_model_sha256": hashlib.sha256(graph).hexdigest(),
+              "frozen_model_json_uri": layout.frozen_model_json_uri, "metrics": {"accuracy": 0.6},
+              "history_record_uri": layout.history_record_uri, "previous": None}
+    put(s3, layout.history_record_uri, json.dumps(record).encode())
+    put(s3, POINTER, json.dumps(record).encode())
+    return record
+
+
+def test_a_bucket_with_a_version_2_pointer_publishes_a_version_3_one_and_can_roll_back_to_it(s3):
+    old, new = layout_for(1), layout_for(8)
+    version_2_record(s3, old, b"graph-v2")
+    publish_run(s3, new, b"graph-3")
+    pointer = record_json(s3, POINTER)
+    assert pointer["version"] == 3 and pointer["previous"]["training_job_name"] == old.training_job_name
+    assert pointer["previous"]["frozen_model_sha256"] == hashlib.sha256(b"graph-v2").hexdigest()
+    rolled = rollbacks.rollback(s3, BUCKET, log=lambda line: None)
+    assert rolled["version"] == 2 and rolled["training_job_name"] == old.training_job_name
+    assert_consistent(s3)
+    assert_mirror_equals_pointer(s3)  # frozen_model.pb and frozen_model.json of the old model
 
 
 # -- rollback ------------------------------------------------------------------------
 
-def test_rollback_restores_the_previous_model(s3):
+def test_rollback_moves_the_pointer_back_and_the_mirror_after_it(s3):
     first, second = layout_for(1), layout_for(8)
     publish_run(s3, first, b"graph-1")
     publish_run(s3, second, b"graph-2")
-
     pointer = rollbacks.rollback(s3, BUCKET, log=lambda line: None)
     assert pointer["training_job_name"] == first.training_job_name
-    stored = json.loads(get(s3, POINTER))
-    assert stored["training_job_name"] == first.training_job_name
+    stored = record_json(s3, POINTER)
     assert stored["rolled_back"]["from"] == second.training_job_name
     assert stored["previous"]["training_job_name"] == second.training_job_name
-    assert get(s3, first.published_model_uri) == b"graph-1"
-    assert get(s3, first.published_model_json_uri) == b'{"graph": "graph-1"}'
-    # Rolling back again goes forward to the model it replaced.
-    rollbacks.rollback(s3, BUCKET, log=lambda line: None)
-    assert json.loads(get(s3, POINTER))["training_job_name"] == second.training_job_name
+    assert stored["formats"]["onnx"]["sha256"] == hashlib.sha256(b"onnx:graph-1").hexdigest()  # formats move too
+    assert_mirror_equals_pointer(s3)
+    rollbacks.rollback(s3, BUCKET, log=lambda line: None)  # again: forward to the model it replaced
+    assert record_json(s3, POINTER)["training_job_name"] == second.training_job_name
 
 
 def test_rollback_refuses_an_unknown_job_or_a_changed_file_and_changes_nothing(s3):
@@ -186,11 +293,10 @@ def test_rollback_refuses_an_unknown_job_or_a_changed_file_and_changes_nothing(s
     publish_run(s3, first, b"graph-1")
     publish_run(s3, second, b"graph-2")
     before = published_state(s3)
-
     with pytest.raises(pointers.PublishError, match="never published") as refused:
         rollbacks.rollback(s3, BUCKET, to_job=layout_for(20).training_job_name)
     assert first.training_job_name in str(refused.value)  # lists what can be restored
-    put(s3, first.frozen_model_uri, b"tampered")
+    put(s3, first.version_prefix + "edge/model.onnx", b"tampered")  # any file of the version, not only the graph
     with pytest.raises(pointers.PublishError, match="refusing to roll back"):
         rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name)
     with pytest.raises(pointers.PublishError, match="not a training job name"):
@@ -204,7 +310,7 @@ def test_rollback_without_a_previous_model_says_so(s3):
         rollbacks.rollback(s3, BUCKET)
 
 
-def test_the_rollback_command(s3, s3_endpoint):
+def test_the_registry_command(s3, s3_endpoint):
     first, second = layout_for(1), layout_for(8)
     publish_run(s3, first, b"graph-1")
     publish_run(s3, second, b"graph-2")
@@ -225,58 +331,3 @@ def test_the_rollback_command(s3, s3_endpoint):
     assert json.loads(cli("show").stdout)["training_job_name"] == first.training_job_name
     refused = cli("rollback", "--to", "deeplens-TF-headpose-1999-01-01-00-00-00-000")
     assert refused.returncode == 1 and "never published" in refused.stderr
-
-
-# -- promote_if_better: what the publish task does -------------------------------------
-
-def champion_of(s3) -> dict:
-    record, etag = pointers.read_pointer(s3, POINTER)
-    return {"present": True, "training_job_name": record["training_job_name"], "accuracy": 0.6,
-            "pointer_etag": etag}
-
-
-def promote(s3, layout, graph: bytes, accuracy: float, champion: dict, **options):
-    return promotion.promote_if_better(
-        s3, layout, frozen_model_sha256=upload_run(s3, layout, graph), metrics={"accuracy": accuracy},
-        champion=champion, **options,
-    )
-
-
-def test_a_better_model_is_promoted_with_its_reason_recorded(s3):
-    publish_run(s3, layout_for(1), b"graph-1", accuracy=0.6)
-    decision, published = promote(s3, layout_for(8), b"graph-2", 0.7, champion_of(s3), extra={"run_id": "r"})
-    assert decision.promote and published["published_pointer_uri"] == POINTER
-    pointer = json.loads(get(s3, POINTER))
-    assert pointer["training_job_name"] == layout_for(8).training_job_name and pointer["run_id"] == "r"
-    assert ">= published 0.6000" in pointer["promotion"]["reason"]
-    assert pointer["dataset"]["manifest_uri"] == DATASET + "manifest.json"
-
-
-def test_a_worse_model_changes_nothing(s3):
-    publish_run(s3, layout_for(1), b"graph-1", accuracy=0.6)
-    before = published_state(s3)
-    decision, published = promote(s3, layout_for(8), b"graph-2", 0.5, champion_of(s3))
-    assert not decision.promote and published is None and "stays published" in decision.reason
-    assert published_state(s3) == before
-
-
-def test_a_pointer_that_moved_after_the_comparison_is_not_replaced(s3):
-    publish_run(s3, layout_for(1), b"graph-1")
-    compared = champion_of(s3)
-    publish_run(s3, layout_for(8), b"graph-2")
-    before = published_state(s3)
-    decision, _ = promote(s3, layout_for(15), b"graph-3", 0.9, compared)
-    assert not decision.promote and "changed after the comparison" in decision.reason
-    assert published_state(s3) == before
-    forced, _ = promote(s3, layout_for(15), b"graph-3", 0.1, compared, force=True)
-    assert forced.promote and json.loads(get(s3, POINTER))["training_job_name"] == layout_for(15).training_job_name
-
-
-def test_promoting_again_after_a_crash_past_the_pointer_is_a_no_op(s3):
-    publish_run(s3, layout_for(1), b"graph-1", accuracy=0.6)
-    champion = champion_of(s3)
-    assert promote(s3, layout_for(8), b"graph-2", 0.7, champion)[0].promote
-    before = published_state(s3)
-    again, published = promote(s3, layout_for(8), b"graph-2", 0.7, champion)  # the retried task
-    assert again.promote and "already published" in again.reason and published
-    assert published_state(s3) == before

@@ -1,13 +1,13 @@
-"""``FreezeGraphOperator``: ``model.tar.gz`` in the workspace -> ``frozen_model.pb`` + metadata.
+"""``FreezeGraphOperator``: ``model.tar.gz`` in S3 -> ``frozen_model.pb`` + metadata in S3.
 
-A thin shell over ``headpose.artifacts.archive`` (safe extraction, finding the SavedModel) and
-``headpose.artifacts.freeze`` (freezing). TensorFlow is imported in ``execute`` only, so the DAG
-file that uses this operator stays light to parse.
+A thin shell over ``headpose.artifacts.archive`` (safe extraction, finding the SavedModel)
+and ``headpose.artifacts.freeze`` (freezing). The artifact is downloaded from S3 and
+checked against the sha256 ``download_artifact`` recorded; the results are uploaded to the
+run's candidate prefix before the task succeeds, so the task can run on any worker and be
+cleared alone. TensorFlow is imported in ``execute`` only, so the DAG file stays light.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.sdk import BaseOperator
@@ -27,20 +27,21 @@ def _names(value: str | Sequence[str]) -> tuple[str, ...]:
 class FreezeGraphOperator(BaseOperator):
     """Freeze the SavedModel inside a training job's ``model.tar.gz``.
 
-    :param training_job_name: the run's job name (templated), recorded in the result.
-    :param artifact_path: local path of ``model.tar.gz`` in the shared workspace (templated).
-    :param artifact_sha256: its checksum from the task that downloaded it (templated);
-        a mismatch or a missing file means the workspace is not shared by the workers.
-    :param output_dir: folder for the extracted model and the frozen graph (templated);
-        what a previous try left there is replaced.
+    :param training_job_name: the training job whose artifact this is (templated).
+    :param artifact_uri: ``s3://`` URI of its ``model.tar.gz`` (templated).
+    :param artifact_sha256: its checksum as ``download_artifact`` recorded it (templated);
+        an object with another sha256 is refused.
+    :param output_prefix: ``s3://`` prefix the frozen graph and its metadata go to (templated).
     :param input_node_names: input placeholder names (templated), default ``("inputs",)``.
     :param output_node_names: output node names (templated), default ``("softmax_tensor",)``.
-    :return: names, paths, sha256 and sizes for XCom - never the graph itself.
+    :param aws_conn_id: the AWS connection of the S3 calls.
+    :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
+    :return: names, URIs, sha256s and sizes for XCom - never the graph itself.
     """
 
     template_fields: Sequence[str] = (
-        "training_job_name", "artifact_path", "artifact_sha256", "output_dir",
-        "input_node_names", "output_node_names",
+        "training_job_name", "artifact_uri", "artifact_sha256", "output_prefix",
+        "input_node_names", "output_node_names", "expected_bucket_owner",
     )
     ui_color = "#e8daef"
 
@@ -48,57 +49,62 @@ class FreezeGraphOperator(BaseOperator):
         self,
         *,
         training_job_name: str,
-        artifact_path: str,
-        output_dir: str,
-        artifact_sha256: str | None = None,
+        artifact_uri: str,
+        artifact_sha256: str,
+        output_prefix: str,
         input_node_names: str | Sequence[str] = ("inputs",),
         output_node_names: str | Sequence[str] = ("softmax_tensor",),
+        aws_conn_id: str = "aws_default",
+        expected_bucket_owner: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.training_job_name = training_job_name
-        self.artifact_path = artifact_path
+        self.artifact_uri = artifact_uri
         self.artifact_sha256 = artifact_sha256
-        self.output_dir = output_dir
+        self.output_prefix = output_prefix
         self.input_node_names = input_node_names
         self.output_node_names = output_node_names
+        self.aws_conn_id = aws_conn_id
+        self.expected_bucket_owner = expected_bucket_owner
 
     def execute(self, context: Context) -> dict[str, Any]:
         from headpose.artifacts.archive import ArchiveError, find_saved_model, safe_extract
         from headpose.artifacts.freeze import FreezeError, freeze_saved_model
-        from headpose.planning.layout import file_sha256, require_workspace_file
+        from headpose.planning.handoff import HandoffError, download_verified, upload_file
+        from headpose.planning.layout import FROZEN_MODEL_FILE, FROZEN_MODEL_JSON_FILE, task_scratch
+        from headpose_operators.s3 import s3_client
 
-        artifact = require_workspace_file(self.artifact_path, self.artifact_sha256)
-        output = Path(self.output_dir)
-        extracted, frozen_dir = output / "model", output / "frozen"
-        for stale in (extracted, frozen_dir):
-            if stale.exists():
-                shutil.rmtree(stale)
+        s3 = s3_client(self.aws_conn_id, self.expected_bucket_owner or None)
         inputs, outputs = _names(self.input_node_names), _names(self.output_node_names)
-        try:
-            safe_extract(artifact, extracted)
-            saved_model = find_saved_model(extracted)
-            self.log.info("Freezing %s (inputs %s, outputs %s)", saved_model, inputs, outputs)
-            result = freeze_saved_model(saved_model, frozen_dir, input_node_names=inputs, output_node_names=outputs)
-        except (ArchiveError, FreezeError) as error:
-            # The artifact itself is wrong: a retry would refuse it again.
-            raise AirflowFailException(f"model artifact of {self.training_job_name} refused: {error}") from None
+        with task_scratch(self.training_job_name, self.task_id) as scratch:
+            try:
+                archive = download_verified(s3, self.artifact_uri, scratch / "model.tar.gz", self.artifact_sha256)
+                saved_model = find_saved_model(safe_extract(archive, scratch / "model"))
+                self.log.info("Freezing %s (inputs %s, outputs %s)", saved_model, inputs, outputs)
+                result = freeze_saved_model(saved_model, scratch / "frozen", input_node_names=inputs,
+                                            output_node_names=outputs)
+            except (ArchiveError, FreezeError, HandoffError) as error:
+                # The artifact itself is wrong: a retry would refuse it again.
+                raise AirflowFailException(f"model artifact of {self.training_job_name} refused: {error}") from None
+            prefix = self.output_prefix.rstrip("/") + "/"
+            pb_uri, json_uri = prefix + FROZEN_MODEL_FILE, prefix + FROZEN_MODEL_JSON_FILE
+            pb_sha256 = upload_file(s3, result.pb_path, pb_uri)
+            json_sha256 = upload_file(s3, result.json_path, json_uri)
         self.log.info(
             "Frozen graph %s: %d nodes (from %d), sha256 %s, parity %s",
-            result.pb_path, result.node_count, result.node_count_before, result.sha256,
-            result.parity_max_abs_diff,
+            pb_uri, result.node_count, result.node_count_before, pb_sha256, result.parity_max_abs_diff,
         )
-        summary = result.summary()
         return {
             "training_job_name": self.training_job_name,
-            "saved_model_dir": str(saved_model),
-            "frozen_model_path": summary["pb_path"],
-            "frozen_model_json_path": summary["json_path"],
-            "frozen_model_json_sha256": file_sha256(result.json_path),
-            "frozen_model_sha256": summary["sha256"],
-            "size_bytes": summary["size_bytes"],
-            "node_count": summary["node_count"],
+            "frozen_model_uri": pb_uri,
+            "frozen_model_sha256": pb_sha256,
+            "frozen_model_json_uri": json_uri,
+            "frozen_model_json_sha256": json_sha256,
+            "size_bytes": result.size_bytes,
+            "node_count": result.node_count,
             "input_node_names": list(inputs),
             "output_node_names": list(outputs),
-            "parity_max_abs_diff": summary["parity_max_abs_diff"],
+            "channel_order": result.metadata.get("preprocessing", {}).get("channel_order", "rgb"),
+            "parity_max_abs_diff": result.parity_max_abs_diff,
         }

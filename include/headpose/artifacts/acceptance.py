@@ -1,11 +1,13 @@
 """The acceptance gate between freezing and publishing: evaluate, report, decide.
 
-``report.json`` holds the held-out evaluation of the frozen graph (accuracy, per-class
-counts, confusion matrix, parity with the SavedModel), the verdict, and the same
-evaluation of the published model (the champion) for comparison. When the verdict
-refuses the model, the DAG's task fails with the reasons, so nothing of the run is
-uploaded beside the published model. Whether an accepted model replaces the champion is
-``registry.promotion.promotion_decision``'s call.
+``report.json`` holds the evaluation of the frozen graph on the evaluation set (accuracy,
+every class's recall, the confusion matrix, parity with the SavedModel), the gate's
+verdict with its reasons, the evaluation set and dataset it was judged on, and the same
+evaluation of the published model (the champion). A model is accepted when its top-1
+accuracy reaches ``min_accuracy``, every class present in the set is recognised at
+least ``min_class_recall`` of the time (a model that never predicts a class fails however
+accurate it is overall), and the frozen graph computes what the SavedModel computes.
+Whether an accepted model replaces the champion is ``registry.promotion``'s call.
 """
 from __future__ import annotations
 
@@ -25,21 +27,32 @@ class ModelRefused(RuntimeError):
     """The new model must not be published; the message says why. Retrying cannot help."""
 
 
+def lowest_recall(per_class: Sequence[Mapping[str, Any]]) -> tuple[float | None, str | None]:
+    """The lowest recall among the classes present, and that class's name."""
+    present = [c for c in per_class if c.get("count")]
+    if not present:
+        return None, None
+    worst = min(present, key=lambda c: c["accuracy"])
+    return float(worst["accuracy"]), worst["name"]
+
+
 def acceptance_problems(
-    accuracy: float, parity_max_abs_diff: float | None, min_accuracy: float,
+    evaluation: Mapping[str, Any], min_accuracy: float, min_class_recall: float = 0.0,
     max_parity: float = MAX_PARITY_ABS_DIFF,
 ) -> list[str]:
     """Why a frozen model must not be published (empty when it may be)."""
     problems = []
+    accuracy, parity = evaluation["accuracy"], evaluation["parity_max_abs_diff"]
     if not accuracy >= min_accuracy:  # also refuses NaN
-        problems.append(f"held-out accuracy {accuracy:.4f} is below min_accuracy {min_accuracy:.4f}")
-    if parity_max_abs_diff is None:
+        problems.append(f"accuracy {accuracy:.4f} on the evaluation set is below min_accuracy {min_accuracy:.4f}")
+    failing = [c for c in evaluation["per_class"] if c.get("count") and not c["accuracy"] >= min_class_recall]
+    if failing:
+        listed = ", ".join(f"{c['name']} {c['accuracy']:.2f} ({c['correct']}/{c['count']})" for c in failing)
+        problems.append(f"recall below min_class_recall {min_class_recall:.2f} for {listed}")
+    if parity is None:
         problems.append("parity with the SavedModel was not measured")
-    elif not parity_max_abs_diff <= max_parity:
-        problems.append(
-            f"the frozen graph differs from the SavedModel by up to {parity_max_abs_diff:.3g} "
-            f"(allowed {max_parity:g})"
-        )
+    elif not parity <= max_parity:
+        problems.append(f"the frozen graph differs from the SavedModel by up to {parity:.3g} (allowed {max_parity:g})")
     return problems
 
 
@@ -50,43 +63,50 @@ def validate_frozen_model(
     out_dir: str | Path,
     *,
     min_accuracy: float,
+    min_class_recall: float = 0.0,
     training_job_name: str,
     input_node_names: Sequence[str] = ("inputs",),
     output_node_names: Sequence[str] = ("softmax_tensor",),
     max_parity: float = MAX_PARITY_ABS_DIFF,
     champion: Mapping[str, Any] | None = None,
+    evaluation_set: Mapping[str, Any] | None = None,
+    dataset: Mapping[str, Any] | None = None,
+    reverse_channels: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate, write ``report.json`` (+ confusion PNG) in ``out_dir``; return the XCom summary.
+    """Evaluate, write ``report.json`` (+ confusion PNG) in ``out_dir``; return the summary.
 
-    ``problems`` in the result is empty when the model may be published. ``champion``
-    (``evaluate_champion``'s result) is recorded in the report and the summary. A graph
-    that breaks the contract (missing nodes, wrong output shape, not a GraphDef) raises
+    ``problems`` in the result is empty when the model may be published. A graph that
+    breaks the contract (missing nodes, wrong output shape, not a GraphDef) raises
     ``ValueError``.
     """
-    from headpose.artifacts.evaluate import evaluate_frozen_graph, write_confusion_png
-
     import tensorflow as tf
+
+    from headpose.artifacts.evaluate import evaluate_frozen_graph, write_confusion_png
 
     shards = [Path(p) for p in eval_shards]
     try:
         evaluation = evaluate_frozen_graph(
             pb_path, shards, saved_model_dir=saved_model_dir,
-            input_node=input_node_names[0], output_node=output_node_names[0],
+            input_node=input_node_names[0], output_node=output_node_names[0], reverse_channels=reverse_channels,
         )
     except tf.errors.OpError as error:  # e.g. an input of another shape than the images
-        raise ValueError(f"the frozen graph does not run on the held-out images: "
+        raise ValueError(f"the frozen graph does not run on the evaluation images: "
                          f"{type(error).__name__}: {error.message}") from error
-    problems = acceptance_problems(
-        evaluation["accuracy"], evaluation["parity_max_abs_diff"], min_accuracy, max_parity
-    )
+    problems = acceptance_problems(evaluation, min_accuracy, min_class_recall, max_parity)
+    worst, worst_class = lowest_recall(evaluation["per_class"])
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     report = {
         "training_job_name": training_job_name,
         "evaluated_at": datetime.now(timezone.utc).isoformat(),
         "frozen_model_sha256": file_sha256(pb_path),
+        "evaluation_set": dict(evaluation_set) if evaluation_set else None,
+        "dataset": dict(dataset) if dataset else None,
         "eval_shards": [p.name for p in shards],
         "min_accuracy": min_accuracy,
+        "min_class_recall": min_class_recall,
+        "min_class_recall_measured": worst,
+        "lowest_recall_class": worst_class,
         "max_parity_abs_diff": max_parity,
         "accepted": not problems,
         "problems": problems,
@@ -97,25 +117,38 @@ def validate_frozen_model(
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     png_path = write_confusion_png(evaluation["confusion_matrix"], folder / CONFUSION_PNG_FILE)
     return {
+        "accepted": not problems,
         "accuracy": evaluation["accuracy"],
         "images": evaluation["images"],
+        "per_class_recall": {c["name"]: c["accuracy"] for c in evaluation["per_class"]},
+        "min_class_recall_measured": worst,
         "parity_max_abs_diff": evaluation["parity_max_abs_diff"],
         "problems": problems,
         "report_path": str(report_path),
-        "report_sha256": file_sha256(report_path),
         "confusion_png_path": str(png_path),
         "champion": dict(champion) if champion else None,
+        "evaluation_set": dict(evaluation_set) if evaluation_set else None,
     }
 
 
-def outcome_lines(outcome: Mapping[str, Any], min_accuracy: float) -> list[str]:
-    """What ``validate_model`` logs: the new model's figures, then the published one's."""
+def outcome_lines(outcome: Mapping[str, Any], min_accuracy: float, min_class_recall: float) -> list[str]:
+    """What ``validate_model`` logs: the gate's figures and verdict, then the published model's."""
+    evaluation_set = (outcome.get("evaluation_set") or {}).get("id", "the evaluation set")
     lines = [
-        f"held-out accuracy: {outcome['accuracy']:.4f} on {outcome['images']} images "
-        f"(min_accuracy {min_accuracy}); parity max abs diff: {outcome['parity_max_abs_diff']}"
+        f"validate_model's gate: accuracy {outcome['accuracy']:.4f} on {outcome['images']} images of "
+        f"{evaluation_set} (min_accuracy {min_accuracy}); lowest class recall "
+        f"{_figure(outcome['min_class_recall_measured'])} (min_class_recall {min_class_recall}); parity "
+        f"max abs diff {outcome['parity_max_abs_diff']}. (train's eval_accuracy is a quick check on a "
+        "few batches; this is the figure that gates publishing.)",
+        "acceptance: " + ("accepted" if outcome["accepted"] else "refused - " + "; ".join(outcome["problems"])),
     ]
     champion = outcome.get("champion") or {}
     if champion.get("present"):
         figure = f"accuracy {champion['accuracy']:.4f}" if "accuracy" in champion else champion["error"]
-        lines.append(f"published model {champion['training_job_name']} on the same shards: {figure}")
+        lines.append(f"published model {champion['training_job_name']} on the same images: {figure}; "
+                     f"{champion.get('comparison', '')}")
     return lines
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -94,11 +94,14 @@ def evaluate_frozen_graph(
     input_node: str = "inputs",
     output_node: str = "softmax_tensor",
     signature_key: str = "serving_default",
+    reverse_channels: bool = False,
 ) -> dict:
     """Accuracy and 9x9 confusion (rows = true class) of the frozen graph on the shards.
 
     With ``saved_model_dir``, the SavedModel runs on the same batches and
     ``parity_max_abs_diff`` is the largest absolute difference between the two outputs.
+    ``reverse_channels`` feeds the images BGR<->RGB swapped: for a model trained in the
+    other channel order than the shards hold (a champion from before BGR, say).
     """
     import numpy as np
 
@@ -111,6 +114,8 @@ def evaluate_frozen_graph(
     confusion = np.zeros((labels.NUM_CLASSES, labels.NUM_CLASSES), dtype=np.int64)
     parity = 0.0
     for images, classes in shards.dataset(list(eval_shard_paths), batch_size, training=False):
+        if reverse_channels:
+            images = images[..., ::-1]
         probabilities = graph(images)
         if probabilities.ndim != 2 or probabilities.shape[1] != labels.NUM_CLASSES:
             raise ValueError(

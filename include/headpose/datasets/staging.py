@@ -1,97 +1,73 @@
-"""Datasets in S3: staging the synthetic one, checking a given prefix, fetching a split.
+"""``stage_dataset``: the run's dataset in S3, validated, in the run's channel order.
 
-A dataset prefix holds ``train-*.tfrecord``, ``eval-*.tfrecord`` and ``manifest.json``.
-The manifest is uploaded after every shard, so its presence means the prefix is
-complete; a synthetic dataset's prefix is named by a hash of its settings, so a run
-whose settings were staged before skips the (slow) generation.
+Synthetic and Prima datasets are made by the run the first time their settings are seen
+(their prefix is named by a hash of the settings) and found again afterwards; an
+``s3://`` source is taken as it is. Either way the dataset is validated
+(``datasets.validation``) before ``train`` may use it, and refused with the figures when
+a check fails - a bad dataset is seen in minutes, not after hours of training.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from headpose.datasets.store import (
+    SHARD_SUFFIX,
+    SPLITS,
+    DatasetError,
+    channel_order_of,
+    list_dataset,
+    object_etag,
+    read_manifest,
+    require_bucket,
+    shard_etags,
+    upload_manifest,
+    upload_shards,
+)
+from headpose.datasets.validation import (
+    DatasetInvalid,
+    problems_of,
+    still_valid,
+    summary_line,
+    validate_split_files,
+    validation_record,
+)
 from headpose.planning.layout import MANIFEST_FILE, dataset_id, file_sha256, join_uri, split_s3_uri
 
 Log = Callable[[str], None]
-SHARD_SUFFIX = ".tfrecord"
 # A folder where rendered synthetic datasets are kept between runs (unset: none kept).
 SYNTHETIC_CACHE_ENV = "HEADPOSE_SYNTHETIC_CACHE"
-
-
-class DatasetError(RuntimeError):
-    """A dataset prefix that cannot be trained on; the message says what is missing."""
 
 
 def stage_dataset(
     s3_client: Any, plan: Mapping[str, Any], log: Log, scratch_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``stage_dataset``'s work for any ``dataset_source``: the dataset's prefix in S3 and counts.
-
-    Synthetic and Prima datasets are staged (or found staged) under the plan's
-    ``dataset_prefix``; an ``s3://`` source is checked for shards and a manifest.
-    """
+    """``stage_dataset``'s work for any ``dataset_source``: the validated dataset's summary for XCom."""
     require_bucket(s3_client, plan["bucket"])
-    source = plan["run_params"]["dataset_source"]
+    source, prefix = plan["run_params"]["dataset_source"], plan["dataset_prefix"]
     if source == "synthetic":
-        return stage_synthetic_dataset(
-            s3_client, plan["dataset_prefix"], plan["dataset_settings"], log,
+        summary = stage_synthetic_dataset(
+            s3_client, prefix, plan["dataset_settings"], log,
             scratch_root=scratch_root, cache_root=synthetic_cache_root(),
         )
-    if source == "prima":
-        return stage_prima_dataset(
-            s3_client, plan["dataset_prefix"], plan["dataset_settings"], log, scratch_root=scratch_root,
+    elif source == "prima":
+        summary = stage_prima_dataset(s3_client, prefix, plan["dataset_settings"], log, scratch_root=scratch_root)
+    else:
+        summary = check_dataset_prefix(s3_client, prefix, log, scratch_root=scratch_root)
+    wanted = plan["run_params"]["channel_order"]
+    if summary["channel_order"] != wanted:
+        raise DatasetError(
+            f"{prefix} holds {summary['channel_order'].upper()} images but this run's channel_order is "
+            f"{wanted!r}: set channel_order={summary['channel_order']!r}, or use a dataset in {wanted.upper()}"
         )
-    return check_dataset_prefix(s3_client, plan["dataset_prefix"])
-
-
-def require_bucket(s3_client: Any, bucket: str) -> None:
-    """``DatasetError`` unless ``bucket`` exists and these credentials can reach it.
-
-    The pipeline does not create buckets: where they live, who owns them and their
-    policies are decisions for whoever runs it, not side effects of a run.
-    """
-    from botocore.exceptions import ClientError
-
-    try:
-        s3_client.head_bucket(Bucket=bucket)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code")
-        if code in ("404", "NoSuchBucket"):
-            raise DatasetError(f"S3 bucket {bucket!r} does not exist; create it first") from None
-        if code in ("403", "AccessDenied"):
-            raise DatasetError(f"S3 bucket {bucket!r} is not accessible with this connection") from None
-        raise
-
-
-def _read_manifest(s3_client: Any, prefix_uri: str) -> dict | None:
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_s3_uri(join_uri(prefix_uri, MANIFEST_FILE))
-    try:
-        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise
-    try:
-        return json.loads(body)
-    except ValueError as error:
-        raise DatasetError(f"{join_uri(prefix_uri, MANIFEST_FILE)} is not JSON: {error}") from error
-
-
-def _summary(prefix_uri: str, manifest: Mapping[str, Any], staged: bool) -> dict[str, Any]:
-    splits = manifest.get("splits", {})
-    return {
-        "dataset_prefix": prefix_uri,
-        "source": manifest.get("source", "unknown"),
-        "staged": staged,
-        "train_count": splits.get("train", {}).get("count"),
-        "eval_count": splits.get("eval", {}).get("count"),
-    }
+    return summary
 
 
 def synthetic_cache_root() -> Path | None:
@@ -103,7 +79,7 @@ def synthetic_cache_root() -> Path | None:
 def stage_synthetic_dataset(
     s3_client: Any,
     prefix_uri: str,
-    settings: Mapping[str, int],
+    settings: Mapping[str, Any],
     log: Log,
     scratch_root: str | Path | None = None,
     cache_root: str | Path | None = None,
@@ -112,12 +88,12 @@ def stage_synthetic_dataset(
 
     With ``cache_root``, rendered datasets are kept there by settings hash and uploaded
     again from disk when S3 lacks them (the embedded S3 forgets everything when it
-    stops). Returns counts and whether it was staged now (``staged``), not the data.
+    stops). Returns the summary, with ``staged`` saying whether it was staged now.
     """
-    existing = _read_manifest(s3_client, prefix_uri)
+    existing, sha256 = read_manifest(s3_client, prefix_uri)
     if existing is not None:
         log(f"dataset already staged at {prefix_uri} (manifest present); skipping generation")
-        return _summary(prefix_uri, existing, staged=False)
+        return _reused(s3_client, prefix_uri, existing, sha256, log, scratch_root)
 
     from headpose.datasets.settings import GENERATOR_VERSION
 
@@ -128,30 +104,52 @@ def stage_synthetic_dataset(
         )
     if cache_root is None:
         with tempfile.TemporaryDirectory(prefix="synthetic-", dir=scratch_root) as scratch:
-            manifest = _render_synthetic(Path(scratch), settings, log)
-            count = _upload_dataset(s3_client, Path(scratch), prefix_uri)
-    else:
-        folder = _cached_synthetic(Path(cache_root), settings, log)
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        count = _upload_dataset(s3_client, folder, prefix_uri)
-    log(f"uploaded {count} shards and {MANIFEST_FILE} to {prefix_uri}")
-    return _summary(prefix_uri, manifest, staged=True)
+            _render_synthetic(Path(scratch), settings, log)
+            return _staged_folder(s3_client, Path(scratch), prefix_uri, log)
+    return _staged_folder(s3_client, _cached_synthetic(Path(cache_root), settings, log), prefix_uri, log)
 
 
-def _render_synthetic(folder: Path, settings: Mapping[str, int], log: Log) -> dict:
-    from headpose.datasets.synthetic import default_workers, write_synthetic_dataset
+def _render_synthetic(folder: Path, settings: Mapping[str, Any], log: Log) -> None:
+    """Render in a child interpreter, which renders in a pool of its own.
 
-    log(f"generating the synthetic dataset {dict(settings)} in {default_workers()} processes")
-    return write_synthetic_dataset(
-        folder,
-        train_per_pose=settings["train_per_pose"],
-        eval_per_pose=settings["eval_per_pose"],
-        seed=settings["seed"],
-        images_per_shard=settings["images_per_shard"],
-    )
+    Why a child: a Celery prefork worker (the production stack's) is a daemonic process,
+    and a daemonic process may not start a process pool; the child is not daemonic, so
+    rendering uses every CPU on every executor alike.
+    """
+    from headpose.datasets.synthetic import default_workers
+
+    workers = default_workers()
+    command = [
+        sys.executable, "-m", "headpose.datasets.synthetic", "--out", str(folder),
+        "--train-per-pose", str(settings["train_per_pose"]), "--eval-per-pose", str(settings["eval_per_pose"]),
+        "--seed", str(settings["seed"]), "--images-per-shard", str(settings["images_per_shard"]),
+        "--workers", str(workers),
+    ]
+    if "channel_order" in settings:
+        command += ["--channel-order", settings["channel_order"]]
+    log(f"generating the synthetic dataset {dict(settings)} in {workers} processes")
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    _run_logged(command, env, log)
 
 
-def _cached_synthetic(cache_root: Path, settings: Mapping[str, int], log: Log) -> Path:
+def _run_logged(command: list[str], env: Mapping[str, str], log: Log) -> None:
+    process = subprocess.Popen(command, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log(line.rstrip("\n"))
+        code = process.wait()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)  # the task is being stopped: so is the render
+        process.wait()
+        raise
+    if code != 0:
+        raise DatasetError(f"rendering the synthetic dataset failed (exit code {code}); see the log above")
+
+
+def _cached_synthetic(cache_root: Path, settings: Mapping[str, Any], log: Log) -> Path:
     """The cache's folder for ``settings``, rendered now unless a verified copy is there."""
     folder = cache_root / dataset_id("synthetic", settings)
     problem = _cache_problem(folder)
@@ -165,9 +163,7 @@ def _cached_synthetic(cache_root: Path, settings: Mapping[str, int], log: Log) -
     # Rendered beside its final name and renamed into place, so that a run stopped half
     # way, or another run rendering the same settings, never leaves a partial folder.
     # (After a successful rename there is nothing left for the clean-up to remove.)
-    with tempfile.TemporaryDirectory(
-        prefix=".rendering-", dir=cache_root, ignore_cleanup_errors=True
-    ) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".rendering-", dir=cache_root, ignore_cleanup_errors=True) as scratch:
         _render_synthetic(Path(scratch), settings, log)
         try:
             os.rename(scratch, folder)
@@ -194,66 +190,87 @@ def _cache_problem(folder: Path) -> str | None:
     return None
 
 
-def _upload_dataset(s3_client: Any, folder: Path, prefix_uri: str) -> int:
-    """Upload a folder's shards, then its manifest; returns the number of shards."""
-    bucket, key_prefix = split_s3_uri(prefix_uri)
-    shards = sorted(folder.glob(f"*{SHARD_SUFFIX}"))
-    for shard in shards:
-        s3_client.upload_file(str(shard), bucket, key_prefix + shard.name)
-    # Last: a manifest in S3 means every shard before it is complete.
-    s3_client.upload_file(str(folder / MANIFEST_FILE), bucket, key_prefix + MANIFEST_FILE)
-    return len(shards)
+def _staged_folder(s3_client: Any, folder: Path, prefix_uri: str, log: Log) -> dict[str, Any]:
+    """Validate a dataset made on this worker, then upload it: shards, then the manifest."""
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    figures = _checked(lambda split: validate_split_files(manifest, folder, split), prefix_uri, "nothing was uploaded")
+    etags = upload_shards(s3_client, folder, prefix_uri)
+    manifest["validation"] = validation_record(manifest, figures, etags)
+    sha256 = upload_manifest(s3_client, manifest, prefix_uri)
+    log(f"uploaded {len(etags)} shards and {MANIFEST_FILE} to {prefix_uri}")
+    log(f"dataset validation: {summary_line(figures)}")
+    return _summary(prefix_uri, manifest, sha256, figures, staged=True)
 
 
-def list_dataset(s3_client: Any, prefix_uri: str) -> dict[str, list[str]]:
-    """Keys directly under the prefix, by kind: ``train``, ``eval`` shards, ``manifest``."""
-    bucket, key_prefix = split_s3_uri(prefix_uri)
-    found: dict[str, list[str]] = {"train": [], "eval": [], "manifest": []}
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(key_prefix):]
-            if "/" in name:
-                continue
-            if name == MANIFEST_FILE:
-                found["manifest"].append(obj["Key"])
-            for split in ("train", "eval"):
-                if name.startswith(f"{split}-") and name.endswith(SHARD_SUFFIX):
-                    found[split].append(obj["Key"])
-    return {kind: sorted(keys) for kind, keys in found.items()}
-
-
-def check_dataset_prefix(s3_client: Any, prefix_uri: str) -> dict[str, Any]:
-    """Counts of a given dataset prefix, or ``DatasetError`` naming what is missing."""
-    found = list_dataset(s3_client, prefix_uri)
-    missing = [
-        what for what, keys in (
-            (f"train-*{SHARD_SUFFIX}", found["train"]),
-            (f"eval-*{SHARD_SUFFIX}", found["eval"]),
-            (MANIFEST_FILE, found["manifest"]),
-        ) if not keys
-    ]
+def _reused(
+    s3_client: Any, prefix_uri: str, manifest: Mapping[str, Any], sha256: str, log: Log,
+    scratch_root: str | Path | None,
+) -> dict[str, Any]:
+    """A dataset already in S3, validated: by its recorded figures while its shards' ETags hold."""
+    listing = list_dataset(s3_client, prefix_uri)
+    missing = [f"{split}-*{SHARD_SUFFIX}" for split in SPLITS if not listing[split]]
     if missing:
         raise DatasetError(f"dataset prefix {prefix_uri} has no {', no '.join(missing)}")
-    manifest = _read_manifest(s3_client, prefix_uri) or {}
-    summary = _summary(prefix_uri, manifest, staged=False)
-    summary.update(train_shards=len(found["train"]), eval_shards=len(found["eval"]))
-    return summary
+    if still_valid(manifest, shard_etags(listing)):
+        figures = manifest["validation"]["splits"]
+        log(f"dataset validation: unchanged since it was validated (every shard's ETag matches): {summary_line(figures)}")
+        return _summary(prefix_uri, manifest, sha256, figures, staged=False)
+    log(f"validating {prefix_uri}: downloading its shards and checking them against {MANIFEST_FILE}")
+    with tempfile.TemporaryDirectory(prefix="validate-", dir=scratch_root) as scratch:
+        def validate(split: str) -> dict:
+            from headpose.datasets.store import download_split
+
+            folder = Path(scratch) / split
+            download_split(s3_client, prefix_uri, split, folder)
+            figures = validate_split_files(manifest, folder, split)
+            shutil.rmtree(folder)  # one split on disk at a time
+            return figures
+        figures = _checked(validate, prefix_uri, "training was not started")
+    log(f"dataset validation: {summary_line(figures)}")
+    return _summary(prefix_uri, manifest, sha256, figures, staged=False)
 
 
-def download_split(s3_client: Any, prefix_uri: str, split: str, dest: str | Path) -> list[Path]:
-    """The ``split`` shards of the dataset, downloaded into ``dest``, in order."""
-    bucket, _ = split_s3_uri(prefix_uri)
-    keys = list_dataset(s3_client, prefix_uri)[split]
-    if not keys:
-        raise DatasetError(f"no {split}-*{SHARD_SUFFIX} under {prefix_uri}")
-    folder = Path(dest)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for key in keys:
-        path = folder / key.rsplit("/", 1)[-1]
-        s3_client.download_file(bucket, key, str(path))
-        paths.append(path)
-    return paths
+def _checked(validate_split: Callable[[str], dict], prefix_uri: str, consequence: str) -> dict[str, dict]:
+    try:
+        figures = {split: validate_split(split) for split in SPLITS}
+    except DatasetInvalid as error:
+        raise DatasetError(f"dataset {prefix_uri} is refused ({consequence}): {error}") from None
+    problems = problems_of(figures)
+    if problems:
+        raise DatasetError(
+            f"dataset {prefix_uri} is refused ({consequence}): " + "; ".join(problems)
+            + f". Figures: {json.dumps(figures, sort_keys=True)}"
+        )
+    return figures
+
+
+def _summary(
+    prefix_uri: str, manifest: Mapping[str, Any], sha256: str, figures: Mapping[str, Any], *, staged: bool,
+) -> dict[str, Any]:
+    return {
+        "dataset_prefix": prefix_uri,
+        "manifest_uri": join_uri(prefix_uri, MANIFEST_FILE),
+        "manifest_sha256": sha256,
+        "dataset_id": prefix_uri.rstrip("/").rsplit("/", 1)[-1],
+        "source": manifest.get("source", "unknown"),
+        "staged": staged,
+        "channel_order": channel_order_of(manifest),
+        "train_count": figures["train"]["count"],
+        "eval_count": figures["eval"]["count"],
+        "validation": dict(figures),
+    }
+
+
+def check_dataset_prefix(
+    s3_client: Any, prefix_uri: str, log: Log, scratch_root: str | Path | None = None,
+) -> dict[str, Any]:
+    """A given ``s3://`` dataset prefix, validated; ``DatasetError`` naming what is missing or wrong."""
+    manifest, sha256 = read_manifest(s3_client, prefix_uri)
+    if manifest is None:
+        listing = list_dataset(s3_client, prefix_uri)
+        missing = [f"{split}-*{SHARD_SUFFIX}" for split in SPLITS if not listing[split]] + [MANIFEST_FILE]
+        raise DatasetError(f"dataset prefix {prefix_uri} has no {', no '.join(missing)}")
+    return _reused(s3_client, prefix_uri, manifest, sha256, log, scratch_root)
 
 
 def stage_prima_dataset(
@@ -271,38 +288,30 @@ def stage_prima_dataset(
     """
     from headpose.datasets import prima
 
-    archive_bucket, archive_key = split_s3_uri(settings["archive_uri"])
-    etag = _object_etag(s3_client, archive_bucket, archive_key, settings["archive_uri"])
+    archive_uri = settings["archive_uri"]
+    try:
+        etag = object_etag(s3_client, archive_uri)
+    except DatasetError:
+        raise DatasetError(f"the Prima archive {archive_uri} does not exist") from None
     converter_settings = {k: v for k, v in settings.items() if k != "archive_uri"}
-    existing = _read_manifest(s3_client, prefix_uri)
+    existing, sha256 = read_manifest(s3_client, prefix_uri)
     if existing and existing.get("source_etag") == etag and prima.manifest_matches(
         existing, existing.get("source_sha256", ""), converter_settings
     ):
-        log(f"dataset already staged at {prefix_uri} from {settings['archive_uri']}; skipping conversion")
-        return _summary(prefix_uri, existing, staged=False)
+        log(f"dataset already staged at {prefix_uri} from {archive_uri}; skipping conversion")
+        return _reused(s3_client, prefix_uri, existing, sha256, log, scratch_root)
 
     with tempfile.TemporaryDirectory(prefix="prima-", dir=scratch_root) as scratch:
         archive = Path(scratch) / "HeadPoseImageDatabase.tar.gz"
-        log(f"downloading {settings['archive_uri']}")
-        s3_client.download_file(archive_bucket, archive_key, str(archive))
+        log(f"downloading {archive_uri}")
+        bucket, key = split_s3_uri(archive_uri)
+        s3_client.download_file(bucket, key, str(archive))
         out_dir = Path(scratch) / "shards"
         try:
             manifest = prima.convert_archive(archive, out_dir, converter_settings)
         except prima.PrimaFormatError as error:
-            raise DatasetError(f"{settings['archive_uri']}: {error}") from None
-        manifest.update(source_uri=settings["archive_uri"], source_etag=etag)
+            raise DatasetError(f"{archive_uri}: {error}") from None
+        archive.unlink()  # the shards are what is left to upload
+        manifest.update(source_uri=archive_uri, source_etag=etag)
         (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        count = _upload_dataset(s3_client, out_dir, prefix_uri)
-    log(f"uploaded {count} Prima shards and {MANIFEST_FILE} to {prefix_uri}")
-    return _summary(prefix_uri, manifest, staged=True)
-
-
-def _object_etag(s3_client: Any, bucket: str, key: str, uri: str) -> str:
-    from botocore.exceptions import ClientError
-
-    try:
-        return s3_client.head_object(Bucket=bucket, Key=key)["ETag"]
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            raise DatasetError(f"the Prima archive {uri} does not exist") from None
-        raise
+        return _staged_folder(s3_client, out_dir, prefix_uri, log)

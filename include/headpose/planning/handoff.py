@@ -6,47 +6,32 @@ transfers at either end. boto3 is never imported here: the client is passed in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from headpose.planning.layout import file_sha256, require_workspace_file, split_s3_uri
+from headpose.planning.layout import file_sha256, split_s3_uri
 
 
 class HandoffError(RuntimeError):
     """A file is not what the task that wrote it recorded; the message says which and how."""
 
 
-def fetch_model_artifact(
-    s3_client: Any, description: Mapping[str, Any], expected_uri: str, dest_dir: str | Path,
-) -> dict[str, str]:
-    """``download_artifact``'s work: the job's ``model.tar.gz`` on this worker, with its sha256.
+def verify_model_artifact(
+    s3_client: Any, description: Mapping[str, Any], expected_uri: str, scratch: str | Path,
+) -> dict[str, Any]:
+    """``download_artifact``'s work: the job's ``model.tar.gz`` checked, and its sha256 recorded.
 
-    Refuses an artifact at another URI than the run's, and one whose sha256 differs from
-    what the local backend recorded when it uploaded it.
+    Refuses an artifact at another URI than the job's, and one whose sha256 differs from
+    what the local backend recorded when it uploaded it. Every later reader downloads
+    it again and checks this sha256, so an object replaced between tasks is refused.
     """
     artifact_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
     job = description["TrainingJobName"]
     if artifact_uri != expected_uri:
         raise HandoffError(f"training job {job} wrote {artifact_uri}, expected {expected_uri}")
-    target = Path(dest_dir) / "model.tar.gz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    bucket, key = split_s3_uri(artifact_uri)
-    s3_client.download_file(bucket, key, str(target))
-    sha256 = file_sha256(target)
     recorded = description.get("LocalBackend", {}).get("ArtifactSha256")
-    if recorded and recorded != sha256:
-        raise HandoffError(f"{artifact_uri} has sha256 {sha256}, the training job recorded {recorded}")
-    return {"path": str(target), "sha256": sha256, "artifact_uri": artifact_uri, "training_job_name": job}
-
-
-def upload_checked(s3_client: Any, files: Iterable[tuple[str, str | None, str]]) -> dict[str, str]:
-    """Upload ``(local path, recorded sha256 or None, s3 uri)`` triples; ``{file name: uri}``."""
-    uploaded = {}
-    for path, sha256, uri in files:
-        require_workspace_file(path, sha256)
-        bucket, key = split_s3_uri(uri)
-        s3_client.upload_file(str(path), bucket, key)
-        uploaded[Path(path).name] = uri
-    return uploaded
+    path = download_verified(s3_client, artifact_uri, Path(scratch) / "model.tar.gz", recorded)
+    return {"artifact_uri": artifact_uri, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
+            "training_job_name": job}
 
 
 def download_verified(s3_client: Any, uri: str, dest: str | Path, sha256: str | None) -> Path:

@@ -1,17 +1,20 @@
-"""Run-scoped names: the training job name, every S3 URI of a run, the local workspace.
+"""Run-scoped names: the training job name, every S3 URI of a run, the worker's scratch.
 
 Everything a run writes derives from its ``training_job_name``, and that name derives
-from the run's logical time only, so a retried task computes the same names and finds
-what the first try wrote. S3 keys follow the original tutorial's layout::
+from the run's logical time (and, after a failed job, its attempt number) only, so a
+retried task computes the same names and finds what the first try wrote. S3 keys follow
+the original tutorial's layout::
 
     s3://<bucket>/<folder>/datasets/<dataset_id>/{train-*,eval-*}.tfrecord, manifest.json
     s3://<bucket>/<folder>/customTFcodes/<job>/source/sourcedir.tar.gz
     s3://<bucket>/<folder>/TFartifacts/<job>/output/model.tar.gz      (S3OutputPath = .../TFartifacts)
-    s3://<bucket>/<folder>/TFartifacts/<job>/output/frozen_model.pb, frozen_model.json, report.json
-    s3://<bucket>/<folder>/published/latest.json                      (pointer, written last)
-    s3://<bucket>/<folder>/published/latest/frozen_model.pb, frozen_model.json, report.json,
-                                           confusion_matrix.png
-    s3://<bucket>/<folder>/published/history/<job>.json
+    s3://<bucket>/<folder>/TFartifacts/<job>/candidate/...            what tasks hand each other
+    s3://<bucket>/<folder>/TFartifacts/<job>/rejected/report.json     a refused model's evidence
+    s3://<bucket>/<folder>/TFartifacts/<job>/output/frozen_model.pb, frozen_model.json,
+                           report.json, confusion_matrix.png, edge/*  the model version (immutable)
+    s3://<bucket>/<folder>/published/latest.json                      the pointer, written last
+    s3://<bucket>/<folder>/published/history/<job>.json               every published record
+    s3://<bucket>/<folder>/published/latest/*                         optional mirror, after the pointer
 
 Standard library only: the DAG file imports this module at parse time.
 """
@@ -21,10 +24,11 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from headpose.training.checksums import file_sha256  # noqa: F401  (re-exported for tasks)
 
@@ -66,6 +70,7 @@ FROZEN_MODEL_JSON_FILE = "frozen_model.json"
 REPORT_FILE = "report.json"
 CONFUSION_PNG_FILE = "confusion_matrix.png"
 MODEL_ARCHIVE_FILE = "model.tar.gz"
+POINTER_FILE = "latest.json"
 SOURCEDIR_FILE = "sourcedir.tar.gz"
 MANIFEST_FILE = "manifest.json"
 LOCAL_JOB_RECORD_FILE = "local-job.json"
@@ -145,16 +150,16 @@ class RunLayout:
     output_path: str
     model_artifact_uri: str
     local_job_record_uri: str
+    candidate_prefix: str
+    rejected_prefix: str
+    version_prefix: str
     frozen_model_uri: str
     frozen_model_json_uri: str
     report_uri: str
     confusion_png_uri: str
     published_prefix: str
     published_pointer_uri: str
-    published_model_uri: str
-    published_model_json_uri: str
-    published_report_uri: str
-    published_confusion_png_uri: str
+    published_mirror_prefix: str
     history_record_uri: str
 
     @classmethod
@@ -169,30 +174,45 @@ class RunLayout:
         if not is_valid_training_job_name(training_job_name):
             raise ValueError(f"invalid training job name {training_job_name!r}")
         split_s3_uri(dataset_prefix)
+        sourcedir = s3_uri(bucket, folder, "customTFcodes", training_job_name, "source", SOURCEDIR_FILE)
+        return cls._of_job(bucket, folder, training_job_name, dataset_prefix.rstrip("/") + "/", sourcedir)
+
+    @classmethod
+    def _of_job(cls, bucket: str, folder: str, job: str, dataset_prefix: str, sourcedir_uri: str) -> "RunLayout":
         output_path = s3_uri(bucket, folder, "TFartifacts")
-        job_output = join_uri(output_path, f"{training_job_name}/output")
+        job_prefix = join_uri(output_path, job) + "/"
+        version = job_prefix + "output/"
         published = s3_uri(bucket, folder, "published/")
         return cls(
             bucket=bucket,
             folder=folder,
-            training_job_name=training_job_name,
-            dataset_prefix=dataset_prefix.rstrip("/") + "/",
-            sourcedir_uri=s3_uri(bucket, folder, "customTFcodes", training_job_name, "source", SOURCEDIR_FILE),
+            training_job_name=job,
+            dataset_prefix=dataset_prefix,
+            sourcedir_uri=sourcedir_uri,
             output_path=output_path,
-            model_artifact_uri=join_uri(job_output, MODEL_ARCHIVE_FILE),
-            local_job_record_uri=join_uri(job_output, LOCAL_JOB_RECORD_FILE),
-            frozen_model_uri=join_uri(job_output, FROZEN_MODEL_FILE),
-            frozen_model_json_uri=join_uri(job_output, FROZEN_MODEL_JSON_FILE),
-            report_uri=join_uri(job_output, REPORT_FILE),
-            confusion_png_uri=join_uri(job_output, CONFUSION_PNG_FILE),
+            model_artifact_uri=version + MODEL_ARCHIVE_FILE,
+            local_job_record_uri=version + LOCAL_JOB_RECORD_FILE,
+            candidate_prefix=job_prefix + "candidate/",
+            rejected_prefix=job_prefix + "rejected/",
+            version_prefix=version,
+            frozen_model_uri=version + FROZEN_MODEL_FILE,
+            frozen_model_json_uri=version + FROZEN_MODEL_JSON_FILE,
+            report_uri=version + REPORT_FILE,
+            confusion_png_uri=version + CONFUSION_PNG_FILE,
             published_prefix=published,
-            published_pointer_uri=join_uri(published, "latest.json"),
-            published_model_uri=join_uri(published, f"latest/{FROZEN_MODEL_FILE}"),
-            published_model_json_uri=join_uri(published, f"latest/{FROZEN_MODEL_JSON_FILE}"),
-            published_report_uri=join_uri(published, f"latest/{REPORT_FILE}"),
-            published_confusion_png_uri=join_uri(published, f"latest/{CONFUSION_PNG_FILE}"),
-            history_record_uri=join_uri(published, f"history/{training_job_name}.json"),
+            published_pointer_uri=published + POINTER_FILE,
+            published_mirror_prefix=published + "latest/",
+            history_record_uri=published + f"history/{job}.json",
         )
+
+    def for_job(self, training_job_name: str) -> "RunLayout":
+        """The same run's layout for another of its training jobs (an attempt after a failed one).
+
+        Every job-scoped URI follows the job; the code it runs stays the run's.
+        """
+        if not is_valid_training_job_name(training_job_name):
+            raise ValueError(f"invalid training job name {training_job_name!r}")
+        return self._of_job(self.bucket, self.folder, training_job_name, self.dataset_prefix, self.sourcedir_uri)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunLayout":
@@ -206,15 +226,13 @@ def dataset_prefix_for(bucket: str, folder: str, dataset_id: str) -> str:
     return s3_uri(bucket, folder, "datasets", dataset_id + "/")
 
 
-# -- local workspace -----------------------------------------------------------------
+# -- the worker's scratch ---------------------------------------------------------------
 
 def workspace_root(environ: Mapping[str, str] | None = None) -> Path:
-    """``$HEADPOSE_WORKSPACE``, else ``$AIRFLOW_HOME/headpose-workspace``.
+    """``$HEADPOSE_WORKSPACE``, else ``$AIRFLOW_HOME/headpose-workspace``: this worker's scratch.
 
-    With more than one worker this folder must be one volume mounted on all of them:
-    ``download_artifact``, ``freeze_graph`` and ``validate_model`` may run on different
-    workers and hand files to each other through it (XCom carries only paths and
-    checksums, never the files).
+    Nothing in it outlives the task that wrote it: tasks hand files to each other through
+    S3, so workers share no folder and any task can run on any worker.
     """
     env = os.environ if environ is None else environ
     if env.get(WORKSPACE_ENV):
@@ -224,42 +242,29 @@ def workspace_root(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def run_workspace(training_job_name: str, environ: Mapping[str, str] | None = None) -> Path:
-    """The run's own folder in the workspace (removed by the DAG's ``cleanup`` task)."""
+    """The run's folder in this worker's scratch (what ``cleanup`` removes on its worker)."""
     if not is_valid_training_job_name(training_job_name):
         raise ValueError(f"invalid training job name {training_job_name!r}")
     return workspace_root(environ) / training_job_name
 
 
+@contextmanager
+def task_scratch(training_job_name: str, task_id: str) -> Iterator[Path]:
+    """A fresh scratch folder for one try of one task, removed when the try ends, however it ends."""
+    import shutil
+    import tempfile
+
+    parent = run_workspace(training_job_name)
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{task_id}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_run_workspace(training_job_name: str) -> None:
-    """``cleanup``'s work: the run's workspace folder gone, whatever it held."""
+    """``cleanup``'s work: what the run left in this worker's scratch (a killed try's), gone."""
     import shutil
 
     shutil.rmtree(run_workspace(training_job_name), ignore_errors=True)
-
-
-class WorkspaceError(RuntimeError):
-    """A file another task put in the workspace is missing or different here."""
-
-
-def require_workspace_file(path: str | Path, sha256: str | None = None) -> Path:
-    """``path`` as another task left it, or a ``WorkspaceError`` that says why not.
-
-    A missing file almost always means the tasks ran on workers that do not share the
-    workspace; a different checksum, that someone else wrote to the run's folder.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise WorkspaceError(
-            f"{file} is not on this worker. An earlier task of this run wrote it to the shared "
-            f"workspace ({WORKSPACE_ENV}={workspace_root()}); with several workers that folder "
-            "must be a volume mounted on every worker."
-        )
-    if sha256 is not None:
-        actual = file_sha256(file)
-        if actual != sha256:
-            raise WorkspaceError(
-                f"{file} has sha256 {actual}, but the task that wrote it recorded {sha256}: "
-                "the workspace was changed between tasks (is it shared by two runs or hosts "
-                "with different contents?)"
-            )
-    return file

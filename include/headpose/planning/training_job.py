@@ -10,8 +10,9 @@ next to its name in XCom: times, final metrics and the spot saving.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # DescribeTrainingJob's TrainingJobStatus values.
 RUNNING_STATUSES = frozenset({"InProgress", "Stopping"})
@@ -108,3 +109,67 @@ def training_summary(description: Mapping[str, Any]) -> dict[str, Any]:
         "managed_spot_training": spot,
         "spot_savings_percent": saving,
     }
+
+
+# -- attempts: a new job after a failed one -----------------------------------------------
+
+# FailureReason words of failures that another job may not meet: no capacity for the
+# instance type, or SageMaker's own internal error (its documentation says to retry both).
+TRANSIENT_FAILURES = ("CapacityError", "InsufficientCapacity", "InternalServerError")
+
+
+def attempt_job_name(first_job: str, attempt: int) -> str:
+    """The run's ``attempt``-th job name: ``<job>`` first, then ``<job>-2``, ``<job>-3``..."""
+    if attempt < 1:
+        raise ValueError(f"attempts count from 1, got {attempt}")
+    return first_job if attempt == 1 else f"{first_job}-{attempt}"
+
+
+def is_transient_failure(description: Mapping[str, Any]) -> bool:
+    reason = str(description.get("FailureReason") or "")
+    return any(word in reason for word in TRANSIENT_FAILURES)
+
+
+def is_fresh_try(try_number: int, max_tries: int, retries: int) -> bool:
+    """Whether a task's try is the first of its sequence: a new run's, or the first after a clear.
+
+    Airflow sets ``max_tries`` to ``retries`` for a new task instance and to
+    ``try_number + retries`` when a person clears it, so the first try of either sequence
+    has ``max_tries - try_number == retries - 1``; an automatic retry has less.
+    """
+    return max_tries - try_number >= retries - 1
+
+
+@dataclass(frozen=True)
+class AttemptStep:
+    step: Step
+    training_job_name: str
+    reason: str
+
+
+def next_attempt(
+    descriptions: Sequence[Mapping[str, Any]], first_job: str, *, fresh_try: bool, max_attempts: int,
+) -> AttemptStep:
+    """What ``train`` does given the run's jobs so far (``descriptions`` of attempt 1, 2, ...).
+
+    The latest attempt decides: none yet, create the first; running, wait for it; completed,
+    take it. Failed or stopped: start the next attempt only when this try is a person's
+    clear (``fresh_try``) or the failure is transient, and the run has attempts left - so
+    an automatic retry never restarts a job that failed for a reason another job would
+    meet too, and no two attempts of a run are ever in progress together.
+    """
+    if not descriptions:
+        return AttemptStep(Step.CREATE, attempt_job_name(first_job, 1), "no training job yet")
+    latest, number = descriptions[-1], len(descriptions)
+    name = attempt_job_name(first_job, number)
+    step = next_step(latest)
+    if step is not Step.FAIL:
+        return AttemptStep(step, name, f"{name} is {latest.get('TrainingJobStatus')}")
+    why = f"{name} is {latest.get('TrainingJobStatus')}: {latest.get('FailureReason') or 'no FailureReason'}"
+    if number >= max_attempts:
+        return AttemptStep(Step.FAIL, name, f"{why}; the run has used its {max_attempts} training job(s)")
+    if fresh_try:
+        return AttemptStep(Step.CREATE, attempt_job_name(first_job, number + 1), f"{why}; train was cleared")
+    if is_transient_failure(latest):
+        return AttemptStep(Step.CREATE, attempt_job_name(first_job, number + 1), f"{why}; a transient failure")
+    return AttemptStep(Step.FAIL, name, f"{why}; not started again (clear train to try another job)")

@@ -1,1 +1,1 @@
-"""The published-model registry: the pointer and history records, promotion, the champion, rollback and its command line."""
+"""The published-model registry: records and the pointer, promotion, the champion, rollback, its command line."""

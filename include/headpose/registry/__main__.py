@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Sequence
 
+from headpose.planning.handoff import pin_bucket_owner
 from headpose.planning.layout import DEFAULT_FOLDER, join_uri
 from headpose.registry.pointer import POINTER_NAME, PublishError, history, published_prefix, read_pointer
 from headpose.registry.rollback import rollback
@@ -20,12 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bucket", required=True, help="the s3_bucket of the runs")
     parser.add_argument("--folder", default=DEFAULT_FOLDER, help="the headpose_folder (default: headpose)")
     parser.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint (e.g. moto, MinIO)")
+    parser.add_argument("--expected-bucket-owner", default=None, metavar="ACCOUNT",
+                        help="refuse a bucket that another AWS account owns (sent with every S3 call)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("show", help="print latest.json")
     commands.add_parser("history", help="list every published model, oldest first")
     back = commands.add_parser("rollback", help="point latest.json at an earlier published model")
     back.add_argument("--to", dest="to_job", default=None,
                       help="training_job_name to restore (default: the pointer's previous)")
+    back.add_argument("--no-mirror", dest="mirror", action="store_false",
+                      help="leave published/latest/ alone (for deployments without the mirror)")
     return parser
 
 
@@ -33,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import boto3
 
     args = build_parser().parse_args(argv)
-    s3_client = boto3.client("s3", endpoint_url=args.endpoint_url)
+    s3_client = pin_bucket_owner(boto3.client("s3", endpoint_url=args.endpoint_url), args.expected_bucket_owner)
     try:
         if args.command == "show":
             record, _ = read_pointer(s3_client, join_uri(published_prefix(args.bucket, args.folder), POINTER_NAME))
@@ -43,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accuracy = (record.get("metrics") or {}).get("accuracy")
                 print(f"{record.get('published_at')}  {record['training_job_name']}  accuracy={accuracy}")
         else:
-            rollback(s3_client, args.bucket, args.folder, args.to_job)
+            rollback(s3_client, args.bucket, args.folder, args.to_job, mirror=args.mirror)
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,71 +1,56 @@
-"""The champion: the published model, evaluated on the same images as the new one.
+"""The champion: the published model, scored on the same images as the new one.
 
 Here, in the registry, rather than in ``artifacts``: it reads the published pointer, and
 the artifacts rooms must not depend on the registry.
+
+A comparison is fair only on the same images. With a pinned evaluation set both models
+are scored on it, whatever each was trained on: the champion is re-scored every run, so
+an older record's figures (or one validated on another set) never stand in for it.
+Without one, the new model is scored on its own dataset's eval split, and the published
+model only counts as comparable when its record names that same dataset (manifest
+sha256); otherwise ``comparable`` is false and promotion refuses to decide by accuracy.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from headpose.planning.layout import file_sha256, split_s3_uri
-from headpose.registry.pointer import PublishError, is_missing_key, read_pointer
+from headpose.planning.handoff import HandoffError, download_verified
+from headpose.registry.pointer import is_missing_key, read_pointer
+from headpose.registry.record import RecordError, record_channel_order, record_files
 
-Log = Callable[[str], None]
+DEFAULT_INPUT, DEFAULT_OUTPUT = "inputs", "softmax_tensor"
 
 
-def validate_candidate(
-    s3_client: Any, plan: Mapping[str, Any], frozen: Mapping[str, Any], work_dir: str | Path, log: Log,
-) -> dict[str, Any]:
-    """``validate_model``'s work: the new model and the published one on the same held-out shards.
-
-    Returns the acceptance outcome (``report.json`` written in ``work_dir/report``);
-    raises ``ModelRefused`` when the model breaks the graph contract or the gate refuses it,
-    and when the published pointer itself is broken (a person must look).
-    """
-    from headpose.artifacts.acceptance import ModelRefused, outcome_lines, validate_frozen_model
-    from headpose.datasets.staging import download_split
-    from headpose.planning.layout import require_workspace_file
-
-    pb_path = require_workspace_file(frozen["frozen_model_path"], frozen["frozen_model_sha256"])
-    workspace = Path(work_dir)
-    eval_shards = download_split(s3_client, plan["dataset_prefix"], "eval", workspace / "eval-data")
-    inputs, outputs = frozen["input_node_names"], frozen["output_node_names"]
-    try:
-        champion = evaluate_champion(
-            s3_client, plan["published_pointer_uri"], eval_shards, workspace / "champion", inputs[0], outputs[0],
-        )
-    except PublishError as error:  # e.g. latest.json is not JSON
-        raise ModelRefused(str(error)) from None
-    min_accuracy = plan["run_params"]["min_accuracy"]
-    try:
-        outcome = validate_frozen_model(
-            pb_path, frozen["saved_model_dir"], eval_shards, workspace / "report",
-            min_accuracy=min_accuracy, training_job_name=plan["training_job_name"],
-            input_node_names=inputs, output_node_names=outputs, champion=champion,
-        )
-    except ValueError as error:  # the graph itself is wrong
-        raise ModelRefused(f"the frozen model breaks the graph contract: {error}") from None
-    for line in outcome_lines(outcome, min_accuracy):
-        log(line)
-    if outcome["problems"]:
-        raise ModelRefused("the frozen model is not published: " + "; ".join(outcome["problems"]))
-    return outcome
+def comparability(
+    record: Mapping[str, Any], evaluation_set: Mapping[str, Any], dataset: Mapping[str, Any],
+) -> tuple[bool, str]:
+    """Whether the published model's score on ``evaluation_set`` compares fairly with the new one's."""
+    if evaluation_set["pinned"]:
+        return True, f"both scored on the pinned evaluation set {evaluation_set['id']}"
+    theirs = record.get("dataset") or {}
+    if theirs.get("manifest_sha256") and theirs["manifest_sha256"] == dataset.get("manifest_sha256"):
+        return True, f"both scored on the eval split of {dataset.get('dataset_id')}, which both were validated on"
+    return False, (
+        f"the published model was validated on {theirs.get('dataset_id') or 'a dataset its record does not name'}, "
+        f"this run on {dataset.get('dataset_id')}; without a pinned evaluation set their scores are not comparable"
+    )
 
 
 def evaluate_champion(
     s3_client: Any,
     pointer_uri: str,
     eval_shards: Iterable[str | Path],
+    evaluation_set: Mapping[str, Any],
+    dataset: Mapping[str, Any],
     work_dir: str | Path,
-    input_node: str = "inputs",
-    output_node: str = "softmax_tensor",
 ) -> dict[str, Any]:
-    """The published model's accuracy on the same held-out shards as the new one.
+    """The published model's figures on the evaluation set, and whether they compare fairly.
 
     ``{"present": False}`` when nothing is published. A published model that cannot be
-    evaluated (its file is gone or changed, or the graph does not run) gives ``error``
-    instead of ``accuracy``; S3 being unreachable raises, so that the task retries.
+    evaluated (a file gone or changed, a graph that does not run) gives ``error`` instead
+    of ``accuracy``; S3 being unreachable raises, so that the task retries.
     """
     import tensorflow as tf
 
@@ -75,29 +60,44 @@ def evaluate_champion(
     if record is None:
         return {"present": False}
     result: dict[str, Any] = {
-        "present": True,
-        "training_job_name": record["training_job_name"],
-        "frozen_model_uri": record.get("frozen_model_uri"),
-        "frozen_model_sha256": record.get("frozen_model_sha256"),
-        "pointer_etag": etag,
+        "present": True, "training_job_name": record["training_job_name"], "pointer_etag": etag,
         "published_at": record.get("published_at"),
     }
-    folder = Path(work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    pb_path = folder / "champion_frozen_model.pb"
+    comparable, why = comparability(record, evaluation_set, dataset)
+    result.update(comparable=comparable, comparison=why)
     try:
-        bucket, key = split_s3_uri(record.get("frozen_model_uri") or "")
-        s3_client.download_file(bucket, key, str(pb_path))
+        files = record_files(record)
+        frozen = files["frozen_model.pb"]
+        result.update(frozen_model_uri=frozen["uri"], frozen_model_sha256=frozen["sha256"])
+        pb_path, inputs, outputs = _fetch(s3_client, files, Path(work_dir))
+        channel_order = record_channel_order(record)
+    except (RecordError, HandoffError, ValueError) as error:
+        return {**result, "error": f"cannot fetch the published model: {error}"}
     except Exception as error:
-        if not (is_missing_key(error) or isinstance(error, ValueError)):
+        if not is_missing_key(error):
             raise
-        return {**result, "error": f"cannot fetch the published frozen graph: {error}"}
-    actual = file_sha256(pb_path)
-    if actual != record.get("frozen_model_sha256"):
-        return {**result, "error": f"{record['frozen_model_uri']} has sha256 {actual}, "
-                f"latest.json records {record.get('frozen_model_sha256')}"}
+        return {**result, "error": f"cannot fetch the published model: {error}"}
     try:
-        evaluation = evaluate_frozen_graph(pb_path, eval_shards, input_node=input_node, output_node=output_node)
+        evaluation = evaluate_frozen_graph(
+            pb_path, eval_shards, input_node=inputs, output_node=outputs,
+            reverse_channels=channel_order != evaluation_set["channel_order"],
+        )
     except (ValueError, tf.errors.OpError) as error:
         return {**result, "error": f"the published frozen graph does not run: {type(error).__name__}: {error}"}
-    return {**result, "accuracy": evaluation["accuracy"], "images": evaluation["images"]}
+    return {
+        **result, "accuracy": evaluation["accuracy"], "images": evaluation["images"], "channel_order": channel_order,
+        "per_class_recall": {c["name"]: c["accuracy"] for c in evaluation["per_class"]},
+    }
+
+
+def _fetch(s3_client: Any, files: Mapping[str, Any], folder: Path) -> tuple[Path, str, str]:
+    """The champion's frozen graph (verified) and its node names (from its metadata, if it has one)."""
+    pb = files["frozen_model.pb"]
+    pb_path = download_verified(s3_client, pb["uri"], folder / "champion_frozen_model.pb", pb["sha256"])
+    inputs, outputs = DEFAULT_INPUT, DEFAULT_OUTPUT
+    meta = files.get("frozen_model.json")
+    if meta and meta.get("sha256"):  # version 2 records know no metadata checksum: defaults then
+        meta_path = download_verified(s3_client, meta["uri"], folder / "champion_frozen_model.json", meta["sha256"])
+        metadata = json.loads(meta_path.read_text())
+        inputs, outputs = metadata["inputs"][0]["name"], metadata["outputs"][0]["name"]
+    return pb_path, inputs, outputs

@@ -1,62 +1,36 @@
-"""Promoting a validated frozen model: the decision, the record, the ordered writes.
+"""Promoting a validated model version: the decision, the record, the ordered writes.
 
-Publishing is ordered so that a failure at any point leaves a consistent "latest":
+Publishing writes, in this order, so that a crash at any point leaves the old model or the
+new one published, never a mix:
 
-1. ``published/history/<job>.json``  the run's record (never overwritten by another run)
-2. ``published/latest/*``            server-side copies of the run's frozen model files
-3. ``published/latest.json``         the pointer, written last
+1. ``published/history/<job>.json``  the version's record (names every file by URI and sha256)
+2. ``published/latest.json``         the pointer: the record again, conditional on the one read
+3. ``published/latest/*``            the optional mirror, copied from what the pointer names
 
-Readers should start from ``latest.json``: it names the run's immutable
-``TFartifacts/<job>/output/`` files and their sha256, so it is correct even if a
-publish died between steps 2 and 3 (then ``latest.json`` still names the previous
-model, whose immutable files are untouched).
+The files the record names are the version's immutable ``TFartifacts/<job>/output/``
+objects, written by ``upload_frozen_model`` before; nothing published is overwritten.
 
-Champion and challenger: ``validate_model`` evaluates the new model and the one
-``latest.json`` names on the same held-out shards (``registry.champion``);
-``promotion_decision`` says whether the new one replaces it.
+Champion and challenger: ``validate_model`` scores the new model and the published one on
+the same images (``registry.champion``); ``promotion_decision`` says whether the new one
+replaces it, and refuses a comparison that would not be fair.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from headpose.planning.layout import MANIFEST_FILE, RunLayout, join_uri, split_s3_uri
+from headpose.planning.layout import RunLayout
 from headpose.registry.pointer import (
-    RECORD_VERSION,
     PointerChangedError,
-    PublishError,
-    is_missing_key,
     now_iso,
     pointer_summary,
     put_json,
     put_pointer,
     read_pointer,
+    sync_mirror,
 )
+from headpose.registry.record import RECORD_VERSION, record_files
 
-
-def dataset_fingerprint(s3_client: Any, dataset_prefix: str) -> dict[str, Any]:
-    """The dataset a model was trained on: its prefix, manifest URI and manifest sha256."""
-    manifest_uri = join_uri(dataset_prefix, MANIFEST_FILE)
-    bucket, key = split_s3_uri(manifest_uri)
-    try:
-        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as error:
-        if is_missing_key(error):
-            raise PublishError(f"the dataset manifest {manifest_uri} is gone") from None
-        raise
-    manifest = json.loads(body)
-    return {
-        "dataset_prefix": dataset_prefix,
-        "dataset_id": dataset_prefix.rstrip("/").rsplit("/", 1)[-1],
-        "manifest_uri": manifest_uri,
-        "manifest_sha256": hashlib.sha256(body).hexdigest(),
-        "source": manifest.get("source"),
-    }
-
-
-# -- the decision ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Decision:
@@ -70,13 +44,12 @@ def promotion_decision(
     margin: float = 0.0,
     force: bool = False,
 ) -> Decision:
-    """Whether a validated model with held-out ``accuracy`` replaces the published one.
+    """Whether a validated model with ``accuracy`` on the evaluation set replaces the published one.
 
-    ``champion`` is ``validation.evaluate_champion``'s result on the same shards
-    (``None`` or ``{"present": False}`` when nothing is published). The new model is
-    promoted when ``accuracy >= champion accuracy - margin``, or when ``force`` is set.
-    A published model that could not be evaluated (missing file, wrong checksum, broken
-    graph) does not protect itself: the validated new one replaces it.
+    ``champion`` is ``champion.evaluate_champion``'s result on the same images. The new
+    model is promoted when ``accuracy >= champion accuracy - margin`` and the comparison
+    is fair (``comparable``), or when ``force`` is set. A published model that could not
+    be evaluated (missing file, wrong checksum, broken graph) does not protect itself.
     """
     if force:
         return Decision(True, "force_publish is set")
@@ -84,70 +57,48 @@ def promotion_decision(
         return Decision(True, "no model is published yet")
     if champion.get("error"):
         return Decision(True, f"the published model could not be evaluated: {champion['error']}")
+    if not champion.get("comparable", True):
+        return Decision(False, f"not compared: {champion.get('comparison')} "
+                        f"({champion.get('training_job_name')} stays published; force_publish replaces it)")
     old = float(champion["accuracy"])
     if accuracy >= old - margin:
-        return Decision(
-            True, f"accuracy {accuracy:.4f} >= published {old:.4f} - margin {margin:g} "
-            f"({champion.get('training_job_name')})",
-        )
-    return Decision(
-        False, f"accuracy {accuracy:.4f} < published {old:.4f} - margin {margin:g} "
-        f"({champion.get('training_job_name')} stays published)",
-    )
+        return Decision(True, f"accuracy {accuracy:.4f} >= published {old:.4f} - margin {margin:g} "
+                        f"({champion.get('training_job_name')})")
+    return Decision(False, f"accuracy {accuracy:.4f} < published {old:.4f} - margin {margin:g} "
+                    f"({champion.get('training_job_name')} stays published)")
 
-
-# -- publishing ------------------------------------------------------------------------
 
 def publish_record(
     layout: RunLayout,
-    frozen_model_sha256: str,
-    metrics: Mapping[str, Any],
+    version: Mapping[str, Any],
+    report: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     *,
     dataset: Mapping[str, Any] | None = None,
     previous: Mapping[str, Any] | None = None,
+    attempts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What ``latest.json`` and the history record say about the published model."""
+    """The version 3 record of ``layout``'s model version (``upload_frozen_model``'s ``version``)."""
     return {
         "version": RECORD_VERSION,
         "training_job_name": layout.training_job_name,
         "published_at": now_iso(),
-        "frozen_model_uri": layout.frozen_model_uri,
-        "frozen_model_sha256": frozen_model_sha256,
-        "frozen_model_json_uri": layout.frozen_model_json_uri,
-        "report_uri": layout.report_uri,
-        "confusion_png_uri": layout.confusion_png_uri,
+        "attempts": list(attempts or [layout.training_job_name]),
+        "files": {name: dict(entry) for name, entry in version["files"].items()},
+        "formats": {name: dict(entry) for name, entry in (version.get("formats") or {}).items()},
+        "evaluation_set": report.get("evaluation_set"),
+        "dataset": dict(dataset) if dataset else None,
+        "metrics": {
+            "accuracy": report["accuracy"], "images": report["images"],
+            "min_class_recall": report.get("min_class_recall_measured"),
+            "parity_max_abs_diff": report["parity_max_abs_diff"],
+        },
+        "channel_order": version["channel_order"],
         "model_artifact_uri": layout.model_artifact_uri,
         "history_record_uri": layout.history_record_uri,
-        "dataset_prefix": layout.dataset_prefix,
-        "dataset": dict(dataset) if dataset else None,
-        "latest": {
-            "frozen_model_uri": layout.published_model_uri,
-            "frozen_model_json_uri": layout.published_model_json_uri,
-            "report_uri": layout.published_report_uri,
-            "confusion_png_uri": layout.published_confusion_png_uri,
-        },
-        "metrics": dict(metrics),
         "previous": pointer_summary(previous),
         **dict(extra or {}),
     }
-
-
-def _latest_copies(record: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(immutable source, latest/ target)`` URI pairs of a record (older ones lack the PNG)."""
-    latest = record.get("latest") or {}
-    pairs = [(record.get(name), latest.get(name)) for name in (
-        "frozen_model_uri", "frozen_model_json_uri", "report_uri", "confusion_png_uri",
-    )]
-    return [(source, target) for source, target in pairs if source and target]
-
-
-def copy_to_latest(s3_client: Any, record: Mapping[str, Any]) -> None:
-    for source, target in _latest_copies(record):
-        source_bucket, source_key = split_s3_uri(source)
-        target_bucket, target_key = split_s3_uri(target)
-        # Managed copy: server-side, and multipart for objects over 5 GB.
-        s3_client.copy({"Bucket": source_bucket, "Key": source_key}, target_bucket, target_key)
 
 
 def publish_model(
@@ -155,26 +106,27 @@ def publish_model(
     layout: RunLayout,
     record: Mapping[str, Any],
     expected_etag: str | None = None,
-) -> dict[str, str]:
-    """History record, then copies under ``latest/``, then the ``latest.json`` pointer.
+    *,
+    mirror: bool = True,
+) -> dict[str, Any]:
+    """History record, then the ``latest.json`` pointer, then (``mirror``) ``latest/``.
 
     ``expected_etag`` is the ETag of the pointer this model was compared against
     (``None``: there was none). If the pointer changed since, ``PointerChangedError`` is
-    raised and ``latest/`` is put back to the files the pointer names.
+    raised and nothing the pointer names changed (the history record is this version's own).
     """
     put_json(s3_client, layout.history_record_uri, record)
-    copy_to_latest(s3_client, record)
-    try:
-        put_pointer(s3_client, layout.published_pointer_uri, record, expected_etag)
-    except PointerChangedError:
-        winner, _ = read_pointer(s3_client, layout.published_pointer_uri)
-        if winner:
-            copy_to_latest(s3_client, winner)
-        raise
+    put_pointer(s3_client, layout.published_pointer_uri, record, expected_etag)
+    mirrored = sync_mirror(s3_client, record, layout.published_mirror_prefix) if mirror else []
+    return _published(layout, mirrored)
+
+
+def _published(layout: RunLayout, mirrored: list[str]) -> dict[str, Any]:
     return {
         "published_pointer_uri": layout.published_pointer_uri,
         "history_record_uri": layout.history_record_uri,
-        "published_model_uri": layout.published_model_uri,
+        "published_model_uri": layout.frozen_model_uri,
+        "mirror_prefix": layout.published_mirror_prefix if mirrored else None,
     }
 
 
@@ -182,30 +134,31 @@ def promote_if_better(
     s3_client: Any,
     layout: RunLayout,
     *,
-    frozen_model_sha256: str,
-    metrics: Mapping[str, Any],
-    champion: Mapping[str, Any] | None,
+    version: Mapping[str, Any],
+    report: Mapping[str, Any],
     margin: float = 0.0,
     force: bool = False,
+    mirror: bool = True,
     extra: Mapping[str, Any] | None = None,
-) -> tuple[Decision, dict[str, str] | None]:
-    """Publish the run's validated model if ``promotion_decision`` says so.
+    dataset: Mapping[str, Any] | None = None,
+    attempts: list[str] | None = None,
+) -> tuple[Decision, dict[str, Any] | None]:
+    """Publish the run's validated version if ``promotion_decision`` says so.
 
-    ``champion`` is what ``validate_model`` compared against (with the pointer's ETag
-    then). Returns the decision and, when promoted, the published URIs. Safe to repeat:
-    a pointer that already names this run's graph counts as published.
+    ``report`` is ``validate_model``'s outcome, with the champion it compared against (and
+    the pointer's ETag then). Returns the decision and, when promoted, the published URIs.
+    Safe to repeat: a pointer that already names this version counts as published, and
+    the mirror is synced again (a crash may have left it half-written).
     """
-    champion = champion or {}
+    champion = report.get("champion") or {}
     current, etag = read_pointer(s3_client, layout.published_pointer_uri)
-    published = {
-        "published_pointer_uri": layout.published_pointer_uri,
-        "published_model_uri": layout.published_model_uri,
-    }
+    frozen_sha = version["files"]["frozen_model.pb"]["sha256"]
     if current and current["training_job_name"] == layout.training_job_name and (
-        current.get("frozen_model_sha256") == frozen_model_sha256
+        record_files(current)["frozen_model.pb"]["sha256"] == frozen_sha
     ):
-        return Decision(True, "already published (by an earlier try)"), published
-    decision = promotion_decision(float(metrics["accuracy"]), champion, margin, force)
+        mirrored = sync_mirror(s3_client, current, layout.published_mirror_prefix) if mirror else []
+        return Decision(True, "already published (by an earlier try)"), _published(layout, mirrored)
+    decision = promotion_decision(float(report["accuracy"]), champion, margin, force)
     if not decision.promote:
         return decision, None
     if etag != champion.get("pointer_etag") and not force:
@@ -214,36 +167,36 @@ def promote_if_better(
             f"{(current or {}).get('training_job_name')}); run again to compare, or set force_publish"
         )), None
     record = publish_record(
-        layout, frozen_model_sha256, metrics,
+        layout, version, report,
         extra={**dict(extra or {}), "promotion": {"reason": decision.reason, "champion": champion or None}},
-        dataset=dataset_fingerprint(s3_client, layout.dataset_prefix), previous=current,
+        dataset=dataset, previous=current, attempts=attempts,
     )
     try:
-        publish_model(s3_client, layout, record, expected_etag=etag)
+        return decision, publish_model(s3_client, layout, record, expected_etag=etag, mirror=mirror)
     except PointerChangedError as error:
         return Decision(False, str(error)), None
-    return decision, published
 
 
 def run_summary(
     *,
     training_job_name: str,
     decision: Decision,
-    accuracy: float,
-    champion: Mapping[str, Any] | None,
+    report: Mapping[str, Any],
     training: Mapping[str, Any],
     model_uri: str,
-    published: Mapping[str, str] | None,
+    published: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The one-glance account of a run for the ``publish`` log and XCom."""
-    champion = champion or {}
+    champion = report.get("champion") or {}
     return {
         "training_job_name": training_job_name,
         "promoted": decision.promote,
         "reason": decision.reason,
-        "accuracy_after": accuracy,
+        "accuracy_after": report["accuracy"],
         "accuracy_before": champion.get("accuracy"),
         "previous_training_job_name": champion.get("training_job_name"),
+        "evaluation_set": (report.get("evaluation_set") or {}).get("id"),
+        "formats": sorted(name for name, f in (report.get("formats") or {}).items() if f.get("accepted")),
         "billable_time_in_seconds": training.get("BillableTimeInSeconds"),
         "training_time_in_seconds": training.get("TrainingTimeInSeconds"),
         "model_uri": model_uri,
@@ -262,10 +215,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     )
     return "\n".join([
         f"run summary: {summary['training_job_name']}",
-        f"  accuracy: before {accuracy(summary['accuracy_before'])} "
-        f"({summary['previous_training_job_name'] or 'nothing published'}), "
+        f"  accuracy on {summary.get('evaluation_set') or 'the evaluation set'}: before "
+        f"{accuracy(summary['accuracy_before'])} ({summary['previous_training_job_name'] or 'nothing published'}), "
         f"after {accuracy(summary['accuracy_after'])}",
         f"  decision: {'promoted' if summary['promoted'] else 'kept the published model'} - {summary['reason']}",
+        f"  edge formats: {', '.join(summary.get('formats') or []) or 'none'}",
         f"  billable seconds: {summary['billable_time_in_seconds']}, "
         f"training seconds: {summary['training_time_in_seconds']}",
         f"  model: {summary['model_uri']}",
@@ -277,24 +231,21 @@ def publish_run(
     s3_client: Any,
     plan: Mapping[str, Any],
     training: Mapping[str, Any],
-    frozen: Mapping[str, Any],
+    dataset: Mapping[str, Any],
     report: Mapping[str, Any],
+    version: Mapping[str, Any],
     *,
     dag_id: str,
     run_id: str,
 ) -> tuple[Decision, dict[str, Any]]:
-    """``publish``'s work: promote the run's model or keep the published one; the run summary."""
-    layout = RunLayout.from_dict(plan)
+    """``publish``'s work: promote the run's model version or keep the published one; the summary."""
     description = training["Training"]
-    champion = report.get("champion") or {}
+    layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
     decision, published = promote_if_better(
-        s3_client, layout,
-        frozen_model_sha256=frozen["frozen_model_sha256"],
-        metrics={"accuracy": report["accuracy"], "images": report["images"],
-                 "parity_max_abs_diff": report["parity_max_abs_diff"]},
-        champion=champion,
-        margin=plan["run_params"]["promotion_margin"],
-        force=plan["run_params"]["force_publish"],
+        s3_client, layout, version=version, report=report,
+        margin=plan["run_params"]["promotion_margin"], force=plan["run_params"]["force_publish"],
+        mirror=plan["deployment"]["publish_latest_mirror"], dataset=_dataset_fingerprint(dataset),
+        attempts=training.get("attempts"),
         extra={
             "dag_id": dag_id,
             "run_id": run_id,
@@ -305,7 +256,14 @@ def publish_run(
         },
     )
     summary = run_summary(
-        training_job_name=layout.training_job_name, decision=decision, accuracy=report["accuracy"],
-        champion=champion, training=description, model_uri=layout.frozen_model_uri, published=published,
+        training_job_name=layout.training_job_name, decision=decision, report=report,
+        training=description, model_uri=layout.frozen_model_uri, published=published,
     )
     return decision, summary
+
+
+def _dataset_fingerprint(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset a model was trained on, as its record keeps it."""
+    return {key: dataset.get(key) for key in (
+        "dataset_prefix", "dataset_id", "manifest_uri", "manifest_sha256", "source", "channel_order",
+    )}

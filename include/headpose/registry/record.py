@@ -58,7 +58,8 @@ def record_files(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         }
     frozen = files.get(FROZEN_MODEL_FILE) or {}
     if not frozen.get("uri") or not frozen.get("sha256"):
-        raise RecordError(f"the record of {record.get('training_job_name')} names no {FROZEN_MODEL_FILE} with its sha256")
+        raise RecordError(
+            f"the record of {record.get('training_job_name')} names no {FROZEN_MODEL_FILE} with its sha256")
     return {name: dict(entry) for name, entry in files.items()}
 
 

@@ -1,4 +1,9 @@
-"""Rolling the published model back: the pointer moves to an earlier history record."""
+"""Rolling the published model back: the pointer moves to an earlier history record.
+
+Only the pointer changes (and then the mirror follows it); every file of the target
+version is checked against the sha256 its record holds first, so a rollback never points
+devices at changed or missing files.
+"""
 from __future__ import annotations
 
 import json
@@ -15,9 +20,10 @@ from headpose.registry.pointer import (
     published_prefix,
     put_pointer,
     read_pointer,
-    sha256_of_object,
+    sync_mirror,
+    verify_record_files,
 )
-from headpose.registry.promotion import copy_to_latest
+from headpose.registry.record import RecordError, record_files
 
 Log = Callable[[str], None]
 
@@ -28,14 +34,17 @@ def rollback(
     folder: str = DEFAULT_FOLDER,
     to_job: str | None = None,
     log: Log = print,
+    *,
+    mirror: bool = True,
 ) -> dict[str, Any]:
-    """Point ``latest.json`` (and ``latest/``) back at an earlier published model.
+    """Point ``latest.json`` back at an earlier published model, then sync the mirror.
 
     ``to_job`` defaults to the current pointer's ``previous``. The target's history
-    record must exist and its frozen graph must still have the recorded sha256; the
+    record must exist and every file it names must still have its recorded sha256; the
     new pointer is that record with ``rolled_back`` and ``previous`` set.
     """
-    pointer_uri = join_uri(published_prefix(bucket, folder), POINTER_NAME)
+    prefix = published_prefix(bucket, folder)
+    pointer_uri = join_uri(prefix, POINTER_NAME)
     current, etag = read_pointer(s3_client, pointer_uri)
     if to_job is None:
         to_job = ((current or {}).get("previous") or {}).get("training_job_name")
@@ -43,26 +52,14 @@ def rollback(
             raise PublishError(f"{pointer_uri} names no previous model; pass --to <training_job_name>")
     if not is_valid_training_job_name(to_job):
         raise PublishError(f"{to_job!r} is not a training job name")
-    record_uri = join_uri(published_prefix(bucket, folder), f"history/{to_job}.json")
-    record_bucket, record_key = split_s3_uri(record_uri)
+    target = _history_record(s3_client, bucket, folder, to_job)
     try:
-        target = json.loads(s3_client.get_object(Bucket=record_bucket, Key=record_key)["Body"].read())
-    except Exception as error:
-        if not is_missing_key(error):
-            raise
-        known = [r["training_job_name"] for r in history(s3_client, bucket, folder)]
-        raise PublishError(f"{to_job} was never published (no {record_uri}); published: {known}") from None
-    try:
-        actual = sha256_of_object(s3_client, target["frozen_model_uri"])
-    except Exception as error:
-        if not is_missing_key(error):
-            raise
-        raise PublishError(f"{target['frozen_model_uri']} is gone; cannot roll back to {to_job}") from None
-    if actual != target["frozen_model_sha256"]:
-        raise PublishError(
-            f"{target['frozen_model_uri']} has sha256 {actual}, its history record says "
-            f"{target['frozen_model_sha256']}; refusing to roll back to a changed file"
-        )
+        record_files(target)
+    except RecordError as error:
+        raise PublishError(f"cannot roll back to {to_job}: {error}") from None
+    problems = verify_record_files(s3_client, target)
+    if problems:
+        raise PublishError(f"refusing to roll back to {to_job}: " + "; ".join(problems))
     now = now_iso()
     pointer = {
         **target,
@@ -70,7 +67,20 @@ def rollback(
         "rolled_back": {"at": now, "from": (current or {}).get("training_job_name")},
         "previous": pointer_summary(current),
     }
-    copy_to_latest(s3_client, target)
     put_pointer(s3_client, pointer_uri, pointer, etag)
+    if mirror:
+        sync_mirror(s3_client, pointer, join_uri(prefix, "latest/"))
     log(f"{pointer_uri} now names {to_job} (was {(current or {}).get('training_job_name')})")
     return pointer
+
+
+def _history_record(s3_client: Any, bucket: str, folder: str, job: str) -> dict[str, Any]:
+    record_uri = join_uri(published_prefix(bucket, folder), f"history/{job}.json")
+    record_bucket, record_key = split_s3_uri(record_uri)
+    try:
+        return json.loads(s3_client.get_object(Bucket=record_bucket, Key=record_key)["Body"].read())
+    except Exception as error:
+        if not is_missing_key(error):
+            raise
+    known = [r["training_job_name"] for r in history(s3_client, bucket, folder)]
+    raise PublishError(f"{job} was never published (no {record_uri}); published: {known}")

@@ -1,0 +1,89 @@
+"""``validate_model``: the new model and the published one, judged on the same images.
+
+Reads everything from S3 by URI and sha256 (the frozen graph, the training job's
+``model.tar.gz`` for the SavedModel parity check, the evaluation set, the published
+model), so it runs on any worker after any failure. The report and confusion matrix go
+to S3 before the task ends: beside the candidate when the model is accepted, under the
+run's ``rejected/`` prefix when it is not - the evidence of a refusal is never lost, and
+never lands under ``published/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, RunLayout
+
+Log = Callable[[str], None]
+
+
+def validate_candidate(
+    s3_client: Any,
+    plan: Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    artifact: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    scratch: str | Path,
+    log: Log,
+) -> dict[str, Any]:
+    """Judge the run's frozen model; its outcome (URIs, figures, champion) for XCom.
+
+    Raises ``ModelRefused`` when the model breaks the graph contract or the gate refuses
+    it (after uploading the evidence), and when the published pointer itself is broken.
+    """
+    from headpose.artifacts.acceptance import ModelRefused, outcome_lines, validate_frozen_model
+    from headpose.artifacts.archive import find_saved_model, safe_extract
+    from headpose.datasets.evaluation_set import fetch_evaluation_set
+    from headpose.planning.handoff import download_verified, upload_file
+    from headpose.registry.champion import evaluate_champion
+    from headpose.registry.pointer import PublishError
+
+    work = Path(scratch)
+    layout = RunLayout.from_dict(plan).for_job(frozen["training_job_name"])
+    params = plan["run_params"]
+    pb_path = download_verified(
+        s3_client, frozen["frozen_model_uri"], work / "frozen_model.pb", frozen["frozen_model_sha256"])
+    archive = download_verified(s3_client, artifact["artifact_uri"], work / "model.tar.gz", artifact["sha256"])
+    saved_model = find_saved_model(safe_extract(archive, work / "model"))
+    evaluation_set, shards = fetch_evaluation_set(
+        s3_client, plan["deployment"]["evaluation_set"], dataset, work / "eval")
+    source = "pinned by the deployment" if evaluation_set.pinned else "this run's eval split"
+    log(f"evaluation set: {evaluation_set.id} ({source}), {len(shards)} shards, {evaluation_set.channel_order.upper()}")
+    try:
+        champion = evaluate_champion(s3_client, plan["published_pointer_uri"], shards, evaluation_set.to_dict(),
+                                     dataset, work / "champion")
+    except PublishError as error:  # e.g. latest.json is not JSON: a person must look
+        raise ModelRefused(str(error)) from None
+    try:
+        outcome = validate_frozen_model(
+            pb_path, saved_model, shards, work / "report",
+            min_accuracy=params["min_accuracy"], min_class_recall=params["min_class_recall"],
+            training_job_name=layout.training_job_name,
+            input_node_names=frozen["input_node_names"], output_node_names=frozen["output_node_names"],
+            champion=champion, evaluation_set=evaluation_set.to_dict(), dataset=_dataset_section(dataset),
+            reverse_channels=frozen["channel_order"] != evaluation_set.channel_order,
+        )
+    except ValueError as error:  # the graph itself is wrong
+        raise ModelRefused(f"the frozen model breaks the graph contract: {error}") from None
+    for line in outcome_lines(outcome, params["min_accuracy"], params["min_class_recall"]):
+        log(line)
+    where = layout.candidate_prefix if outcome["accepted"] else layout.rejected_prefix
+    uploaded = {
+        "report_uri": where + REPORT_FILE,
+        "report_sha256": upload_file(s3_client, outcome.pop("report_path"), where + REPORT_FILE),
+        "confusion_png_uri": where + CONFUSION_PNG_FILE,
+        "confusion_png_sha256": upload_file(s3_client, outcome.pop("confusion_png_path"), where + CONFUSION_PNG_FILE),
+    }
+    if not outcome["accepted"]:
+        raise ModelRefused(
+            "the frozen model is not published: " + "; ".join(outcome["problems"])
+            + f". Report: {uploaded['report_uri']}, confusion matrix: {uploaded['confusion_png_uri']}"
+        )
+    return {**outcome, **uploaded, "training_job_name": layout.training_job_name}
+
+
+def _dataset_section(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: dataset.get(key) for key in (
+        "dataset_prefix", "dataset_id", "manifest_uri", "manifest_sha256", "source", "channel_order",
+        "train_count", "eval_count", "validation",
+    )}

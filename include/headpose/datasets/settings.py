@@ -14,7 +14,8 @@ from typing import Any, Mapping, TypeVar
 
 # Bump when the synthetic generator's output changes, so that staged datasets get a new prefix.
 # 2: every round of poses draws from its own random stream (parallel rendering).
-GENERATOR_VERSION = 2
+# 3: pixels are stored in ``channel_order`` (default bgr; 2 always wrote RGB).
+GENERATOR_VERSION = 3
 
 CHANNEL_ORDERS: tuple[str, ...] = ("bgr", "rgb")
 DEFAULT_CHANNEL_ORDER = "bgr"
@@ -39,7 +40,7 @@ def channel_order_of(params: Mapping[str, Any]) -> str:
     return checked_channel_order(params.get("channel_order", DEFAULT_CHANNEL_ORDER))
 
 
-def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dict[str, int]:
+def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dict[str, Any]:
     """The settings that define a synthetic dataset (and its prefix's hash)."""
     return {
         "generator_version": generator_version,
@@ -47,6 +48,7 @@ def synthetic_settings(params: Mapping[str, Any], generator_version: int) -> dic
         "eval_per_pose": int(params["synthetic_eval_per_pose"]),
         "seed": int(params["seed"]),
         "images_per_shard": int(params["images_per_shard"]),
+        "channel_order": channel_order_of(params),
     }
 
 

@@ -36,7 +36,9 @@ POSE_GRID: tuple[tuple[int, int], ...] = (
 )
 FRONT_INDEX = POSE_GRID.index((0, 0))  # 46: the Front/ images are frontal
 
-Member = tuple[str, bytes]
+# A file's name and bytes; a TarInfo instead of bytes stands for a member without data
+# (a link), added as it is.
+Member = tuple[str, "bytes | tarfile.TarInfo"]
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,21 @@ def tar_bytes(members: list[Member], directories: bool = True) -> bytes:
                 info = tarfile.TarInfo(folder)
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
+            if isinstance(data, tarfile.TarInfo):
+                tar.addfile(data)
+                continue
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def link(name: str, target: str, hard: bool = False) -> Member:
+    """A symbolic (or hard) link member ``name`` pointing at ``target``."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.LNKTYPE if hard else tarfile.SYMTYPE
+    info.linkname = target
+    return name, info
 
 
 def write_archive(path: Path, members: list[Member]) -> Path:

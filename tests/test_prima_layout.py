@@ -24,6 +24,7 @@ from prima_archive_support import (
     POSE_GRID,
     annotation,
     file_stem,
+    link,
     real_layout_members,
     write_archive,
 )
@@ -173,6 +174,32 @@ def _staging_settings() -> dict:
         "prima_archive_uri": "s3://raw/prima/HeadPoseImageDatabase.tar.gz",
         "prima_num_data_aug": 2, "prima_num_eval_aug": 1, "seed": 0, "images_per_shard": 150,
     })
+
+
+def test_links_are_refused_as_images_and_never_followed_elsewhere(members, tmp_path):
+    image = "Person01/person01157+15-30.jpg"
+    error = _refusal([link(image, "/etc/passwd") if name == image else (name, data)
+                      for name, data in members], tmp_path)
+    assert error.member == image and "not a regular file" in str(error)
+    strays = [link("Front/personne99146+0+0.jpg", "/etc/passwd"), link("README.lnk", "README", hard=True)]
+    manifest = prima.convert_archive(write_archive(tmp_path / "links.tar.gz", members + strays),
+                                     tmp_path / "ok", FEW_CROPS)
+    assert manifest["skipped"] == {"Front/": 9, "other": 6}
+
+
+@pytest.mark.parametrize("name, size, limit", [
+    ("Person05/person05246+0+0.txt", 4 * 1024 + 1, 4 * 1024),
+    ("Person05/person05246+0+0.jpg", 8 * 1024**2 + 1, 8 * 1024**2),
+])
+def test_oversized_members_are_refused_before_they_are_read(members, tmp_path, name, size, limit):
+    error = _refusal(_replaced(members, name, b"1" * size), tmp_path)
+    assert error.member == name and f"{size} bytes, more than the {limit} allowed" in str(error)
+
+
+def test_a_second_copy_of_an_image_is_refused(members, tmp_path):
+    name = "Person01/person01100-90+0.jpg"
+    error = _refusal(members + [(name, dict(members)[name])], tmp_path)
+    assert error.member == name and "a second file for an image already read" in str(error)
 
 
 def _stage(s3_client, archive: Path, tmp_path: Path, logs: list[str]) -> dict:

@@ -97,6 +97,8 @@ def test_the_real_layout_converts_person_images_only(archive, tmp_path, caplog):
     ("Front/personne01146+0+0.jpg", "Front/"),
     ("Front/personne01146+0+0.txt", "Front/"),
     ("Front/notes", "Front/"),
+    ("HeadPoseImageDatabase/Front/personne01146+0+0.jpg", "Front/"),
+    ("Front", "other"),  # a file, not the folder
     ("Person01/personne01146+0+0.jpg", "other"),
     ("Person01/.DS_Store", "other"),
     ("Person01/._person01100-90+0.jpg", "other"),

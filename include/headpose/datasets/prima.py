@@ -198,7 +198,8 @@ def _write_shards(archive: Path, scratch: Path, settings: PrimaSettings,
                 writer = evaluation if split == "eval" else train
                 count = settings.num_eval_aug if split == "eval" else settings.num_data_aug
                 image = _decode(tf, jpeg, member)
-                converted.clipped_boxes += box.reaches_past(image.shape[1], image.shape[0])
+                if box.reaches_past(image.shape[1], image.shape[0]):
+                    converted.clipped_boxes += 1
                 # Decoded JPEGs are RGB; the crop is per channel, so reversing before it
                 # gives the same pixels as reversing every crop, once per image.
                 image = from_rgb(image, settings.channel_order)
@@ -249,6 +250,7 @@ def _manifest(archive: Path, settings: PrimaSettings, converted: _Converted) -> 
         "clipped_boxes": converted.clipped_boxes,
         "splits": converted.splits,
     }
+
 
 def _decode(tf, jpeg: bytes, member: str):
     try:

@@ -136,7 +136,7 @@ class SkippedMembers:
 def member_kind(name: str) -> str:
     """``IMAGE`` for a member to read (``PersonNN/personNN...jpg|txt``), else ``FRONT`` or ``OTHER``."""
     path = PurePosixPath(name)
-    if path.parts[:1] == ("Front",):
+    if "Front" in path.parent.parts:
         return FRONT
     if _FOLDER_NAME.fullmatch(path.parent.name) and _IMAGE_LIKE.fullmatch(path.name):
         return IMAGE

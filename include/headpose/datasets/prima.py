@@ -201,8 +201,9 @@ def _write_shards(archive: Path, scratch: Path, settings: PrimaSettings,
                 if box.reaches_past(image.shape[1], image.shape[0]):
                     converted.clipped_boxes += 1
                 # Decoded JPEGs are RGB; the crop is per channel, so reversing before it
-                # gives the same pixels as reversing every crop, once per image.
-                image = from_rgb(image, settings.channel_order)
+                # gives the same pixels as reversing every crop, once per image. Copied
+                # because TensorFlow would copy the reversed view for every crop instead.
+                image = from_rgb(image, settings.channel_order).copy()
                 for crop in augment(image, key, box, count, settings, member):
                     writer.write(crop, key.tilt, key.pan)
                 converted.images[split] += 1

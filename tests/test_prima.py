@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import random
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import tensorflow as tf
 
 from headpose.datasets import prima, prima_archive, prima_crops
 from headpose.training import labels
+from prima_archive_support import tar_bytes, write_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONS = (1, 2, 5, 10, 15)
@@ -82,28 +81,6 @@ def _members() -> list[tuple[str, bytes]]:
     return members
 
 
-def _tar_bytes(members, directories=True) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        seen = set()
-        for name, data in members:
-            folder = name.split("/")[0]
-            if directories and folder not in seen:
-                seen.add(folder)
-                info = tarfile.TarInfo(folder)
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def _write_archive(path: Path, members) -> Path:
-    path.write_bytes(gzip.compress(_tar_bytes(members), mtime=0))
-    return path
-
-
 def _records(directory: Path, split: str) -> list[tf.train.Example]:
     files = [str(p) for p in sorted(directory.glob(f"{split}-*.tfrecord"))]
     return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(files)]
@@ -118,7 +95,7 @@ def _decoded(example: tf.train.Example):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    return _write_archive(tmp_path_factory.mktemp("prima") / "HeadPoseImageDatabase.tar.gz", _members())
+    return write_archive(tmp_path_factory.mktemp("prima") / "HeadPoseImageDatabase.tar.gz", _members())
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +195,7 @@ def test_class_counts_follow_the_tutorial_bins(converted):
     assert manifest["splits"]["train"]["per_class"] == expected
 
 
-def test_every_crop_holds_the_whole_face_box_in_rgb(converted):
+def test_every_crop_holds_the_whole_face_box_in_bgr(converted):
     out, _ = converted
     for split in ("train", "eval"):
         for example in _records(out, split):
@@ -226,9 +203,26 @@ def test_every_crop_holds_the_whole_face_box_in_rgb(converted):
             assert image.shape == (84, 84, 3)
             pixels = image.reshape(-1, 3).astype(int)
             for side, colour in EDGE_COLOURS.items():
-                # Red must be found in channel 0: the images are RGB, not BGR.
-                near = np.abs(pixels - colour).max(axis=1) < 60
+                # Red must be found in channel 2: by default the pixels are the tutorial's BGR.
+                near = np.abs(pixels - colour[::-1]).max(axis=1) < 60
                 assert near.any(), f"{split} crop of pose {(tilt, pan)} lacks the {side} edge"
+
+
+def test_rgb_shards_are_the_bgr_shards_with_channels_reversed(converted, archive, tmp_path):
+    out, bgr_manifest = converted
+    manifest = prima.convert_archive(archive, tmp_path, {"channel_order": "rgb"})
+    assert (bgr_manifest["channel_order"], bgr_manifest["image"]["channels"]) == ("bgr", "BGR")
+    assert (manifest["channel_order"], manifest["image"]["channels"]) == ("rgb", "RGB")
+    assert manifest["settings"]["channel_order"] == "rgb"
+    for split in ("train", "eval"):
+        rgb, bgr = _records(tmp_path, split), _records(out, split)
+        assert len(rgb) == len(bgr) == manifest["splits"][split]["count"]
+        for rgb_record, bgr_record in zip(rgb, bgr):
+            (rgb_image, *rgb_pose), (bgr_image, *bgr_pose) = _decoded(rgb_record), _decoded(bgr_record)
+            assert rgb_pose == bgr_pose
+            np.testing.assert_array_equal(rgb_image, bgr_image[..., ::-1])
+    first, _, _ = _decoded(_records(tmp_path, "train")[0])
+    assert (np.abs(first.reshape(-1, 3).astype(int) - EDGE_COLOURS["top"]).max(axis=1) < 60).any()
 
 
 def test_manifest_records_source_settings_and_checksums(converted, archive):
@@ -238,9 +232,10 @@ def test_manifest_records_source_settings_and_checksums(converted, archive):
     assert manifest["source_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     assert manifest["settings"] == {
         "num_data_aug": 15, "num_eval_aug": 3, "size": "84x84", "seed": 0,
-        "images_per_shard": 1000, "eval_persons": [5, 10, 15],
+        "images_per_shard": 1000, "eval_persons": [5, 10, 15], "channel_order": "bgr",
         "converter_version": prima.CONVERTER_VERSION}
-    assert manifest["image"]["channels"] == "RGB"
+    assert manifest["channel_order"] == "bgr" and manifest["image"]["channels"] == "BGR"
+    assert manifest["skipped"] == {"Front/": 0, "other": 0} and manifest["clipped_boxes"] == 0
     for split in ("train", "eval"):
         for shard in manifest["splits"][split]["shards"]:
             assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
@@ -259,7 +254,7 @@ def test_member_order_does_not_change_the_crops(converted, tmp_path):
     out, _ = converted
     members = _members()
     random.Random(3).shuffle(members)  # pairs split apart, .txt before .jpg at times
-    shuffled = _write_archive(tmp_path / "shuffled.tar.gz", members)
+    shuffled = write_archive(tmp_path / "shuffled.tar.gz", members)
     prima.convert_archive(shuffled, tmp_path / "out")
     for split in ("train", "eval"):
         serialised = lambda d: sorted(e.SerializeToString() for e in _records(d, split))  # noqa: E731
@@ -291,7 +286,7 @@ def test_truncated_archive_is_an_error_naming_a_member(archive, tmp_path):
 
 def test_tar_cut_at_a_member_boundary_inside_valid_gzip_is_caught(tmp_path):
     members = _members()
-    whole = _tar_bytes(members[:4], directories=False)
+    whole = tar_bytes(members[:4], directories=False)
     # Two members of (512-byte header + data padded to 512) each.
     boundary = sum(512 + -(-len(data) // 512) * 512 for _, data in members[:2])
     broken = tmp_path / "cut.tar.gz"
@@ -306,7 +301,7 @@ def test_unparseable_member_name_stops_the_conversion(tmp_path):
     members = _members()
     members.insert(5, (bad, members[0][1]))
     with pytest.raises(prima_archive.PrimaFormatError) as caught:
-        prima.convert_archive(_write_archive(tmp_path / "bad.tar.gz", members), tmp_path / "out")
+        prima.convert_archive(write_archive(tmp_path / "bad.tar.gz", members), tmp_path / "out")
     assert caught.value.member == bad and bad in str(caught.value)
     assert not list((tmp_path / "out").iterdir())
 
@@ -318,13 +313,13 @@ def test_an_image_without_its_partner_is_named(tmp_path, drop, missing):
     kept = orphan[: -len(drop)] + (".jpg" if drop == ".txt" else ".txt")
     members = [m for m in members if m[0] != orphan]
     with pytest.raises(prima_archive.PrimaFormatError, match=missing) as caught:
-        prima.convert_archive(_write_archive(tmp_path / "o.tar.gz", members), tmp_path / "out")
+        prima.convert_archive(write_archive(tmp_path / "o.tar.gz", members), tmp_path / "out")
     assert caught.value.member == kept
 
 
 def test_pairs_further_apart_than_the_buffer_allows_are_refused(tmp_path):
     members = sorted(_members(), key=lambda m: m[0].endswith(".txt"))  # every .jpg first
-    archive = _write_archive(tmp_path / "far.tar.gz", members)
+    archive = write_archive(tmp_path / "far.tar.gz", members)
     with pytest.raises(prima_archive.PrimaFormatError, match="too far apart"):
         prima.convert_archive(archive, tmp_path / "out", max_pending_bytes=30_000)
     assert prima.convert_archive(archive, tmp_path / "ok")["source_images"]["eval"] == 12
@@ -335,7 +330,7 @@ def test_non_jpeg_image_is_named(tmp_path):
     name, _ = members[2]
     members[2] = (name, b"not a jpeg")
     with pytest.raises(prima_archive.PrimaFormatError, match="JPEG") as caught:
-        prima.convert_archive(_write_archive(tmp_path / "j.tar.gz", members), tmp_path / "out")
+        prima.convert_archive(write_archive(tmp_path / "j.tar.gz", members), tmp_path / "out")
     assert caught.value.member == name
 
 
@@ -378,61 +373,15 @@ def test_cli_help_describes_every_argument():
     for option in ("--archive", "--out", "--num-data-aug", "--num-eval-aug", "--size", "--seed",
                    "--images-per-shard", "--eval-persons", "--max-pending-mib"):
         assert option in result.stdout
-    assert "96x54" in result.stdout and "RGB" in result.stdout
+    assert "96x54" in result.stdout and "--channel-order {bgr,rgb}" in result.stdout
 
 
 def test_cli_converts_and_reports_errors(archive, tmp_path, capsys):
     assert prima.main(["--archive", str(archive), "--out", str(tmp_path / "o"),
-                       "--num-data-aug", "1", "--num-eval-aug", "1", "--seed", "4"]) == 0
+                       "--num-data-aug", "1", "--num-eval-aug", "1", "--seed", "4",
+                       "--channel-order", "rgb"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"train": 8, "eval": 12}
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["channel_order"] == "rgb"
     assert prima.main(["--archive", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path)]) == 1
     assert "missing.tar.gz" in capsys.readouterr().err
-
-
-def test_stage_dataset_converts_from_s3_once_and_then_skips(archive, s3_client, tmp_path):
-    from headpose.datasets import settings as dataset_settings, staging
-
-    s3_client.create_bucket(Bucket="raw")
-    s3_client.upload_file(str(archive), "raw", "prima/HeadPoseImageDatabase.tar.gz")
-    settings = dataset_settings.prima_settings({
-        "prima_archive_uri": "s3://raw/prima/HeadPoseImageDatabase.tar.gz",
-        "prima_num_data_aug": 2, "prima_num_eval_aug": 1, "seed": 0, "images_per_shard": 50,
-    })
-    prefix = "s3://raw/headpose/datasets/prima-test/"
-    logs: list[str] = []
-    first = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
-    assert first["staged"] is True and first["source"] == "prima"
-    assert first["train_count"] > 0 and first["eval_count"] > 0
-    checked = staging.check_dataset_prefix(s3_client, prefix, print)
-    assert checked["train_count"] == first["train_count"]
-
-    again = staging.stage_prima_dataset(s3_client, prefix, settings, logs.append, scratch_root=tmp_path)
-    assert again["staged"] is False
-    assert any("skipping conversion" in line for line in logs)
-
-
-def test_stage_dataset_names_a_missing_archive(s3_client, tmp_path):
-    from headpose.datasets import staging, store
-
-    s3_client.create_bucket(Bucket="raw")
-    settings = {"archive_uri": "s3://raw/nothing.tar.gz", "num_data_aug": 1, "num_eval_aug": 1,
-                "seed": 0, "images_per_shard": 10}
-    with pytest.raises(store.DatasetError, match="s3://raw/nothing.tar.gz does not exist"):
-        staging.stage_prima_dataset(s3_client, "s3://raw/ds/", settings, print, scratch_root=tmp_path)
-
-
-def test_a_prima_run_needs_the_archive_and_names_its_prefix_by_it():
-
-    from headpose.planning.rules import RunParamsError, validate_run_params
-    from headpose.planning.plan import dataset_plan
-
-    with pytest.raises(RunParamsError, match="dataset_source=prima needs prima_archive_uri"):
-        validate_run_params({"s3_bucket": "models", "dataset_source": "prima"})
-    base = {"s3_bucket": "models", "dataset_source": "prima",
-            "prima_archive_uri": "s3://raw/HeadPoseImageDatabase.tar.gz"}
-    prefix, settings = dataset_plan(validate_run_params(base))
-    assert prefix.startswith("s3://models/headpose/datasets/prima-") and prefix.endswith("/")
-    assert settings["archive_uri"] == base["prima_archive_uri"] and settings["num_data_aug"] == 15
-    other, _ = dataset_plan(validate_run_params({**base, "prima_archive_uri": "s3://raw/v2.tar.gz"}))
-    assert other != prefix

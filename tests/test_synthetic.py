@@ -152,6 +152,30 @@ def test_bytes_do_not_depend_on_the_number_of_rendering_processes(tmp_path):
     assert [s["count"] for s in manifests[1]["splits"]["train"]["shards"]] == [100, 100, 79]
 
 
+def test_bgr_shards_are_the_rgb_shards_with_channels_reversed(dataset, tmp_path):
+    out, manifest = dataset  # written with the default order
+    assert (manifest["channel_order"], manifest["image"]["channels"]) == ("bgr", "BGR")
+    rgb = synthetic.write_synthetic_dataset(tmp_path, train_per_pose=2, eval_per_pose=1, seed=5,
+                                            images_per_shard=80, channel_order="rgb")
+    assert (rgb["channel_order"], rgb["image"]["channels"]) == ("rgb", "RGB")
+    assert rgb["settings"]["channel_order"] == "rgb" and manifest["settings"]["channel_order"] == "bgr"
+    for split in ("train", "eval"):
+        bgr_records, rgb_records = _records(out, split), _records(tmp_path, split)
+        assert len(bgr_records) == len(rgb_records) == manifest["splits"][split]["count"]
+        for (bgr_image, *bgr_pose), (rgb_image, *rgb_pose) in zip(bgr_records, rgb_records):
+            assert bgr_pose == rgb_pose
+            as_array = lambda raw: np.frombuffer(raw, np.uint8).reshape(84, 84, 3)  # noqa: E731
+            np.testing.assert_array_equal(as_array(bgr_image), as_array(rgb_image)[..., ::-1])
+    # The renderer draws RGB: rgb shards hold its pixels as drawn.
+    assert _records(tmp_path, "train")[0][0] == synthetic.render_round(5, "train", 0)[0].tobytes()
+
+
+def test_rejects_an_unknown_channel_order(tmp_path):
+    with pytest.raises(ValueError, match="channel_order must be one of bgr, rgb, got 'RGB'"):
+        synthetic.write_synthetic_dataset(tmp_path, 1, 1, channel_order="RGB")
+    assert not list(tmp_path.iterdir())
+
+
 def test_rejects_empty_splits(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         synthetic.write_synthetic_dataset(tmp_path, train_per_pose=0, eval_per_pose=1)
@@ -163,7 +187,8 @@ def test_cli_help_describes_every_argument():
         [sys.executable, "-m", "headpose.datasets.synthetic", "--help"],
         capture_output=True, text=True, env=env, check=True, timeout=60,
     )
-    for flag in ("--out", "--train-per-pose", "--eval-per-pose", "--seed", "--images-per-shard"):
+    for flag in ("--out", "--train-per-pose", "--eval-per-pose", "--seed", "--images-per-shard",
+                 "--channel-order {bgr,rgb}"):
         assert flag in result.stdout
     assert "held-out" in result.stdout
 
@@ -171,10 +196,12 @@ def test_cli_help_describes_every_argument():
 def test_cli_writes_a_dataset(dataset, tmp_path, capsys):
     out, _ = dataset
     assert synthetic.main(
-        ["--out", str(tmp_path), "--train-per-pose", "1", "--eval-per-pose", "1", "--seed", "3"]
+        ["--out", str(tmp_path), "--train-per-pose", "1", "--eval-per-pose", "1", "--seed", "3",
+         "--channel-order", "rgb"]
     ) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["counts"] == {"train": 93, "eval": 93}
-    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["seed"] == 3
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert written["settings"]["seed"] == 3 and written["channel_order"] == "rgb"
     other_seed = {image for image, _, _ in _records(tmp_path, "eval")}
     assert not other_seed & {image for image, _, _ in _records(out, "eval")}

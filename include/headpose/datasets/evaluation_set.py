@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from headpose.datasets.store import DatasetError, channel_order_of, download_split, read_manifest
+from headpose.datasets.store import DatasetError, manifest_channel_order, download_split, read_manifest
 from headpose.planning.layout import MANIFEST_FILE, join_uri
 
 
@@ -57,7 +57,7 @@ def fetch_evaluation_set(
         prefix=prefix,
         manifest_uri=join_uri(prefix, MANIFEST_FILE),
         manifest_sha256=sha256,
-        channel_order=channel_order_of(manifest),
+        channel_order=manifest_channel_order(manifest),
         pinned=bool(pinned_prefix),
         images=(manifest.get("splits", {}).get("eval") or {}).get("count"),
     )

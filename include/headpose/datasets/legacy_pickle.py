@@ -1,7 +1,8 @@
 """Import the tutorial's ``HeadPoseData_trn_test_x15_py2.pkl`` into TFRecord shards.
 
 The tutorial's ``preprocessingDataset_py2.py`` pickled, with Python 2's ``pickle.dump``
-(protocol 2), a tuple of four numpy arrays in this order:
+and no protocol argument - so protocol 0, the text protocol - a tuple of four numpy
+arrays in this order:
 
 =============  ==================  =================================================
 ``trn_im``     float32 N x 3 x H x W  training crops, values in [0, 1] (pixels / 255)
@@ -10,20 +11,29 @@ The tutorial's ``preprocessingDataset_py2.py`` pickled, with Python 2's ``pickle
 ``test_output`` float32 M x 2         the same for ``test_im``
 =============  ==================  =================================================
 
+Protocol 0 writes each array's raw buffer as one escaped text line, where a byte takes
+one to four characters: the arrays themselves (12 training persons x 186 images x 15
+crops and 3 held-out persons x 186 x 3, at 3 x 84 x 84 float32) are about 3 GB, the file
+6.7 GB. Pickles written with protocol 2 (Python 2 or 3) are read too.
+
 Column order: the script builds the outputs as ``concatenate((tilt, pan), axis=1)`` and
 the tutorial's ``resnet_headpose.py`` reads ``[:, 0]`` as tilt and ``[:, 1]`` as pan
 (it negates column 1 when mirroring, and mirroring changes pan).
 
-Channel order: the crops were read with ``cv2.imread``, so the pickle holds **BGR**.
-The project's shards and serving contract are RGB, so channels are reversed by default
-(``channel_order="bgr"``); pass ``"rgb"`` for a pickle known to hold RGB.
+Channel order: the crops were read with ``cv2.imread``, so the pickle holds **BGR**
+(``pickle_channel_order="bgr"``; pass ``"rgb"`` for a pickle known to hold RGB). The
+shards are written in ``channel_order`` (default ``bgr``, the tutorial's own), so by
+default the pixels go through unchanged; the manifest records the order.
 
 Unpickling runs code chosen by whoever wrote the file. ``import_legacy_pickle`` refuses
 unless called with ``trust_pickle=True`` (``--trust-pickle``), and even then the
 unpickler only resolves the few globals a numpy array pickle needs.
 
-Memory: a pickle cannot be read in pieces, so the arrays are loaded whole (the original
-file is 6.7 GB; loading a Python 2 pickle briefly needs about twice the largest array).
+Memory: a pickle cannot be read in pieces, so the arrays are loaded whole. At protocol 0
+the unpickler holds an array's escaped text line, its decoded bytes, a latin-1 string
+and the array at once: loading a Python 2 protocol-0 pickle peaked at about 8 times its
+largest array here, with random pixels (protocol 2: about 2.6 times). The tutorial's
+training crops are about 2.8 GB, so importing its file needs about 20 GB of free memory.
 Writing is streamed: one image at a time goes through ``ShardWriter``.
 """
 from __future__ import annotations
@@ -35,16 +45,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from headpose.datasets.settings import CHANNEL_ORDERS, DEFAULT_CHANNEL_ORDER, checked_channel_order
 from headpose.training.checksums import file_sha256
 
 SOURCE = "legacy_pickle"
-IMPORTER_VERSION = 1
+# 2: shards in channel_order (default bgr, the pickle's own; 1 always wrote RGB).
+IMPORTER_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-CHANNEL_ORDERS = ("bgr", "rgb")
 VALUE_RANGES = ("auto", "unit", "byte")
 
 # (module, name) pairs a numpy-array pickle refers to: Python 2 and NumPy 1 pickles use
-# numpy.core, NumPy 2 writes numpy._core; Python 3 at protocol 2 wraps bytes in
+# numpy.core, NumPy 2 writes numpy._core; Python 3 at protocols 0-2 wraps bytes in
 # _codecs.encode.
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -122,12 +133,12 @@ def detect_value_range(*arrays) -> str:
     return "unit" if high <= 1.0 else "byte"
 
 
-def to_uint8_rgb(image_chw, value_range: str, channel_order: str):
-    """One C x H x W image as uint8 H x W x 3 RGB."""
+def to_uint8_hwc(image_chw, value_range: str, reverse_channels: bool):
+    """One C x H x W image as uint8 H x W x 3, its channels reversed if asked."""
     import numpy as np
 
     image = np.transpose(image_chw, (1, 2, 0))
-    if channel_order == "bgr":
+    if reverse_channels:
         image = image[..., ::-1]
     scale = 255.0 if value_range == "unit" else 1.0
     return np.clip(np.rint(image.astype(np.float32) * scale), 0, 255).astype(np.uint8)
@@ -137,13 +148,18 @@ def import_legacy_pickle(
     pickle_path: str | Path,
     out_dir: str | Path,
     trust_pickle: bool = False,
-    channel_order: str = "bgr",
+    channel_order: str = DEFAULT_CHANNEL_ORDER,
     value_range: str = "auto",
     images_per_shard: int = 1000,
+    pickle_channel_order: str = "bgr",
 ) -> dict:
-    """Write ``train-*``/``eval-*`` shards and ``manifest.json`` from the tutorial's pickle."""
-    if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+    """Write ``train-*``/``eval-*`` shards and ``manifest.json`` from the tutorial's pickle.
+
+    ``channel_order`` is the shards' order, ``pickle_channel_order`` the pickle's (``bgr``:
+    the tutorial read its images with OpenCV); channels are reversed where they differ.
+    """
+    checked_channel_order(channel_order)
+    checked_channel_order(pickle_channel_order)
     if value_range not in VALUE_RANGES:
         raise ValueError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
     trn_im, test_im, trn_out, test_out = load_arrays(pickle_path, trust_pickle)
@@ -158,17 +174,19 @@ def import_legacy_pickle(
         with ShardWriter(out, split, images_per_shard) as writer:
             for image, (tilt, pan) in zip(images, outputs):
                 # The pickle stores degrees / 90; ShardWriter takes degrees.
-                writer.write(to_uint8_rgb(image, value_range, channel_order),
+                writer.write(to_uint8_hwc(image, value_range, channel_order != pickle_channel_order),
                              float(tilt) * 90.0, float(pan) * 90.0)
         splits[split] = writer.summary()
     manifest = {
         "source": SOURCE,
         "source_name": Path(pickle_path).name,
         "source_sha256": file_sha256(pickle_path),
-        "settings": {"channel_order": channel_order, "value_range": value_range,
-                     "images_per_shard": images_per_shard, "importer_version": IMPORTER_VERSION},
+        "settings": {"channel_order": channel_order, "pickle_channel_order": pickle_channel_order,
+                     "value_range": value_range, "images_per_shard": images_per_shard,
+                     "importer_version": IMPORTER_VERSION},
+        "channel_order": channel_order,
         "image": {"height": int(trn_im.shape[2]), "width": int(trn_im.shape[3]),
-                  "channels": "RGB", "dtype": "uint8", "angle_scale_degrees": 90},
+                  "channels": channel_order.upper(), "dtype": "uint8", "angle_scale_degrees": 90},
         "splits": splits,
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -178,18 +196,21 @@ def import_legacy_pickle(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m headpose.datasets.legacy_pickle",
-        description="Import the tutorial's HeadPoseData_trn_test_x15_py2.pkl (a Python 2 pickle "
-        "of train images, test images, train outputs, test outputs) into TFRecord shards and "
-        "manifest.json. Unpickling runs code from the file: --trust-pickle is required.",
+        description="Import the tutorial's HeadPoseData_trn_test_x15_py2.pkl (a Python 2 pickle, "
+        "protocol 0 or 2, of train images, test images, train outputs, test outputs) into "
+        "TFRecord shards and manifest.json. Unpickling runs code from the file: "
+        "--trust-pickle is required.",
     )
     add = parser.add_argument
     add("--pickle", required=True, type=Path, help="the legacy .pkl file")
     add("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
     add("--trust-pickle", action="store_true",
         help="confirm that the pickle comes from a trusted source (required)")
-    add("--channel-order", choices=CHANNEL_ORDERS, default="bgr",
-        help="channel order in the pickle (default bgr: the tutorial read images with OpenCV); "
-        "shards are always written RGB")
+    add("--channel-order", choices=CHANNEL_ORDERS, default=DEFAULT_CHANNEL_ORDER,
+        help="channel order of the shards written, recorded in manifest.json (default "
+        f"{DEFAULT_CHANNEL_ORDER}, as the tutorial trained)")
+    add("--pickle-channel-order", choices=CHANNEL_ORDERS, default="bgr",
+        help="channel order in the pickle (default bgr: the tutorial read images with OpenCV)")
     add("--value-range", choices=VALUE_RANGES, default="auto",
         help="pixel values in the pickle: unit = [0, 1] (the tutorial's), byte = [0, 255], "
         "auto = decide from the maximum (default)")
@@ -204,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = import_legacy_pickle(
             args.pickle, args.out, trust_pickle=args.trust_pickle,
             channel_order=args.channel_order, value_range=args.value_range,
-            images_per_shard=args.images_per_shard)
+            images_per_shard=args.images_per_shard,
+            pickle_channel_order=args.pickle_channel_order)
     except (ValueError, OSError) as error:  # UntrustedPickleError is an OSError
         print(f"error: {error}", file=sys.stderr)
         return 1

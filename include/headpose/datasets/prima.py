@@ -5,27 +5,36 @@ Orientation from Robust Detection of Salient Facial Features", Pointing 2004),
 http://www-prima.inrialpes.fr/perso/Gourier/Faces/HPDatabase.html.
 
 Layout, as read by the tutorial's ``preprocessingDataset_py2.py`` and by deepgaze's
-Prima parser (the two agree):
+Prima parser (the two agree), and as the database's own page describes it:
 
 * folders ``Person01`` .. ``Person15``; each holds two series of 93 images;
 * image ``PersonPP/personPPSII<tilt><pan>.jpg`` - ``PP`` person, ``S`` series (1 or 2),
   ``II`` image index (00..92), then tilt and pan in degrees, each with its sign, e.g.
-  ``person01100-90+0.jpg``, ``person0114+15-30.jpg``. Tilt is on
-  ``labels.TILT_ANGLES`` and pan on ``labels.PAN_ANGLES``;
+  ``person01100-90+0.jpg``, ``person01157+15-30.jpg``. Tilt is on
+  ``labels.TILT_ANGLES`` and pan on ``labels.PAN_ANGLES``; the index runs over the pose
+  grid tilt by tilt from -90 to +90 and, within a tilt, pan from -90 to +90 (tilt +-90
+  only with pan 0), as the database's examples ``person08123-30+45`` and
+  ``personne01146+0+0`` show. The converter labels by the angles and does not rely on it;
 * beside each image ``personPPSII<tilt><pan>.txt``: three header lines (the file name,
   a blank line, ``Face``), then one integer per line - face centre x, centre y, width,
-  height in pixels. Only lines 4-7 are read, as the tutorial does;
+  height in pixels - with LF or CRLF line ends. Only lines 4-7 are read, as the
+  tutorial does. Some boxes reach past the image's top or left edge: crops clip them
+  to the image, and the manifest counts them (``clipped_boxes``);
+* a ``Front/`` folder of frontal images named with the French prefix ``personne``
+  (``Front/personne01146+0+0.jpg``). Like the tutorial, the converter reads only the
+  Person folders: ``Front/`` and any other member (a README, ``.DS_Store``, other
+  folders) are skipped, counted in the log and in the manifest (``skipped``,
+  ``skipped_examples``);
 * images are 384 x 288 JPEGs.
 
 Preprocessing is the tutorial's: each image gives ``num_data_aug`` random crops (training
 persons) or ``num_eval_aug`` (held-out persons 05, 10, 15), every crop containing the face
 box, resized bilinearly to ``size`` (84x84, or 96x54 for 16:9); tilt and pan are stored
-normalised by 90. Two deliberate differences:
-
-* Colour is RGB (the serving contract); the tutorial read BGR with OpenCV.
-* Crops of one image are written together, in archive order, because the archive is
-  streamed; the tutorial wrote augmentation round by round from memory. Training reads
-  shuffle shards and records, so only the order on disk differs.
+normalised by 90. Pixels are stored in ``channel_order`` (default ``bgr``, what the
+tutorial trained on: it read images with OpenCV); the manifest records it. One
+deliberate difference: crops of one image are written together, in archive order,
+because the archive is streamed; the tutorial wrote augmentation round by round from
+memory. Training reads shuffle shards and records, so only the order on disk differs.
 
 Other sizes are written as asked (each record carries its height and width), but
 ``shards.dataset`` and the serving contract take 84 x 84: 96x54 shards need a reader that
@@ -52,9 +61,16 @@ from headpose.datasets.prima_archive import (
     DEFAULT_MAX_PENDING_BYTES,
     HashingReader,
     PrimaFormatError,
+    SkippedMembers,
     iter_image_pairs,
 )
 from headpose.datasets.prima_crops import augment
+from headpose.datasets.settings import (
+    CHANNEL_ORDERS,
+    DEFAULT_CHANNEL_ORDER,
+    checked_channel_order,
+    from_rgb,
+)
 from headpose.training.checksums import file_sha256
 
 log = logging.getLogger(__name__)
@@ -62,7 +78,8 @@ log = logging.getLogger(__name__)
 SOURCE = "prima"
 # Bump when a change to this module changes the shards it writes: cached datasets whose
 # manifest names an older version are then rebuilt instead of reused.
-CONVERTER_VERSION = 1
+# 2: pixels in channel_order (default bgr; 1 wrote RGB); Front/ and stray members skipped.
+CONVERTER_VERSION = 2
 EVAL_PERSONS: tuple[int, ...] = (5, 10, 15)
 MANIFEST_NAME = "manifest.json"
 
@@ -77,10 +94,12 @@ class PrimaSettings:
     seed: int = 0
     images_per_shard: int = 1000
     eval_persons: tuple[int, ...] = field(default=EVAL_PERSONS)
+    channel_order: str = DEFAULT_CHANNEL_ORDER  # of the pixels written: bgr or rgb
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval_persons", tuple(int(p) for p in self.eval_persons))
         parse_size(self.size)
+        checked_channel_order(self.channel_order)
         for name in ("num_data_aug", "num_eval_aug", "images_per_shard"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -121,6 +140,18 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+@dataclass
+class _Converted:
+    """What one pass over the archive wrote, besides the shards themselves."""
+
+    source_sha256: str = ""
+    images: dict[str, int] = field(default_factory=lambda: {"train": 0, "eval": 0})
+    persons: dict[str, set[int]] = field(default_factory=lambda: {"train": set(), "eval": set()})
+    splits: dict[str, dict] = field(default_factory=dict)
+    skipped: SkippedMembers = field(default_factory=SkippedMembers)
+    clipped_boxes: int = 0
+
+
 def convert_archive(
     archive_path: str | Path,
     out_dir: str | Path,
@@ -133,55 +164,93 @@ def convert_archive(
     when the whole archive converted, replacing earlier shards and manifest; a failure
     leaves ``out_dir`` as it was. Returns the manifest.
     """
-    import tensorflow as tf
-
-    from headpose.training.shards import ShardWriter
-
     settings = PrimaSettings.coerce(settings)
     archive = Path(archive_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prima-", dir=out))
-    counts = {"train": 0, "eval": 0}
-    persons: dict[str, set[int]] = {"train": set(), "eval": set()}
     try:
-        with open(archive, "rb") as raw:
-            reader = HashingReader(raw)
-            with ShardWriter(scratch, "train", settings.images_per_shard) as train, \
-                    ShardWriter(scratch, "eval", settings.images_per_shard) as evaluation:
-                for key, jpeg, box, member in iter_image_pairs(reader, max_pending_bytes):
-                    split = "eval" if key.person in settings.eval_persons else "train"
-                    writer = evaluation if split == "eval" else train
-                    count = settings.num_eval_aug if split == "eval" else settings.num_data_aug
-                    image = _decode(tf, jpeg, member)
-                    for crop in augment(image, key, box, count, settings, member):
-                        writer.write(crop, key.tilt, key.pan)
-                    counts[split] += 1
-                    persons[split].add(key.person)
-                    if sum(counts.values()) % 500 == 0:
-                        log.info("prima: %d images converted (%s)", sum(counts.values()), counts)
-            reader.drain()
-        for split, number in counts.items():
-            if not number:
-                raise PrimaFormatError(None, f"the archive {archive} has no {split} images "
-                                       f"(eval persons: {list(settings.eval_persons)})")
-        manifest = {
-            "source": SOURCE,
-            "source_name": archive.name,
-            "source_sha256": reader.sha256.hexdigest(),
-            "settings": settings.as_dict(),
-            "image": {"height": settings.height, "width": settings.width, "channels": "RGB",
-                      "dtype": "uint8", "angle_scale_degrees": 90},
-            "source_images": counts,
-            "persons": {split: sorted(p) for split, p in persons.items()},
-            "splits": {"train": train.summary(), "eval": evaluation.summary()},
-        }
+        converted = _write_shards(archive, scratch, settings, max_pending_bytes)
+        _check_usable(converted, archive, settings)
+        manifest = _manifest(archive, settings, converted)
         (scratch / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_outputs(scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("prima: wrote %s", {s: manifest["splits"][s]["count"] for s in ("train", "eval")})
     return manifest
+
+
+def _write_shards(archive: Path, scratch: Path, settings: PrimaSettings,
+                  max_pending_bytes: int) -> _Converted:
+    import tensorflow as tf
+
+    from headpose.training.shards import ShardWriter
+
+    converted = _Converted()
+    with open(archive, "rb") as raw:
+        reader = HashingReader(raw)
+        with ShardWriter(scratch, "train", settings.images_per_shard) as train, \
+                ShardWriter(scratch, "eval", settings.images_per_shard) as evaluation:
+            pairs = iter_image_pairs(reader, max_pending_bytes, converted.skipped)
+            for key, jpeg, box, member in pairs:
+                split = "eval" if key.person in settings.eval_persons else "train"
+                writer = evaluation if split == "eval" else train
+                count = settings.num_eval_aug if split == "eval" else settings.num_data_aug
+                image = _decode(tf, jpeg, member)
+                if box.reaches_past(image.shape[1], image.shape[0]):
+                    converted.clipped_boxes += 1
+                # Decoded JPEGs are RGB; the crop is per channel, so reversing before it
+                # gives the same pixels as reversing every crop, once per image. Copied
+                # because TensorFlow would copy the reversed view for every crop instead.
+                image = from_rgb(image, settings.channel_order).copy()
+                for crop in augment(image, key, box, count, settings, member):
+                    writer.write(crop, key.tilt, key.pan)
+                converted.images[split] += 1
+                converted.persons[split].add(key.person)
+                if sum(converted.images.values()) % 500 == 0:
+                    log.info("prima: %d images converted (%s)", sum(converted.images.values()),
+                             converted.images)
+        reader.drain()
+    converted.source_sha256 = reader.sha256.hexdigest()
+    converted.splits = {"train": train.summary(), "eval": evaluation.summary()}
+    skipped = converted.skipped
+    log.info("prima: skipped %d members that are not Person images (%s; e.g. %s); "
+             "%d face boxes reach past their image and were clipped", skipped.total,
+             skipped.counts, skipped.examples, converted.clipped_boxes)
+    return converted
+
+
+def _check_usable(converted: _Converted, archive: Path, settings: PrimaSettings) -> None:
+    if not sum(converted.images.values()):
+        skipped = converted.skipped
+        raise PrimaFormatError(
+            None, f"the archive {archive} holds no usable Person images: expected "
+            "PersonNN/personNNSII<tilt><pan>.jpg, each with its .txt beside it (e.g. "
+            f"Person01/person01100-90+0.jpg); skipped {skipped.counts}, e.g. {skipped.examples}")
+    for split, number in converted.images.items():
+        if not number:
+            raise PrimaFormatError(None, f"the archive {archive} has no {split} images "
+                                   f"(eval persons: {list(settings.eval_persons)})")
+
+
+def _manifest(archive: Path, settings: PrimaSettings, converted: _Converted) -> dict:
+    return {
+        "source": SOURCE,
+        "source_name": archive.name,
+        "source_sha256": converted.source_sha256,
+        "settings": settings.as_dict(),
+        "channel_order": settings.channel_order,
+        "image": {"height": settings.height, "width": settings.width,
+                  "channels": settings.channel_order.upper(), "dtype": "uint8",
+                  "angle_scale_degrees": 90},
+        "source_images": converted.images,
+        "persons": {split: sorted(p) for split, p in converted.persons.items()},
+        "skipped": dict(converted.skipped.counts),
+        "skipped_examples": {kind: list(names) for kind, names in converted.skipped.examples.items()},
+        "clipped_boxes": converted.clipped_boxes,
+        "splits": converted.splits,
+    }
 
 
 def _decode(tf, jpeg: bytes, member: str):
@@ -238,7 +307,7 @@ def stage_prima(archive_path: str | Path, out_dir: str | Path, **settings: Any) 
     """The ``stage_dataset`` step for ``dataset_source=prima``: shards + manifest in ``out_dir``.
 
     ``settings`` are ``PrimaSettings`` fields (``num_data_aug``, ``num_eval_aug``,
-    ``size``, ``seed``, ``images_per_shard``, ``eval_persons``). When ``out_dir`` already
+    ``size``, ``seed``, ``images_per_shard``, ``eval_persons``, ``channel_order``). When ``out_dir`` already
     holds a manifest for the same archive (sha256) and settings, and its shards are
     intact, nothing is converted and that manifest is returned.
     """
@@ -262,8 +331,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m headpose.datasets.prima",
         description="Convert the Prima Head Pose Image Database (HeadPoseImageDatabase.tar.gz) "
         "into TFRecord shards (train-*.tfrecord, eval-*.tfrecord) and manifest.json, with the "
-        "tutorial's random face-containing crops. Images are uint8 RGB; tilt and pan are "
-        "stored in degrees / 90.",
+        "tutorial's random face-containing crops. Only the PersonNN folders are read (Front/ "
+        "and other members are skipped and counted). Images are uint8 in --channel-order; "
+        "tilt and pan are stored in degrees / 90.",
     )
     add = parser.add_argument
     add("--archive", required=True, type=Path,
@@ -283,6 +353,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"most records in one .tfrecord file (default {defaults.images_per_shard})")
     add("--eval-persons", default=",".join(str(p) for p in defaults.eval_persons),
         help="comma-separated person numbers held out for evaluation (default 5,10,15)")
+    add("--channel-order", choices=CHANNEL_ORDERS, default=defaults.channel_order,
+        help="channel order of the pixels written, recorded in manifest.json (default "
+        f"{defaults.channel_order}, as the tutorial trained and its DeepLens consumer feeds)")
     add("--max-pending-mib", type=int, default=DEFAULT_MAX_PENDING_BYTES // 1024**2,
         help="most MiB of images held while waiting for their .txt partner (default 64)")
     return parser
@@ -296,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             num_data_aug=args.num_data_aug, num_eval_aug=args.num_eval_aug, size=args.size,
             seed=args.seed, images_per_shard=args.images_per_shard,
             eval_persons=tuple(int(p) for p in args.eval_persons.split(",") if p.strip()),
+            channel_order=args.channel_order,
         )
         manifest = convert_archive(args.archive, args.out, settings,
                                    max_pending_bytes=args.max_pending_mib * 1024**2)
@@ -304,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     counts = {split: summary["count"] for split, summary in manifest["splits"].items()}
     print(json.dumps({"out": str(args.out), "counts": counts,
-                      "source_sha256": manifest["source_sha256"]}))
+                      "source_sha256": manifest["source_sha256"], "skipped": manifest["skipped"],
+                      "clipped_boxes": manifest["clipped_boxes"]}))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 The archive is hostile data until proven otherwise: every member is checked by name and
 size before it is read, and one pass front to back yields each image with its face box
-(``iter_image_pairs``). The layout itself is described in ``headpose.datasets.prima``.
+(``iter_image_pairs``). Only ``PersonNN/personNN...`` images and their ``.txt`` are read;
+the ``Front/`` folder and anything else are skipped and counted (``SkippedMembers``).
+The layout itself is described in ``headpose.datasets.prima``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import hashlib
 import re
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Iterator
 
@@ -24,7 +26,17 @@ _FILE_NAME = re.compile(
 )
 
 
+# What a Person image's name starts and ends with. A member inside a Person folder that
+# looks like this but does not parse is refused, not skipped: it is an image of the
+# database that cannot be labelled, and skipping it would lose it silently. The Front/
+# folder's "personne..." names do not match (a letter follows "person").
+_IMAGE_LIKE = re.compile(r"person\d.*\.(jpg|txt)")
+
+
 _FOLDER_NAME = re.compile(r"Person(?P<person>\d{2})")
+
+
+IMAGE, FRONT, OTHER = "image", "Front/", "other"
 
 
 _IMAGES_PER_SERIES = 93
@@ -43,6 +55,12 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024**2
 
 
 _HASH_BLOCK = 1 << 20
+
+
+# Skipped names go into logs and the manifest: a few, cut short, are enough to see what
+# the archive held besides the Person folders.
+_EXAMPLES_KEPT = 3
+_EXAMPLE_CHARS = 120
 
 
 class PrimaFormatError(ValueError):
@@ -92,6 +110,38 @@ class FaceBox:
     def bottom(self) -> int:
         return self.centre_y + self.height // 2
 
+    def reaches_past(self, image_width: int, image_height: int) -> bool:
+        """Whether the box extends beyond an image of this size (crops clip it to the image)."""
+        return (self.left < 0 or self.top < 0
+                or self.right >= image_width or self.bottom >= image_height)
+
+
+@dataclass
+class SkippedMembers:
+    """Members that are not Person images: how many of each kind, and a few of their names."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {FRONT: 0, OTHER: 0})
+    examples: dict[str, list[str]] = field(default_factory=lambda: {FRONT: [], OTHER: []})
+
+    def add(self, kind: str, name: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < _EXAMPLES_KEPT:
+            self.examples[kind].append(name[:_EXAMPLE_CHARS])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def member_kind(name: str) -> str:
+    """``IMAGE`` for a member to read (``PersonNN/personNN...jpg|txt``), else ``FRONT`` or ``OTHER``."""
+    path = PurePosixPath(name)
+    if "Front" in path.parent.parts:
+        return FRONT
+    if _FOLDER_NAME.fullmatch(path.parent.name) and _IMAGE_LIKE.fullmatch(path.name):
+        return IMAGE
+    return OTHER
+
 
 def parse_member_name(name: str) -> tuple[ImageKey, str]:
     """``Person01/person01100-90+0.jpg`` -> (ImageKey, ``"jpg"``); PrimaFormatError if not."""
@@ -114,7 +164,10 @@ def parse_member_name(name: str) -> tuple[ImageKey, str]:
 
 
 def parse_face_box(text: bytes, member: str) -> FaceBox:
-    """The face box from a ``.txt`` annotation (3 header lines, then x, y, width, height)."""
+    """The face box from a ``.txt`` annotation (3 header lines, then x, y, width, height).
+
+    Lines may end in LF or CRLF; only lines 4-7 are read, as the tutorial does.
+    """
     lines = text.decode("latin-1").splitlines()
     values = lines[_HEADER_LINES:_HEADER_LINES + 4]
     try:
@@ -155,6 +208,56 @@ class _Pending:
     txt_member: str | None = None
 
 
+@dataclass
+class _Pairing:
+    """Images and annotations read so far that still wait for their partner."""
+
+    max_pending_bytes: int
+    pending: dict[tuple[int, int, int], _Pending] = field(default_factory=dict)
+    pending_bytes: int = 0
+    done: set[tuple[int, int, int]] = field(default_factory=set)
+
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo):
+        """Read one Person member; ``(key, jpeg, box, jpg member)`` once its pair is complete."""
+        key, kind = parse_member_name(member.name)
+        if not member.isfile():
+            raise PrimaFormatError(member.name, "not a regular file (link or device)")
+        ident = (key.person, key.series, key.index)
+        if ident in self.done:
+            raise PrimaFormatError(member.name, "a second file for an image already read")
+        entry = self.pending.setdefault(ident, _Pending())
+        if kind == "jpg":
+            if entry.jpeg is not None:
+                raise PrimaFormatError(member.name, f"duplicate of {entry.jpeg_member!r}")
+            entry.jpeg, entry.jpeg_member = _read_member(tar, member, _MAX_JPEG_BYTES), member.name
+            self.pending_bytes += len(entry.jpeg)
+        else:
+            if entry.box is not None:
+                raise PrimaFormatError(member.name, f"duplicate of {entry.txt_member!r}")
+            entry.box = parse_face_box(_read_member(tar, member, _MAX_TXT_BYTES), member.name)
+            entry.txt_member = member.name
+        _check_partner(entry, key, member.name)
+        if entry.jpeg is not None and entry.box is not None:
+            del self.pending[ident]
+            self.done.add(ident)
+            self.pending_bytes -= len(entry.jpeg)
+            return key, entry.jpeg, entry.box, entry.jpeg_member
+        if self.pending_bytes > self.max_pending_bytes:
+            raise PrimaFormatError(
+                member.name, f"more than {self.max_pending_bytes} bytes of images wait for "
+                "their .txt partner: the archive's .jpg/.txt pairs are too far apart"
+            )
+        return None
+
+    def check_complete(self) -> None:
+        if self.pending:
+            entry = next(iter(self.pending.values()))
+            member = entry.jpeg_member or entry.txt_member
+            partner = ".txt annotation" if entry.jpeg is not None else ".jpg image"
+            raise PrimaFormatError(member, f"has no {partner} beside it ({len(self.pending)} "
+                                   "unmatched images in all)")
+
+
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
     if member.size > limit:
         raise PrimaFormatError(member.name, f"{member.size} bytes, more than the {limit} allowed")
@@ -166,21 +269,23 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> b
 
 
 def iter_image_pairs(
-    fileobj: IO[bytes], max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    fileobj: IO[bytes],
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    skipped: SkippedMembers | None = None,
 ) -> Iterator[tuple[ImageKey, bytes, FaceBox, str]]:
     """Stream ``(key, jpeg bytes, face box, jpg member name)`` from a ``.tar.gz`` file object.
 
-    The archive is read once, front to back. A ``.jpg`` and its ``.txt`` may come in any
+    The archive is read once, front to back. Members that are not Person images are
+    counted in ``skipped`` and never read. A ``.jpg`` and its ``.txt`` may come in any
     order and far apart; members waiting for their partner are held (still encoded) up to
-    ``max_pending_bytes``. Raises ``PrimaFormatError`` naming the member for unexpected
-    names, duplicates, orphans, and truncated or corrupt archives.
+    ``max_pending_bytes``. Raises ``PrimaFormatError`` naming the member for Person
+    members with unexpected names, duplicates, orphans, and truncated or corrupt archives.
     """
+    skipped = SkippedMembers() if skipped is None else skipped
     # gzip.GzipFile rather than tarfile's own "r|gz": it checks the gzip trailer (CRC and
     # length), which is what catches an archive cut short by a partial download.
     compressed = gzip.GzipFile(fileobj=fileobj, mode="rb")
-    pending: dict[tuple[int, int, int], _Pending] = {}
-    pending_bytes = 0
-    done: set[tuple[int, int, int]] = set()
+    pairing = _Pairing(max_pending_bytes)
     last, current = None, None
     try:
         with tarfile.open(fileobj=compressed, mode="r|") as tar:
@@ -188,58 +293,34 @@ def iter_image_pairs(
                 # Stream mode never seeks back, so the member list it keeps is dead weight.
                 tar.members = []
                 current = member.name
-                if member.isdir():
-                    last, current = current, None
-                    continue
-                key, kind = parse_member_name(member.name)
-                if not member.isfile():
-                    raise PrimaFormatError(member.name, "not a regular file (link or device)")
-                ident = (key.person, key.series, key.index)
-                if ident in done:
-                    raise PrimaFormatError(member.name, "a second file for an image already read")
-                entry = pending.setdefault(ident, _Pending())
-                if kind == "jpg":
-                    if entry.jpeg is not None:
-                        raise PrimaFormatError(member.name, f"duplicate of {entry.jpeg_member!r}")
-                    entry.jpeg, entry.jpeg_member = _read_member(tar, member, _MAX_JPEG_BYTES), member.name
-                    pending_bytes += len(entry.jpeg)
-                else:
-                    if entry.box is not None:
-                        raise PrimaFormatError(member.name, f"duplicate of {entry.txt_member!r}")
-                    entry.box = parse_face_box(_read_member(tar, member, _MAX_TXT_BYTES), member.name)
-                    entry.txt_member = member.name
-                _check_partner(entry, key, member.name)
-                last, current = current, None
-                if entry.jpeg is not None and entry.box is not None:
-                    del pending[ident]
-                    done.add(ident)
-                    pending_bytes -= len(entry.jpeg)
-                    yield key, entry.jpeg, entry.box, entry.jpeg_member
-                elif pending_bytes > max_pending_bytes:
-                    raise PrimaFormatError(
-                        member.name, f"more than {max_pending_bytes} bytes of images wait for "
-                        "their .txt partner: the archive's .jpg/.txt pairs are too far apart"
-                    )
-            # Python's tarfile ends quietly when the data stops at a member boundary; a
-            # complete tar has a second zero block after the one that ended the loop.
-            tail = 0
-            while chunk := tar.fileobj.read(_HASH_BLOCK):
-                tail += len(chunk)
-            if tail < tarfile.BLOCKSIZE:
-                raise PrimaFormatError(last, "the archive ends without the end-of-archive "
-                                       "marker after this member: it is truncated")
+                kind = None if member.isdir() else member_kind(member.name)
+                if kind == IMAGE:
+                    pair = pairing.add(tar, member)
+                    if pair is not None:
+                        last, current = current, None
+                        yield pair
+                elif kind is not None:
+                    skipped.add(kind, member.name)
+                last, current = current or last, None
+            _check_end_marker(tar, last)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as error:
         where = current or last
         raise PrimaFormatError(
             where, f"the archive is truncated or corrupt {'in' if current else 'after'} this "
             f"member: {type(error).__name__}: {error}"
         ) from error
-    if pending:
-        entry = next(iter(pending.values()))
-        member = entry.jpeg_member or entry.txt_member
-        partner = "a .txt annotation" if entry.jpeg is not None else "a .jpg image"
-        raise PrimaFormatError(member, f"has no {partner} beside it ({len(pending)} "
-                               "unmatched images in all)")
+    pairing.check_complete()
+
+
+def _check_end_marker(tar: tarfile.TarFile, last: str | None) -> None:
+    # Python's tarfile ends quietly when the data stops at a member boundary; a complete
+    # tar has a second zero block after the one that ended the loop.
+    tail = 0
+    while chunk := tar.fileobj.read(_HASH_BLOCK):
+        tail += len(chunk)
+    if tail < tarfile.BLOCKSIZE:
+        raise PrimaFormatError(last, "the archive ends without the end-of-archive "
+                               "marker after this member: it is truncated")
 
 
 def _check_partner(entry: _Pending, key: ImageKey, member: str) -> None:

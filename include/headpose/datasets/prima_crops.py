@@ -64,7 +64,7 @@ def image_rng(seed: int, key: ImageKey):
 
 def augment(image, key: ImageKey, box: FaceBox, count: int, settings: PrimaSettings,
             member: str = "") -> Iterator:
-    """The ``count`` uint8 RGB crops of one decoded image (H x W x 3 uint8)."""
+    """The ``count`` uint8 crops of one decoded image (H x W x 3 uint8), in its channel order."""
     import numpy as np
     import tensorflow as tf
 

@@ -9,7 +9,8 @@ eyes have moved across the face and by how much of each ear shows, which is what
 tutorial's bin thresholds (about 19.5 degrees) ask a model to tell apart.
 
 Conventions: positive pan turns the face towards the image's right, positive tilt turns
-it upwards. Drawing uses numpy only (no image library).
+it upwards. Images are RGB; the dataset writers store them in their ``channel_order``.
+Drawing uses numpy only (no image library).
 """
 from __future__ import annotations
 
@@ -23,12 +24,6 @@ _SUPERSAMPLE = 2  # rendered at twice the size and averaged down: cheap anti-ali
 
 # Object ids in the depth buffer.
 _BACKGROUND, _SKULL, _JAW, _NOSE, _EAR_RIGHT, _EAR_LEFT = range(6)
-
-
-DEFAULT_SIZE = 84
-
-
-_SUPERSAMPLE = 2  # rendered at twice the size and averaged down: cheap anti-aliasing
 
 
 @dataclass(frozen=True)

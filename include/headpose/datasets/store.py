@@ -67,7 +67,7 @@ def read_manifest(s3_client: Any, prefix_uri: str) -> tuple[dict | None, str | N
     return manifest, hashlib.sha256(body).hexdigest()
 
 
-def channel_order_of(manifest: Mapping[str, Any]) -> str:
+def manifest_channel_order(manifest: Mapping[str, Any]) -> str:
     """The channel order the dataset's shards hold (older manifests: RGB)."""
     order = manifest.get("channel_order") or str((manifest.get("image") or {}).get("channels", "")).lower()
     return order if order in ("bgr", "rgb") else LEGACY_CHANNEL_ORDER

@@ -3,9 +3,10 @@
 Heads come from ``headpose.datasets.rendering``. Poses are the Prima Head Pose grid (tilt
 +-90 only with pan 0), so the nine classes are imbalanced the way the real data set's are.
 
-Each round (one image of every pose) draws
-from its own random stream, so rounds render in parallel processes with the same bytes
-as in one, and a split streams through ``ShardWriter`` a round at a time.
+Each round (one image of every pose) draws from its own random stream, so rounds render
+in parallel processes with the same bytes as in one, and a split streams through
+``ShardWriter`` a round at a time. The renderer draws RGB; pixels are stored in
+``channel_order`` (default ``bgr``, like every dataset writer), recorded in the manifest.
 
 Measured difficulty (60 training images per pose): ResNet-10 with 8 base filters, batch
 64, SGD momentum 0.9 at 0.05 divided by 10 at epochs 8 and 10, batch-norm momentum 0.9,
@@ -27,10 +28,14 @@ from typing import Iterator
 import numpy as np
 
 from headpose.datasets.rendering import DEFAULT_SIZE, generate_image
-from headpose.datasets.settings import GENERATOR_VERSION
+from headpose.datasets.settings import (
+    CHANNEL_ORDERS,
+    DEFAULT_CHANNEL_ORDER,
+    GENERATOR_VERSION,
+    checked_channel_order,
+    from_rgb,
+)
 from headpose.training import labels
-
-
 
 
 def prima_poses() -> list[tuple[int, int]]:
@@ -97,18 +102,20 @@ def write_synthetic_dataset(
     seed: int = 0,
     images_per_shard: int = 1000,
     workers: int | None = None,
+    channel_order: str = DEFAULT_CHANNEL_ORDER,
 ) -> dict:
     """Write ``train-*.tfrecord``, ``eval-*.tfrecord`` and ``manifest.json``; return the manifest.
 
     Images are written round by round (one image of every pose, then the next round), so
     every shard holds every class and a bounded shuffle buffer mixes well. Rounds render
     in ``workers`` processes (default: every CPU this process may use); the bytes written
-    do not depend on how many.
+    do not depend on how many. Pixels are stored in ``channel_order`` (``bgr`` or ``rgb``).
     """
     from headpose.training.shards import ShardWriter  # TensorFlow only when writing
 
     if train_per_pose < 1 or eval_per_pose < 1:
         raise ValueError("train_per_pose and eval_per_pose must be at least 1")
+    checked_channel_order(channel_order)
     out = Path(out_dir)
     poses = prima_poses()
     workers = min(workers or default_workers(), max(train_per_pose, eval_per_pose))
@@ -117,7 +124,7 @@ def write_synthetic_dataset(
         for split, per_pose in zip(SPLITS, (train_per_pose, eval_per_pose)):
             with ShardWriter(out, split, images_per_shard) as writer:
                 for images in _rendered_rounds(pool, workers, seed, split, per_pose):
-                    for image, (tilt, pan) in zip(images, poses):
+                    for image, (tilt, pan) in zip(from_rgb(images, channel_order), poses):
                         writer.write(image, tilt, pan)
             splits[split] = writer.summary()
     manifest = {
@@ -130,7 +137,11 @@ def write_synthetic_dataset(
             "images_per_shard": images_per_shard,
             "image_size": DEFAULT_SIZE,
             "poses": len(poses),
+            "channel_order": channel_order,
         },
+        "channel_order": channel_order,
+        "image": {"height": DEFAULT_SIZE, "width": DEFAULT_SIZE, "channels": channel_order.upper(),
+                  "dtype": "uint8", "angle_scale_degrees": 90},
         "splits": splits,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -156,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="rendering processes (default: the CPUs available); "
                         "the output does not depend on it")
+    parser.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=DEFAULT_CHANNEL_ORDER,
+                        help="channel order of the pixels written, recorded in manifest.json "
+                        f"(default {DEFAULT_CHANNEL_ORDER}, as the tutorial trained)")
     return parser
 
 
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     manifest = write_synthetic_dataset(
         args.out, args.train_per_pose, args.eval_per_pose, args.seed, args.images_per_shard,
-        args.workers,
+        args.workers, args.channel_order,
     )
     counts = {split: summary["count"] for split, summary in manifest["splits"].items()}
     print(json.dumps({"out": str(args.out), "counts": counts}))

@@ -1,4 +1,4 @@
-"""The project's dataset shard format: TFRecord files of raw uint8 RGB images.
+"""The project's dataset shard format: TFRecord files of raw uint8 images.
 
 Why TFRecord and not ``.npz``: ``tf.data`` reads TFRecord natively and in parallel,
 streaming one record at a time, so memory stays flat whatever the dataset size (the
@@ -10,7 +10,7 @@ One record (a ``tf.train.Example``):
 ===========  ========  ==============================================
 key          type      meaning
 ===========  ========  ==============================================
-``image``    bytes     ``height * width * 3`` uint8, row-major, RGB
+``image``    bytes     ``height * width * 3`` uint8, row-major, channels last
 ``height``   int64     image height in pixels
 ``width``    int64     image width in pixels
 ``tilt``     float     tilt in degrees / 90 (tutorial convention)
@@ -18,6 +18,11 @@ key          type      meaning
 ===========  ========  ==============================================
 
 Files are named ``<split>-<index:05d>.tfrecord`` (``train`` and ``eval`` splits).
+
+Channel order: a record does not say in which order its three channels are. The
+dataset's ``manifest.json`` does, as ``"channel_order"`` (``"bgr"``, the default and what
+the tutorial trained on, or ``"rgb"``); training passes the pixels through as stored, so
+the model expects the dataset's order.
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ class ShardWriter:
 
     def write(self, image: np.ndarray, tilt_degrees: float, pan_degrees: float) -> None:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be uint8 HxWx3 RGB, got {image.dtype} {image.shape}")
+            raise ValueError(f"image must be uint8 HxWx3 (in the dataset's channel_order), "
+                             f"got {image.dtype} {image.shape}")
         if self._writer is None or self._in_shard == self.images_per_shard:
             self._open_next_shard()
         tilt, pan = labels.normalise(tilt_degrees), labels.normalise(pan_degrees)

@@ -68,12 +68,19 @@ def test_run_layout_follows_the_tutorial_and_names_the_job_everywhere():
     assert run.frozen_model_json_uri == f"s3://bkt/headpose/TFartifacts/{job}/output/frozen_model.json"
     assert run.report_uri == f"s3://bkt/headpose/TFartifacts/{job}/output/report.json"
     assert run.published_pointer_uri == "s3://bkt/headpose/published/latest.json"
-    assert run.published_model_uri == "s3://bkt/headpose/published/latest/frozen_model.pb"
+    assert run.candidate_prefix == f"s3://bkt/headpose/TFartifacts/{job}/candidate/"
+    assert run.rejected_prefix == f"s3://bkt/headpose/TFartifacts/{job}/rejected/"
+    assert run.published_mirror_prefix == "s3://bkt/headpose/published/latest/"
     assert run.history_record_uri == f"s3://bkt/headpose/published/history/{job}.json"
     run_owned = [v for k, v in run.to_dict().items()
-                 if k.endswith("_uri") and not k.startswith("published_")]
+                 if k.endswith(("_uri", "_prefix")) and not k.startswith(("published_", "dataset_"))]
     assert all(job in uri for uri in run_owned)
     assert RunLayout.from_dict(run.to_dict()) == run
+    # A later attempt's job: every job-scoped URI follows it, the run's code stays.
+    second = run.for_job(job + "-2")
+    assert second.model_artifact_uri == f"s3://bkt/headpose/TFartifacts/{job}-2/output/model.tar.gz"
+    assert second.history_record_uri.endswith(f"/history/{job}-2.json")
+    assert second.sourcedir_uri == run.sourcedir_uri and second.dataset_prefix == run.dataset_prefix
 
 
 @pytest.mark.parametrize("bucket, folder, job, prefix", [
@@ -106,13 +113,17 @@ def test_workspace_root_and_run_folder(tmp_path):
         layout.run_workspace("../etc", {"HEADPOSE_WORKSPACE": str(tmp_path)})
 
 
-def test_require_workspace_file_explains_a_missing_or_changed_file(tmp_path):
-    file = tmp_path / "model.tar.gz"
-    with pytest.raises(layout.WorkspaceError, match="mounted on every worker"):
-        layout.require_workspace_file(file)
-    file.write_bytes(b"model")
-    good = layout.file_sha256(file)
-    assert layout.require_workspace_file(file, good) == file
-    file.write_bytes(b"other")
-    with pytest.raises(layout.WorkspaceError, match="recorded"):
-        layout.require_workspace_file(file, good)
+def test_a_tasks_scratch_is_gone_when_the_try_ends_however_it_ends(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADPOSE_WORKSPACE", str(tmp_path))
+    job = "deeplens-TF-headpose-2024-03-05-07-08-09-123"
+    with layout.task_scratch(job, "freeze_graph") as scratch:
+        (scratch / "model.tar.gz").write_bytes(b"x")
+        assert scratch.parent == tmp_path / job and scratch.name.startswith("freeze_graph-")
+    assert not scratch.exists()
+    with pytest.raises(RuntimeError):
+        with layout.task_scratch(job, "freeze_graph") as scratch:
+            raise RuntimeError("the task failed")
+    assert not scratch.exists()
+    layout.remove_run_workspace(job)
+    assert not (tmp_path / job).exists()
+

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,124 @@ def test_without_a_cache_nothing_is_kept(bucket, tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
     monkeypatch.setenv(staging.SYNTHETIC_CACHE_ENV, str(tmp_path / "c"))
     assert staging.synthetic_cache_root() == tmp_path / "c"
+
+
+# -- dataset validation: refused before training, with the figures ---------------------
+
+def _dataset(s3, tmp_path, name: str, eval_poses, image=None, manifest_edit=None) -> str:
+    """A dataset prefix written with the project's ShardWriter: full train split, ``eval_poses`` held out."""
+    import numpy as np
+
+    from headpose.datasets.store import upload_manifest, upload_shards
+    from headpose.datasets.synthetic import prima_poses
+    from headpose.training.shards import ShardWriter
+
+    folder = tmp_path / name
+    rng = np.random.default_rng(1)
+    draw = image or (lambda: rng.integers(30, 220, (84, 84, 3), dtype=np.uint8))
+    splits = {}
+    for split, poses in (("train", prima_poses()), ("eval", eval_poses)):
+        with ShardWriter(folder, split, images_per_shard=64) as writer:
+            for tilt, pan in poses:
+                writer.write(draw(), tilt, pan)
+        splits[split] = writer.summary()
+    manifest = {"source": "test", "channel_order": "bgr", "splits": splits}
+    if manifest_edit:
+        manifest_edit(manifest)
+    prefix = f"s3://{BUCKET}/headpose/datasets/{name}/"
+    upload_shards(s3, folder, prefix)
+    upload_manifest(s3, manifest, prefix)
+    return prefix
+
+
+def test_a_dataset_missing_a_class_is_refused_with_the_figures(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    no_frontal = [(t, p) for t, p in prima_poses() if not (abs(t) < 20 and abs(p) < 20)]
+    prefix = _dataset(bucket, tmp_path, "no-centre", no_frontal)
+    with pytest.raises(DatasetError) as refused:
+        staging.check_dataset_prefix(bucket, prefix, print, scratch_root=tmp_path)
+    message = str(refused.value)
+    assert "the eval split lacks classes ['pan=centre/tilt=centre']" in message
+    assert "training was not started" in message and '"classes_present": 8' in message
+
+
+def test_flat_images_and_an_empty_split_are_refused(bucket, tmp_path):
+    import numpy as np
+
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    flat = _dataset(bucket, tmp_path, "flat", prima_poses(), image=lambda: np.full((84, 84, 3), 128, np.uint8))
+    with pytest.raises(DatasetError, match="93 of 93 train images are one flat colour"):
+        staging.check_dataset_prefix(bucket, flat, print, scratch_root=tmp_path)
+    empty = _dataset(bucket, tmp_path, "empty-eval", [])
+    with pytest.raises(DatasetError, match=r"has no eval-\*\.tfrecord"):  # a degenerate split
+        staging.check_dataset_prefix(bucket, empty, print, scratch_root=tmp_path)
+
+
+def test_a_shard_that_is_not_the_one_the_manifest_names_is_refused(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    def miscount(manifest):
+        manifest["splits"]["eval"]["count"] = 94
+
+    prefix = _dataset(bucket, tmp_path, "miscounted", prima_poses(), manifest_edit=miscount)
+    with pytest.raises(DatasetError, match="the eval shards hold 93 records, the manifest says 94"):
+        staging.check_dataset_prefix(bucket, prefix, print, scratch_root=tmp_path)
+
+
+def test_a_staged_dataset_carries_its_figures_and_is_rechecked_by_etag(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError, read_manifest
+
+    prefix = f"s3://{BUCKET}/checked/"
+    staged = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+    manifest, sha256 = read_manifest(bucket, prefix)
+    assert manifest["validation"]["splits"] == staged["validation"] and staged["manifest_sha256"] == sha256
+    assert set(manifest["validation"]["etags"]) == {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    logs: list[str] = []
+    again = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, logs.append, scratch_root=tmp_path)
+    assert again["validation"] == staged["validation"]
+    assert any("unchanged since it was validated" in line for line in logs)
+    # A shard replaced behind the manifest's back: its ETag no longer matches, so it is
+    # downloaded and checked - and refused, because its sha256 is not the manifest's.
+    _, key_prefix = split_s3_uri(prefix)
+    bucket.put_object(Bucket=BUCKET, Key=key_prefix + "eval-00000.tfrecord", Body=b"\x00" * 64)
+    with pytest.raises(DatasetError, match="eval shard eval-00000.tfrecord has sha256"):
+        staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+
+
+def test_a_dataset_in_the_other_channel_order_is_refused(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    prefix = _dataset(bucket, tmp_path, "bgr-set", prima_poses())
+    plan = {"bucket": BUCKET, "dataset_prefix": prefix,
+            "run_params": {"dataset_source": prefix, "channel_order": "rgb"}}
+    with pytest.raises(DatasetError, match="holds BGR images but this run's channel_order is 'rgb'"):
+        staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)
+
+
+def _render_in_a_daemon(folder: str, queue) -> None:
+    logs: list[str] = []
+    settings = {**SETTINGS, "train_per_pose": 4, "eval_per_pose": 2}
+    staging._render_synthetic(Path(folder), settings, logs.append)
+    queue.put(logs)
+
+
+def test_rendering_uses_a_process_pool_inside_a_daemonic_process(tmp_path):
+    """A Celery prefork worker is a daemonic process, which may not start a pool of its own."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=_render_in_a_daemon, args=(str(tmp_path / "out"), queue), daemon=True)
+    worker.start()
+    logs = queue.get(timeout=600)
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert "rendered 6 rounds of 93 poses in 2 processes" in logs, logs
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 4 * 93 and manifest["channel_order"] == "bgr"

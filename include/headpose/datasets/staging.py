@@ -257,6 +257,7 @@ def _summary(
         "channel_order": manifest_channel_order(manifest),
         "train_count": figures["train"]["count"],
         "eval_count": figures["eval"]["count"],
+        **{f"{split}_shards": len(manifest["splits"][split]["shards"]) for split in SPLITS},
         "validation": dict(figures),
     }
 

@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -36,6 +37,8 @@ from headpose.datasets.settings import (
     from_rgb,
 )
 from headpose.training import labels
+
+log = logging.getLogger(__name__)
 
 
 def prima_poses() -> list[tuple[int, int]]:
@@ -67,11 +70,17 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _round_in_worker(seed: int, split: str, round_index: int) -> tuple[int, np.ndarray]:
+    """A round, with the id of the process that rendered it (for the log line that says how many did)."""
+    return os.getpid(), render_round(seed, split, round_index)
+
+
 def _rendered_rounds(
-    pool: Executor | None, workers: int, seed: int, split: str, rounds: int
+    pool: Executor | None, workers: int, seed: int, split: str, rounds: int, renderers: set[int],
 ) -> Iterator[np.ndarray]:
     """The split's rounds in order, at most two per worker rendered ahead (bounded memory)."""
     if pool is None:
+        renderers.add(os.getpid())
         yield from (render_round(seed, split, index) for index in range(rounds))
         return
     ahead = 2 * workers
@@ -79,9 +88,11 @@ def _rendered_rounds(
     submitted = 0
     while pending or submitted < rounds:
         while submitted < rounds and len(pending) < ahead:
-            pending.append(pool.submit(render_round, seed, split, submitted))
+            pending.append(pool.submit(_round_in_worker, seed, split, submitted))
             submitted += 1
-        yield pending.popleft().result()
+        pid, images = pending.popleft().result()
+        renderers.add(pid)
+        yield images
 
 
 @contextlib.contextmanager
@@ -120,10 +131,11 @@ def write_synthetic_dataset(
     poses = prima_poses()
     workers = min(workers or default_workers(), max(train_per_pose, eval_per_pose))
     splits = {}
+    renderers: set[int] = set()
     with _render_pool(workers) as pool:
         for split, per_pose in zip(SPLITS, (train_per_pose, eval_per_pose)):
             with ShardWriter(out, split, images_per_shard) as writer:
-                for images in _rendered_rounds(pool, workers, seed, split, per_pose):
+                for images in _rendered_rounds(pool, workers, seed, split, per_pose, renderers):
                     for image, (tilt, pan) in zip(from_rgb(images, channel_order), poses):
                         writer.write(image, tilt, pan)
             splits[split] = writer.summary()
@@ -145,6 +157,8 @@ def write_synthetic_dataset(
         "splits": splits,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("rendered %d rounds of %d poses in %d processes", train_per_pose + eval_per_pose, len(poses),
+             len(renderers))
     return manifest
 
 
@@ -175,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     manifest = write_synthetic_dataset(
         args.out, args.train_per_pose, args.eval_per_pose, args.seed, args.images_per_shard,
         args.workers, args.channel_order,

@@ -1,12 +1,17 @@
-"""One whole DAG run with ``airflow dags test`` against moto's S3 server, tiny settings.
+"""One whole DAG run with ``airflow dags test`` against moto's S3 server: the model learns.
 
-A real model is trained (by the local backend), frozen, validated and published; the
-test then reads the published frozen graph back from S3 and runs it, and checks that
-the ``training_job_name`` in XCom names every S3 key the run wrote. A bad conf given to
-the same command is refused before a run (and so any task) exists.
+The run trains a small ResNet for a few hundred steps on synthetic data, freezes it,
+judges it through the frozen graph on the held-out split with a meaningful
+``min_accuracy`` and publishes it. Many checks share that one run: the published pointer
+and the files it names, every S3 key the run wrote, the tutorial Lambda's preprocessing
+(BGR frame, resize to 84x84, / 255) reaching the validated accuracy, and each edge
+format published and loaded in its own runtime. A bad conf given to the same command is
+refused before a run (and so any task) exists; a model below min_accuracy leaves its
+evidence under rejected/ and nothing published changes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,13 +21,14 @@ from pathlib import Path
 import boto3
 import pytest
 
-from airflow_support import DAG_ID, TINY_TRAINING, new_airflow_home
+from airflow_support import DAG_ID, TINY_TRAINING, new_airflow_home, task_states, last_run
 from airflow_support import dags_test as _dags_test
 from airflow_support import db as _db
 from airflow_support import xcom as _xcom
 
 pytestmark = pytest.mark.e2e
 
+ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "headpose-e2e"
 TINY_CONF = {
     "s3_bucket": BUCKET,
@@ -33,11 +39,47 @@ TINY_CONF = {
     "images_per_shard": 64,
     **TINY_TRAINING,
 }
+# Enough to learn: ~1100 training images, 300 steps, a meaningful gate. Label, colour or
+# bin mismatches between training and evaluation leave the accuracy near chance (1/9).
+LEARNING_CONF = {
+    "s3_bucket": BUCKET, "backend": "local", "dataset_source": "synthetic",
+    "synthetic_train_per_pose": 12, "synthetic_eval_per_pose": 4, "images_per_shard": 500,
+    "resnet_size": 10, "base_filters": 8, "batch_size": 32, "training_steps": 300, "evaluation_steps": 4,
+    "learning_rate_decay_epochs": "6,8", "batch_norm_momentum": 0.9,
+    "min_accuracy": 0.45, "min_class_recall": 0.0,
+}
+CHANCE = 1 / 9
+
+
+def _s3(endpoint: str):
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def _get(s3, uri: str) -> bytes:
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory, airflow_db_template):
     return new_airflow_home(airflow_db_template, tmp_path_factory.mktemp("airflow-home"))
+
+
+@pytest.fixture(scope="module")
+def learned(airflow_home, moto_server):
+    """The shared learning run: its output, job name, pointer and S3 keys."""
+    s3 = _s3(moto_server.endpoint)
+    result = _dags_test(airflow_home, moto_server.endpoint, LEARNING_CONF, "learning-run.log")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-8000:]
+    job = _xcom(airflow_home, "plan_run", "training_job_name")
+    pointer = json.loads(_get(s3, f"s3://{BUCKET}/headpose/published/latest.json"))
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    return {"s3": s3, "output": output, "job": job, "pointer": pointer, "keys": keys, "home": airflow_home}
 
 
 def test_a_bad_conf_is_refused_before_any_task_runs(airflow_home, moto_server):
@@ -46,116 +88,111 @@ def test_a_bad_conf_is_refused_before_any_task_runs(airflow_home, moto_server):
     assert "Invalid input for param training_steps" in result.stdout + result.stderr
     with _db(airflow_home) as db:
         assert db.execute("SELECT COUNT(*) FROM dag_run WHERE dag_id = ?", (DAG_ID,)).fetchone()[0] == 0
-        assert db.execute("SELECT COUNT(*) FROM task_instance WHERE dag_id = ?", (DAG_ID,)).fetchone()[0] == 0
 
 
-def test_a_full_run_publishes_a_frozen_graph_that_runs(airflow_home, moto_server, tmp_path):
-    endpoint = moto_server.endpoint
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
-        s3.create_bucket(Bucket=BUCKET)
+def test_the_model_learns_through_the_whole_path(learned):
+    report = _xcom(learned["home"], "validate_model")
+    assert report["accepted"] and report["images"] == 4 * 93
+    # Measured through the frozen graph by validate_model, the gate a publish depends on.
+    assert report["accuracy"] >= LEARNING_CONF["min_accuracy"] > 3 * CHANCE
+    assert learned["pointer"]["metrics"]["accuracy"] == report["accuracy"]
+    assert "validate_model's gate: accuracy" in learned["output"]
+    assert "progress: step=300/300" in learned["output"]  # training output reached the task log
 
-    result = _dags_test(airflow_home, endpoint, TINY_CONF, "run.log")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
-    job = _xcom(airflow_home, "plan_run", "training_job_name")
-    assert job.startswith("deeplens-TF-headpose-")
-    training = _xcom(airflow_home, "train")["Training"]
-    assert training["TrainingJobName"] == job and training["TrainingJobStatus"] == "Completed"
-    assert "progress: step=3/3" in result.stdout + result.stderr  # training output reached the task log
+def test_the_pointer_names_the_runs_immutable_version_and_the_mirror_equals_it(learned):
+    s3, job, pointer = learned["s3"], learned["job"], learned["pointer"]
+    assert pointer["version"] == 3 and pointer["training_job_name"] == job and pointer["channel_order"] == "bgr"
+    version = f"s3://{BUCKET}/headpose/TFartifacts/{job}/output/"
+    for name, entry in pointer["files"].items():
+        assert entry["uri"] == version + name
+        assert hashlib.sha256(_get(s3, entry["uri"])).hexdigest() == entry["sha256"]
+        assert _get(s3, f"s3://{BUCKET}/headpose/published/latest/{name}") == _get(s3, entry["uri"])
+    metadata = json.loads(_get(s3, pointer["files"]["frozen_model.json"]["uri"]))
+    assert metadata["sha256"] == pointer["files"]["frozen_model.pb"]["sha256"]
+    assert metadata["preprocessing"]["channel_order"] == "bgr"
+    assert pointer["dataset"]["manifest_sha256"] == hashlib.sha256(_get(s3, pointer["dataset"]["manifest_uri"])).hexdigest()
+    assert pointer["evaluation_set"]["pinned"] is False and pointer["attempts"] == [job]
 
-    # The published pointer names this run and its immutable frozen graph.
-    pointer = json.loads(s3.get_object(Bucket=BUCKET, Key="headpose/published/latest.json")["Body"].read())
-    assert pointer["training_job_name"] == job
-    assert pointer["frozen_model_uri"] == f"s3://{BUCKET}/headpose/TFartifacts/{job}/output/frozen_model.pb"
-    graph_path = tmp_path / "frozen_model.pb"
-    s3.download_file(BUCKET, "headpose/published/latest/frozen_model.pb", str(graph_path))
-    metadata = json.loads(s3.get_object(Bucket=BUCKET, Key="headpose/published/latest/frozen_model.json")["Body"].read())
-    assert metadata["sha256"] == pointer["frozen_model_sha256"]
 
-    # Every S3 key the run wrote carries its job name; only the shared dataset (named by
-    # its settings) and the stable "latest" keys do not.
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-    shared = [k for k in keys if k.startswith("headpose/datasets/") or k.startswith("headpose/published/latest")]
+def test_every_key_the_run_wrote_carries_its_job_name(learned):
+    job, keys = learned["job"], learned["keys"]
+    shared = [k for k in keys if k.startswith(("headpose/datasets/", "headpose/published/latest"))]
     run_keys = sorted(set(keys) - set(shared))
     assert all(job in key for key in run_keys), run_keys
-    expected = {
+    assert {
         f"headpose/customTFcodes/{job}/source/sourcedir.tar.gz",
         f"headpose/TFartifacts/{job}/output/model.tar.gz",
+        f"headpose/TFartifacts/{job}/candidate/frozen_model.pb",
         f"headpose/TFartifacts/{job}/output/frozen_model.pb",
-        f"headpose/TFartifacts/{job}/output/frozen_model.json",
         f"headpose/TFartifacts/{job}/output/report.json",
+        f"headpose/TFartifacts/{job}/output/confusion_matrix.png",
         f"headpose/published/history/{job}.json",
-    }
-    assert expected <= set(run_keys)
-    plan = _xcom(airflow_home, "plan_run")
+    } <= set(run_keys)
+    plan = _xcom(learned["home"], "plan_run")
     assert all(job in uri for k, uri in plan.items() if k.endswith("_uri") and not k.startswith("published_"))
+    # The worker's scratch is gone: every hand-off went through S3.
+    assert not (learned["home"] / "workspace" / job).exists()
 
-    report = json.loads(s3.get_object(Bucket=BUCKET, Key=f"headpose/TFartifacts/{job}/output/report.json")["Body"].read())
-    assert report["accepted"] and report["parity_max_abs_diff"] <= 1e-4
-    assert report["images"] == 93  # the Prima grid, one held-out image per pose
 
-    # The run's workspace was removed by cleanup.
-    assert not (airflow_home / "workspace" / job).exists()
-
-    # Run the published graph on held-out images, as a consumer would: the .pb alone.
-    eval_key = next(k for k in keys if k.startswith("headpose/datasets/") and "/eval-" in k)
-    shard = tmp_path / "eval-00000.tfrecord"
-    s3.download_file(BUCKET, eval_key, str(shard))
+def test_the_tutorial_lambdas_preprocessing_reaches_the_validated_accuracy(learned, tmp_path):
+    """An OpenCV-style BGR frame, resized to 84x84 and divided by 255, fed to the published graph."""
+    s3, pointer = learned["s3"], learned["pointer"]
+    graph = tmp_path / "frozen_model.pb"
+    graph.write_bytes(_get(s3, f"s3://{BUCKET}/headpose/published/latest/frozen_model.pb"))
+    shards = []
+    for key in learned["keys"]:
+        if key.startswith("headpose/datasets/") and "/eval-" in key:
+            shards.append(tmp_path / key.rsplit("/", 1)[1])
+            s3.download_file(BUCKET, key, str(shards[-1]))
     probe = f"""
-import json, sys
+import json
 import numpy as np, tensorflow as tf
 from headpose.training import shards
 graph_def = tf.compat.v1.GraphDef()
-graph_def.ParseFromString(open({str(graph_path)!r}, "rb").read())
-images, classes = next(iter(shards.dataset([{str(shard)!r}], 8, training=False)))
+graph_def.ParseFromString(open({str(graph)!r}, "rb").read())
+correct = total = 0
 with tf.Graph().as_default() as graph:
     tf.compat.v1.import_graph_def(graph_def, name="")
     with tf.compat.v1.Session(graph=graph) as session:
-        out = session.run("softmax_tensor:0", {{"inputs:0": images.numpy()}})
-print(json.dumps({{"shape": list(out.shape), "sums": out.sum(axis=1).tolist()}}))
+        for images, classes in shards.dataset({[str(p) for p in shards]!r}, 64, training=False):
+            # A camera frame as OpenCV gives it: BGR uint8 (the shards hold BGR), larger than 84x84.
+            frames = tf.image.resize(tf.cast(images * 255.0, tf.uint8), [252, 252], method="nearest")
+            # The Lambda: cv2.resize(frame, (84, 84)), then / 255, no colour conversion.
+            fed = tf.image.resize(tf.cast(frames, tf.float32), [84, 84], method="bilinear",
+                                  antialias=False).numpy() / 255.0
+            out = session.run("softmax_tensor:0", {{"inputs:0": fed}})
+            correct += int((out.argmax(axis=1) == classes.numpy()).sum()); total += len(out)
+print(json.dumps({{"accuracy": correct / total, "images": total}}))
 """
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "include"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     ran = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     answer = json.loads(ran.stdout.strip().splitlines()[-1])
-    assert answer["shape"] == [8, 9]
-    assert all(abs(s - 1) < 1e-4 for s in answer["sums"])
+    assert answer["images"] == pointer["metrics"]["images"]
+    assert answer["accuracy"] >= pointer["metrics"]["accuracy"] - 0.03  # the validated figure, within resampling
 
 
-def test_a_run_below_min_accuracy_fails_and_leaves_latest_alone(airflow_home, moto_server):
-    s3 = boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
-        s3.create_bucket(Bucket=BUCKET)
+def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alone(learned, moto_server):
+    s3, home = learned["s3"], learned["home"]
 
-    def latest() -> bytes | None:
-        try:
-            return s3.get_object(Bucket=BUCKET, Key="headpose/published/latest.json")["Body"].read()
-        except s3.exceptions.NoSuchKey:
-            return None
+    def published() -> dict:
+        return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="headpose/published/")["Contents"]}
 
-    before = latest()
-    result = _dags_test(airflow_home, moto_server.endpoint, {**TINY_CONF, "min_accuracy": 1}, "below-min.log")
+    before = published()
+    result = _dags_test(home, moto_server.endpoint, {**TINY_CONF, "min_accuracy": 1}, "below-min.log")
     output = result.stdout + result.stderr
     assert result.returncode != 0  # the run is failed, though its cleanup teardown succeeded
-    assert "is below min_accuracy 1.0000" in output
-    assert latest() == before
-    with _db(airflow_home) as db:
-        run_id, state = db.execute(
-            "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)
-        ).fetchone()
-        states = dict(db.execute(
-            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?", (DAG_ID, run_id)
-        ).fetchall())
-        job = json.loads(db.execute(
-            "SELECT value FROM xcom WHERE run_id = ? AND task_id = 'plan_run' AND key = 'training_job_name'",
-            (run_id,),
-        ).fetchone()[0])
-    assert state == "failed"
-    assert states["validate_model"] == "failed"
+    run_id, state = last_run(home)
+    states = task_states(home, run_id)
+    assert state == "failed" and states["validate_model"] == "failed"
     assert states["upload_frozen_model"] == states["publish"] == "upstream_failed"
     assert states["cleanup"] == "success"
+    job = _xcom(home, "plan_run", "training_job_name", run_id=run_id)
+    rejected = f"s3://{BUCKET}/headpose/TFartifacts/{job}/rejected/report.json"
+    assert "is below min_accuracy 1.0000" in output and f"Report: {rejected}" in output
+    report = json.loads(_get(s3, rejected))
+    assert report["accepted"] is False and report["problems"]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-    assert not any(job in k and ("frozen_model" in k or "published/" in k) for k in keys)
-    assert not (airflow_home / "workspace" / job).exists()
+    assert f"headpose/TFartifacts/{job}/rejected/confusion_matrix.png" in keys
+    assert not any(job in k and ("/output/frozen_model" in k or "published/" in k) for k in keys)
+    assert published() == before

@@ -201,6 +201,21 @@ def frozen_source(frozen_pb: str | Path, frozen_metadata: Mapping[str, Any]) -> 
     recorded = frozen_metadata.get("sha256")
     if recorded != sha256:
         raise EdgeFormatError(f"{pb_path} has sha256 {sha256}, but its metadata records {recorded}")
+    tensors = _contract_tensors(frozen_metadata)
+    image_size = (int(tensors["input_shape"][1]), int(tensors["input_shape"][2]))
+    source = FrozenSource(
+        pb_path=pb_path, sha256=sha256, input_name=tensors["input"], output_name=tensors["output"],
+        image_size=image_size, num_classes=tensors["num_classes"],
+        preprocessing=edge_preprocessing(frozen_metadata.get("preprocessing") or {}, image_size),
+        classes=list(frozen_metadata["classes"]),
+        class_index=frozen_metadata.get("class_index", FrozenSource.class_index),
+    )
+    _require_nodes(source)
+    return source
+
+
+def _contract_tensors(frozen_metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The one input and one output the metadata names, refused unless they fit the contract."""
     inputs, outputs = frozen_metadata.get("inputs") or [], frozen_metadata.get("outputs") or []
     if len(inputs) != 1 or len(outputs) != 1:
         raise EdgeFormatError(f"the metadata names {len(inputs)} inputs and {len(outputs)} outputs, expected one each")
@@ -210,18 +225,11 @@ def frozen_source(frozen_pb: str | Path, frozen_metadata: Mapping[str, Any]) -> 
                               "expected float32 [N, H, W, 3]")
     if len(out_shape) != 2 or not out_shape[1]:
         raise EdgeFormatError(f"output {outputs[0].get('name')!r} has shape {out_shape}, expected [N, C]")
-    classes = list(frozen_metadata.get("classes") or [])
+    classes = frozen_metadata.get("classes") or []
     if len(classes) != out_shape[1]:
         raise EdgeFormatError(f"the class map has {len(classes)} entries for {out_shape[1]} outputs")
-    image_size = (int(shape[1]), int(shape[2]))
-    source = FrozenSource(
-        pb_path=pb_path, sha256=sha256, input_name=inputs[0]["name"], output_name=outputs[0]["name"],
-        image_size=image_size, num_classes=int(out_shape[1]),
-        preprocessing=edge_preprocessing(frozen_metadata.get("preprocessing") or {}, image_size),
-        classes=classes, class_index=frozen_metadata.get("class_index", FrozenSource.class_index),
-    )
-    _require_nodes(source)
-    return source
+    return {"input": inputs[0]["name"], "output": outputs[0]["name"], "input_shape": shape,
+            "num_classes": int(out_shape[1])}
 
 
 def edge_preprocessing(preprocessing: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:

@@ -54,57 +54,71 @@ def validate_edge_models(
     is not the graph the formats were converted from.
     """
     from headpose.artifacts.evaluate import load_frozen_graph
-    from headpose.training import shards
 
     frozen = edge_models.get("frozen_model") or {}
     sha256, _ = file_digest(frozen_pb)
     if sha256 != frozen.get("sha256"):
         raise EdgeFormatError(f"{frozen_pb} has sha256 {sha256}; the formats were converted from {frozen.get('sha256')}")
     graph = load_frozen_graph(frozen_pb, frozen["input"], frozen["output"])
-    folder = Path(model_dir)
     verdicts = {name: _withheld(None, None, {}, reason) for name, reason in (edge_models.get("refused") or {}).items()}
-    runners, scores = {}, {}
-    for name, entry in (edge_models.get("formats") or {}).items():
-        files = {file: {"path": str(folder / file), "sha256": value["sha256"]} for file, value in entry["files"].items()}
-        try:
-            _check_files(files)
-            runners[name] = _open(entry["metadata"], folder, threads)
-            scores[name] = {"correct": 0, "max_abs_diff": 0.0}
-        except Exception as error:  # a runtime refusing the file is a verdict, not a crash
-            verdicts[name] = _withheld(entry["runtime"], entry["precision"], files, f"{name}: {_text(error)}")
-        verdicts.setdefault(name, {"runtime": entry["runtime"], "precision": entry["precision"], "files": files})
-
-    images_seen, reference_correct, first_image = 0, 0, None
-    for images, labels in shards.dataset(list(eval_shards), batch_size, training=False):
-        images, labels = images.numpy(), labels.numpy()
-        first_image = images[:1] if first_image is None else first_image
-        reference = graph(images)
-        reference_correct += int((reference.argmax(axis=1) == labels).sum())
-        images_seen += len(labels)
-        for name in list(runners):
-            problem = _score(runners[name], images, labels, reference, scores[name])
-            if problem:
-                verdicts[name] = _withheld(verdicts[name]["runtime"], verdicts[name]["precision"],
-                                           verdicts[name]["files"], f"{name}: {problem}")
-                del runners[name]
-    if images_seen == 0:
-        raise EdgeFormatError("the evaluation shards hold no images")
-
+    runners = _open_formats(edge_models.get("formats") or {}, Path(model_dir), threads, verdicts)
+    scores = {name: {"correct": 0, "max_abs_diff": 0.0} for name in runners}
+    reference = _run_evaluation_set(graph, runners, scores, verdicts, eval_shards, batch_size)
     for name, runner in runners.items():
         score = scores[name]
-        accepted, reason = verdict(verdicts[name]["precision"], images_seen, score["correct"],
-                                   reference_correct, score["max_abs_diff"])
+        accepted, reason = verdict(verdicts[name]["precision"], reference["images"], score["correct"],
+                                   reference["correct"], score["max_abs_diff"])
         verdicts[name].update(
-            accuracy=score["correct"] / images_seen, max_abs_diff=score["max_abs_diff"],
-            latency_ms_b1=latency_ms(runner, first_image, latency_calls),
+            accuracy=score["correct"] / reference["images"], max_abs_diff=score["max_abs_diff"],
+            latency_ms_b1=latency_ms(runner, reference["first_image"], latency_calls),
             accepted=accepted, reason=None if accepted else f"{name}: {reason}", correct=score["correct"],
         )
         if hasattr(runner, "precision"):  # OpenVINO: what the hint became on this CPU
             verdicts[name]["runtime_precision"] = runner.precision()
     for entry in verdicts.values():
-        entry.update(images=images_seen, reference_accuracy=reference_correct / images_seen,
-                     reference_correct=reference_correct)
+        entry.update(images=reference["images"], reference_accuracy=reference["correct"] / reference["images"],
+                     reference_correct=reference["correct"])
     return verdicts
+
+
+def _open_formats(formats: Mapping[str, Any], folder: Path, threads: int | None,
+                  verdicts: dict[str, dict]) -> dict[str, Any]:
+    """A runner per format whose files check out and whose runtime loads them; the others withheld."""
+    runners = {}
+    for name, entry in formats.items():
+        files = {file: {"path": str(folder / file), "sha256": ref["sha256"]} for file, ref in entry["files"].items()}
+        verdicts[name] = {"runtime": entry["runtime"], "precision": entry["precision"], "files": files}
+        try:
+            _check_files(files)
+            runners[name] = _open(entry["metadata"], folder, threads)
+        except Exception as error:  # a runtime refusing the file is a verdict, not a crash
+            verdicts[name] = _withheld(entry["runtime"], entry["precision"], files, f"{name}: {_text(error)}")
+    return runners
+
+
+def _run_evaluation_set(graph, runners: dict, scores: dict, verdicts: dict, eval_shards, batch_size: int) -> dict:
+    """Every batch through the frozen graph and each runner; the frozen graph's counts.
+
+    A runner whose output is unusable is withheld and dropped from ``runners``.
+    """
+    from headpose.training import shards
+
+    images_seen, correct, first_image = 0, 0, None
+    for images, labels in shards.dataset(list(eval_shards), batch_size, training=False):
+        images, labels = images.numpy(), labels.numpy()
+        first_image = images[:1] if first_image is None else first_image
+        reference = graph(images)
+        correct += int((reference.argmax(axis=1) == labels).sum())
+        images_seen += len(labels)
+        for name in list(runners):
+            problem = _score(runners[name], images, labels, reference, scores[name])
+            if problem:
+                entry = verdicts[name]
+                verdicts[name] = _withheld(entry["runtime"], entry["precision"], entry["files"], f"{name}: {problem}")
+                del runners[name]
+    if images_seen == 0:
+        raise EdgeFormatError("the evaluation shards hold no images")
+    return {"images": images_seen, "correct": correct, "first_image": first_image}
 
 
 def verdict(precision: str, images: int, correct: int, reference_correct: int,

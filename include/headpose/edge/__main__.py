@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--endpoint-url", default=None,
                              help="S3 endpoint (MinIO, a local S3); default: boto3's ($AWS_ENDPOINT_URL)")
         command.add_argument("--threads", type=int, default=None,
-                             help="runtime threads (default: the runtime's own choice)")
+                             help="runtime threads (default: 1 for ONNX Runtime and LiteRT, "
+                                  "OpenVINO's own choice)")
     return parser
 
 

@@ -16,7 +16,13 @@ from headpose.edge.errors import EdgeClientError
 if TYPE_CHECKING:
     import numpy as np
 
-RESIZE_METHODS = ("bilinear-half-pixel",)
+# How the training crops were resized (``datasets/prima_crops.py``, as cv2's INTER_LINEAR),
+# which frozen_model.json does not record: the exporter writes it into each format's
+# preprocessing, and it is the only method this client knows.
+RESIZE = "bilinear-half-pixel"
+RESIZE_METHODS = (RESIZE,)
+# The values of ``channel_order`` (as in the published record); this module imports no
+# other part of the project, so the exporter and validation can share it.
 CHANNEL_ORDERS = ("bgr", "rgb")
 
 
@@ -46,7 +52,7 @@ def preprocessing_of(metadata: Mapping[str, Any]) -> Preprocessing:
     value_range = block.get("value_range")
     if not (isinstance(value_range, list) and len(value_range) == 2 and value_range[0] < value_range[1]):
         raise EdgeClientError(f"the model's value_range {value_range!r} is not [low, high]")
-    resize = block.get("resize", RESIZE_METHODS[0])
+    resize = block.get("resize", RESIZE)
     if resize not in RESIZE_METHODS:
         raise EdgeClientError(f"the model wants resize {resize!r}; this client knows {RESIZE_METHODS}")
     return Preprocessing(size[0], size[1], order, float(value_range[0]), float(value_range[1]), resize)

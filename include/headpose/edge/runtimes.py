@@ -5,8 +5,13 @@ runtime of the format it runs (and numpy), never TensorFlow. Everything an adapt
 needs - tensor names, int8 scale and zero point, OpenVINO's precision hint - comes from
 the format's metadata, as the exporter read it back from the file.
 
-``threads`` is the runtime's intra-op thread count; ``None`` keeps the runtime's
-default (ONNX Runtime and OpenVINO: one per physical core; LiteRT: its own choice).
+``threads`` is the runtime's intra-op thread count; without it each runtime gets
+``DEFAULT_THREADS``, chosen from ``bench/bench_edge.py`` on a 2-core machine shared
+with other work: ONNX Runtime and LiteRT one thread (ResNet-50 at batch 1: ONNX Runtime
+1.56x TensorFlow's speed with one thread, 0.79x with two; LiteRT int8 8.2x against
+6.5x, float32 no gain), OpenVINO its own default (all cores, latency hint), which made
+it the fastest float32 runtime there. A device with cores to itself may do better with
+more threads: ``--threads`` on the command line.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ RUNTIMES = {
 }
 
 Runner = Callable[["np.ndarray"], "np.ndarray"]
+# runtime -> intra-op threads when none are asked for (None: the runtime's own default)
+DEFAULT_THREADS: dict[str, int | None] = {"onnxruntime": 1, "litert": 1, "openvino": None}
 
 
 def runtime_available(runtime: str) -> bool:
@@ -36,7 +43,10 @@ def runtime_available(runtime: str) -> bool:
 
 
 def open_runner(metadata: Mapping[str, Any], model_dir: str | Path, threads: int | None = None) -> Runner:
-    """A callable running the format described by ``metadata`` from the files in ``model_dir``."""
+    """A callable running the format described by ``metadata`` from the files in ``model_dir``.
+
+    ``threads``: the runtime's intra-op threads (default ``DEFAULT_THREADS``).
+    """
     runtime = metadata.get("runtime")
     if runtime not in RUNTIMES:
         raise EdgeClientError(f"format {metadata.get('format')!r} needs runtime {runtime!r}, "
@@ -49,7 +59,7 @@ def open_runner(metadata: Mapping[str, Any], model_dir: str | Path, threads: int
         raise EdgeClientError(f"no {metadata['model_file']} in {model_dir}")
     adapter = {"onnxruntime": OnnxRunner, "litert": LiteRTRunner, "openvino": OpenVINORunner}[runtime]
     try:
-        return adapter(metadata, path, threads)
+        return adapter(metadata, path, threads or DEFAULT_THREADS[runtime])
     except EdgeClientError:
         raise
     except Exception as error:  # each runtime has its own loader errors

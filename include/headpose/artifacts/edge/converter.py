@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-# How the training images were resized (``datasets/prima_crops.py``: cv2's INTER_LINEAR),
-# which frozen_model.json does not record; devices must resize the same way.
-RESIZE = "bilinear-half-pixel"
-CHANNEL_ORDERS = ("bgr", "rgb")
+from headpose.edge.preprocess import CHANNEL_ORDERS, RESIZE
 
 
 class EdgeFormatError(ValueError):

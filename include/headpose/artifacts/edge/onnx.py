@@ -1,8 +1,9 @@
 """``model.onnx``: the frozen graph through tf2onnx, checked in ONNX Runtime.
 
 The batch dimension stays dynamic (``N``): ONNX Runtime runs any batch size from one file.
-Opset 17 by default: every op of this network exists there, and ONNX Runtime has run it
-since 1.13, so older device builds load the file; tf2onnx 1.17 would go up to 18.
+Opset 17 (ONNX 1.12) by default: every op of this network exists there, and it is one
+below the newest opset tf2onnx 1.17 writes (18), so runtime builds a release or two
+older than the pinned ONNX Runtime still load the file.
 """
 from __future__ import annotations
 

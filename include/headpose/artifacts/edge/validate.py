@@ -50,7 +50,7 @@ def validate_edge_models(
     ``correct`` and the frozen graph's ``reference_accuracy``. Formats refused at export
     are listed as withheld with their export reason. ``latency_ms_b1`` is the median of
     ``latency_calls`` single-image calls on this machine, ``threads`` the runtimes' thread
-    count (``None``: each runtime's default). Raises ``EdgeFormatError`` when ``frozen_pb``
+    count (``None``: the edge client's defaults, ``runtimes.DEFAULT_THREADS``). Raises ``EdgeFormatError`` when ``frozen_pb``
     is not the graph the formats were converted from.
     """
     from headpose.artifacts.evaluate import load_frozen_graph

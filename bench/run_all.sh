@@ -2,7 +2,7 @@
 # Run the benchmarks; each writes bench/results/<name>.json (stdout) and
 # bench/results/<name>.log (progress). Usage:
 #   bench/run_all.sh              the CPU set: parse, input_pipeline, training_memory,
-#                                 freeze_inference, e2e
+#                                 freeze_inference, edge, e2e
 #   bench/run_all.sh --gpu        the CPU set plus gpu_resnet50
 #   bench/run_all.sh NAME...      only these (e.g. parse freeze_inference gpu_resnet50)
 # A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
@@ -12,7 +12,7 @@ python=.venv/bin/python
 export PYTHONPATH="$PWD/include${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-names=(parse input_pipeline training_memory freeze_inference e2e)
+names=(parse input_pipeline training_memory freeze_inference edge e2e)
 if [ "${1:-}" = "--gpu" ]; then
   names+=(gpu_resnet50)
   shift

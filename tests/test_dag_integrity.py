@@ -45,11 +45,13 @@ def test_operators_and_failure_handling(dag):
 
 
 def test_templated_fields_of_the_custom_operators():
-    from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator
+    from headpose_operators import ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator
 
     assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
             "output_node_names", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
     assert {"config", "backend"} <= set(HeadposeTrainingOperator.template_fields)
+    assert {"frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
+            "dataset_prefix", "output_prefix", "formats"} <= set(ExportEdgeModelsOperator.template_fields)
 
 
 def test_importing_the_dag_loads_no_tensorflow_numpy_or_sagemaker():

@@ -1,0 +1,1 @@
+"""The edge client: fetch a published model by its pointer, verify it, preprocess, infer, follow."""

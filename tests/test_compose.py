@@ -3,7 +3,7 @@
 No Docker engine runs here, so these tests read the compose file: the services of
 Airflow's official shape are there with health checks and restart policies, every
 Airflow container shares the executor, connection, DAG folder and workspace, secrets
-come from ``.env``, and ``native_stack.plan`` (what the distributed tests start)
+come from ``.env``, and ``native_compose.plan`` (what the distributed tests start)
 runs the same commands with the same environment, only addresses and paths translated.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import native_stack
-from native_stack import (
+import native_compose
+from native_compose import (
     INIT_SERVICE, NATIVE_ONLY_ENV, ROOT, WORKER_SERVICE, NativeLayout, airflow_services, command_argv,
     interpolate, load_compose, mounts, plan, service_environment, stack_variables,
 )
@@ -97,12 +97,12 @@ def test_dags_plugins_include_and_the_workspace_are_mounted_everywhere(compose, 
         service = compose["services"][name]
         table = mounts(service)
         env = service_environment(service, variables)
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__DAGS_FOLDER"]] == "./dags", name
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__PLUGINS_FOLDER"]] == "./plugins", name
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__DAGS_FOLDER"]] == "./dags", name
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__PLUGINS_FOLDER"]] == "./plugins", name
         assert table["/opt/airflow/include"] == "./include" and env["PYTHONPATH"] == "/opt/airflow/include"
         # One named volume, the same on every container, is the workspace the tasks share.
         assert table[env["HEADPOSE_WORKSPACE"]] == "workspace" and "workspace" in named, name
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]] == "airflow-logs"
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]] == "airflow-logs"
         auth_file = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
         assert table[str(Path(auth_file).parent)] == "airflow-auth"
     assert mounts(compose["services"][INIT_SERVICE])["/opt/airflow/scripts/airflow-init.sh"].startswith(
@@ -111,7 +111,7 @@ def test_dags_plugins_include_and_the_workspace_are_mounted_everywhere(compose, 
 
 def test_secrets_come_from_an_uncommitted_env_file(compose):
     text = (ROOT / "docker-compose.yaml").read_text()
-    example = native_stack.env_example_names()
+    example = native_compose.env_example_names()
     required = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?\?[^}]*)?\}", text))
     assert required <= set(example), required - set(example)
     # No secret is written into the compose file itself.
@@ -120,7 +120,7 @@ def test_secrets_come_from_an_uncommitted_env_file(compose):
             assert re.search(rf"\$\{{{name}[:?}}]", text), name
     assert compose["x-airflow-common"]["env_file"][0]["path"] == ".env"
     assert ".env" in (ROOT / ".gitignore").read_text().split()
-    with pytest.raises(native_stack.StackError, match="POSTGRES_USER"):
+    with pytest.raises(native_compose.StackError, match="POSTGRES_USER"):
         service_environment(compose["services"]["airflow-scheduler"], {})  # without .env it refuses
 
 
@@ -145,7 +145,7 @@ def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compo
     for name in AIRFLOW_SERVICES:
         for spec in by_service[name]:
             command = command_argv(compose["services"][name]["command"])
-            assert spec.argv[0] == native_stack.AIRFLOW and spec.argv[1:1 + len(command)] == command
+            assert spec.argv[0] == native_compose.AIRFLOW and spec.argv[1:1 + len(command)] == command
             extra = spec.argv[1 + len(command):]
             assert extra == ([] if name != WORKER_SERVICE else
                              ["--celery-hostname", spec.name, "--queues", f"default,{spec.name}"])
@@ -156,7 +156,7 @@ def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compo
         compose_env = service_environment(compose["services"][spec.service], variables)
         for key, value in compose_env.items():
             native = spec.env[key]
-            assert native == native_stack.translate(value, layout, native_stack.path_map(
+            assert native == native_compose.translate(value, layout, native_compose.path_map(
                 compose["services"][spec.service], layout)), key
             assert not CONTAINER_ADDRESS.search(native) and "/opt/airflow" not in native, (spec.name, key, native)
         extra = set(spec.env) - set(compose_env) - set(variables)
@@ -172,5 +172,5 @@ def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compo
 
 def test_compose_interpolation_follows_composes_rules():
     assert interpolate("${A:-x} ${B-y} $${HOSTNAME} ${C}", {"A": "", "B": "", "C": "c"}) == "x  ${HOSTNAME} c"
-    with pytest.raises(native_stack.StackError, match="set in .env"):
+    with pytest.raises(native_compose.StackError, match="set in .env"):
         interpolate("${MISSING:?set in .env}", {})

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from native_stack import ROOT, WORKER_SERVICE, NativeStack, api_token
+from native_compose import ROOT, WORKER_SERVICE
+from native_stack import NativeStack, api_token
 from test_e2e import TINY_CONF
 
 pytestmark = pytest.mark.distributed

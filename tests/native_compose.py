@@ -16,7 +16,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -40,13 +40,22 @@ DEFAULT_QUEUE = "default"  # Airflow's [operators] default_queue
 # The port each service listens on inside its container, as the compose file's URLs use it.
 CONTAINER_PORTS = {"postgres": 5432, "redis": 6379, "object-store": 9000, "airflow-apiserver": 8080}
 # Ports a container's health check reaches on localhost (scheduler: its health server).
-HEALTH_PORTS = {"airflow-apiserver": 8080, "airflow-scheduler": 8974}
+HEALTH_PORTS = {"airflow-apiserver": 8080, "airflow-scheduler": 8974, "flower": 5555}
+# The settings a published service's process takes its listen address and port from. A
+# container listens everywhere and compose publishes the port on the address ``ports``
+# names; natively the process itself listens on that address.
+LISTEN_SETTINGS = {
+    "airflow-apiserver": ("AIRFLOW__API__HOST", "AIRFLOW__API__PORT"),
+    "flower": ("AIRFLOW__CELERY__FLOWER_HOST", "AIRFLOW__CELERY__FLOWER_PORT"),
+}
 # What native processes set beyond the compose environment, and why each is needed.
 NATIVE_ONLY_ENV = {
     "AIRFLOW_HOME": "each container has /opt/airflow; here every stack has its own folder",
     **{name: "the image's default under its AIRFLOW_HOME, translated" for name in IMAGE_DEFAULT_PATHS},
-    "AIRFLOW__API__HOST": "containers listen on their own address; here loopback only",
+    "AIRFLOW__API__HOST": "the address the compose file publishes the api-server's port on",
     "AIRFLOW__API__PORT": "8080 may be taken on a shared machine",
+    "AIRFLOW__CELERY__FLOWER_HOST": "the address the compose file publishes Flower's port on",
+    "AIRFLOW__CELERY__FLOWER_PORT": "5555 may be taken",
     "AIRFLOW__API__WORKERS": "one uvicorn worker: the test machine has 2 cores",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": "8974 may be taken",
     "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": "8794 may be taken",
@@ -113,12 +122,37 @@ def command_argv(command: str | list[str]) -> list[str]:
     return list(command) if isinstance(command, list) else shlex.split(command)
 
 
-def airflow_services(compose: dict[str, Any]) -> list[str]:
-    """Long-running services built from the project's image (no profile, not init)."""
+def airflow_services(compose: dict[str, Any], profiles: Iterable[str] = ()) -> list[str]:
+    """Long-running services built from the project's image, not init: those without a
+    profile, plus those of the ``profiles`` enabled (``docker compose --profile``)."""
+    enabled = set(profiles)
     return [
         name for name, service in compose["services"].items()
-        if "build" in service and name != INIT_SERVICE and not service.get("profiles")
+        if "build" in service and name != INIT_SERVICE
+        and (not service.get("profiles") or enabled & set(service["profiles"]))
     ]
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    host_ip: str       # the host address compose binds; every interface when ``ports`` names none
+    host_port: str
+    container_port: int
+
+
+def published_ports(service: dict[str, Any], variables: dict[str, str]) -> list[PublishedPort]:
+    """A service's ``ports`` in compose's short syntax (``[IP:][HOST:]CONTAINER``),
+    ``${VAR}``s filled in. No IP is every interface; no host port, one Docker picks."""
+    table = []
+    for entry in service.get("ports", []):
+        if not isinstance(entry, (str, int)):
+            raise StackError(f"ports entry {entry!r}: only the short syntax is read here")
+        parts = interpolate(str(entry), variables).rsplit(":", 2)
+        if len(parts) == 1:
+            parts = ["", *parts]
+        ip, host_port, container = ["0.0.0.0", *parts][-3:]
+        table.append(PublishedPort(ip.strip("[]"), host_port, int(container)))
+    return table
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -144,6 +178,7 @@ class NativeLayout:
     trigger_log: int
     worker_logs: list[int]
     object_store: str  # the S3 endpoint URL
+    flower: int
 
     @property
     def home(self) -> Path:
@@ -156,6 +191,13 @@ class NativeLayout:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api}"
 
+    @property
+    def flower_url(self) -> str:
+        return f"http://127.0.0.1:{self.flower}"
+
+    def listen_port(self, service: str) -> int:
+        return {"airflow-apiserver": self.api, "flower": self.flower}[service]
+
     def address(self, service: str) -> str:
         if service == "object-store":
             return self.object_store.split("://", 1)[1]
@@ -167,7 +209,7 @@ class NativeLayout:
         from embedded import free_port
 
         return cls(base, free_port(), free_port(), free_port(), free_port(), free_port(),
-                   [free_port() for _ in range(workers)], object_store)
+                   [free_port() for _ in range(workers)], object_store, free_port())
 
 
 @dataclass
@@ -217,8 +259,9 @@ def stack_variables(example: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def plan(layout: NativeLayout, variables: dict[str, str], workers: int = 2,
-         compose: dict[str, Any] | None = None) -> list[ProcessSpec]:
-    """The native processes of the compose file's Airflow services, init first."""
+         compose: dict[str, Any] | None = None, profiles: Iterable[str] = ()) -> list[ProcessSpec]:
+    """The native processes of the compose file's Airflow services, init first; a
+    service of one of ``profiles`` only when that profile is enabled."""
     compose = compose or load_compose()
     services = compose["services"]
     specs = []
@@ -227,15 +270,15 @@ def plan(layout: NativeLayout, variables: dict[str, str], workers: int = 2,
     init_argv = [init["entrypoint"], *command_argv(init["command"])]
     specs.append(ProcessSpec(
         INIT_SERVICE, INIT_SERVICE, [translate(arg, layout, init_paths) for arg in init_argv],
-        _native_env(init, INIT_SERVICE, layout, variables, init_paths), None, _depends_on(init),
+        _native_env(services, INIT_SERVICE, INIT_SERVICE, layout, variables, init_paths), None, _depends_on(init),
     ))
-    for name in airflow_services(compose):
+    for name in airflow_services(compose, profiles):
         service = services[name]
         paths = path_map(service, layout)
         copies = workers if name == WORKER_SERVICE else 1
         for index in range(copies):
             hostname = f"{name}-{index + 1}" if name == WORKER_SERVICE else name
-            env = _native_env(service, hostname, layout, variables, paths)
+            env = _native_env(services, name, hostname, layout, variables, paths)
             argv = [AIRFLOW, *command_argv(service["command"])]
             if name == WORKER_SERVICE:
                 env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(layout.worker_logs[index])
@@ -248,8 +291,9 @@ def plan(layout: NativeLayout, variables: dict[str, str], workers: int = 2,
     return specs
 
 
-def _native_env(service: dict[str, Any], hostname: str, layout: NativeLayout,
+def _native_env(services: dict[str, Any], name: str, hostname: str, layout: NativeLayout,
                 variables: dict[str, str], paths: dict[str, Path]) -> dict[str, str]:
+    service = services[name]
     # env_file: .env reaches the container whole; the service's own environment wins.
     env = dict(variables) if service.get("env_file") else {}
     env.update({name: translate(value, layout, paths)
@@ -257,8 +301,7 @@ def _native_env(service: dict[str, Any], hostname: str, layout: NativeLayout,
     env.update({name: translate(value, layout, paths) for name, value in IMAGE_DEFAULT_PATHS.items()})
     env.update({
         "AIRFLOW_HOME": str(layout.home),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(layout.api),
+        **_listen_env(services["airflow-apiserver"], "airflow-apiserver", layout, variables),
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(layout.scheduler_health),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(layout.trigger_log),
@@ -266,7 +309,20 @@ def _native_env(service: dict[str, Any], hostname: str, layout: NativeLayout,
         "HEADPOSE_NATIVE_HOSTNAME": hostname,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
     })
+    if name == "flower":
+        env.update(_listen_env(service, name, layout, variables))
     return env
+
+
+def _listen_env(service: dict[str, Any], name: str, layout: NativeLayout,
+                variables: dict[str, str]) -> dict[str, str]:
+    """The listen address and port of a published service: its one ``ports`` entry's
+    address, the layout's port (the compose file's may be taken here)."""
+    ports = published_ports(service, variables)
+    if len(ports) != 1:
+        raise StackError(f"{name}: expected one published port, found {len(ports)}")
+    host, port = LISTEN_SETTINGS[name]
+    return {host: ports[0].host_ip, port: str(layout.listen_port(name))}
 
 
 def _healthcheck(service: dict[str, Any], name: str, layout: NativeLayout,
@@ -276,7 +332,7 @@ def _healthcheck(service: dict[str, Any], name: str, layout: NativeLayout,
         return None
     kind, *rest = test
     argv = ["sh", "-c", rest[0]] if kind == "CMD-SHELL" else rest
-    local = {"airflow-apiserver": layout.api, "airflow-scheduler": layout.scheduler_health}
+    local = {"airflow-apiserver": layout.api, "airflow-scheduler": layout.scheduler_health, "flower": layout.flower}
     result = []
     for arg in argv:
         arg = interpolate(arg, variables)

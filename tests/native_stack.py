@@ -5,7 +5,7 @@ reads from ``docker-compose.yaml`` on the host: PostgreSQL and Redis from Debian
 packages, moto's S3 server in the object store's place, ``scripts/airflow-init.sh`` as
 airflow-init, then ``airflow <command>`` for each Airflow service, in the order its
 ``depends_on`` gives, each checked with its own compose health check. The worker service
-starts twice.
+starts twice; a profile's service (Flower) when the caller enables that profile.
 
 Run by hand: ``.venv/bin/python tests/native_stack.py`` (as root: PostgreSQL runs as
 the ``postgres`` user), then open the printed URL; Ctrl-C stops everything.
@@ -57,11 +57,14 @@ class Running:
 
 
 class NativeStack:
-    """Starts and stops the whole topology; ``say`` receives progress lines."""
+    """Starts and stops the whole topology; ``profiles`` adds the services of those
+    compose profiles (``["flower"]``); ``say`` receives progress lines."""
 
-    def __init__(self, base: Path, workers: int = 2, say: Callable[[str], None] = print):
+    def __init__(self, base: Path, workers: int = 2, profiles: Iterable[str] = (),
+                 say: Callable[[str], None] = print):
         self.base = base
         self.workers = workers
+        self.profiles = tuple(profiles)
         self.say = say
         self.variables = stack_variables()
         self.processes: list[Running] = []
@@ -75,9 +78,18 @@ class NativeStack:
     def api_url(self) -> str:
         return self.layout.api_url
 
+    def login(self, who: str) -> tuple[str, str]:
+        """``(user, password)`` of ``admin``, ``operator`` or ``viewer`` from the stack's .env."""
+        prefix = f"AIRFLOW_{who.upper()}"
+        return self.variables[f"{prefix}_USER"], self.variables[f"{prefix}_PASSWORD"]
+
     @property
-    def admin(self) -> tuple[str, str]:
-        return self.variables["AIRFLOW_ADMIN_USER"], self.variables["AIRFLOW_ADMIN_PASSWORD"]
+    def flower_url(self) -> str:
+        return self.layout.flower_url
+
+    @property
+    def flower_login(self) -> tuple[str, str]:
+        return self.variables["FLOWER_USER"], self.variables["FLOWER_PASSWORD"]
 
     @property
     def bucket(self) -> str:
@@ -96,7 +108,7 @@ class NativeStack:
         self.say("native stack: object store (moto), PostgreSQL, Redis")
         self._moto = EmbeddedS3.start()
         self.layout = NativeLayout.allocate(self.base, self._moto.endpoint, self.workers)
-        self.specs = plan(self.layout, self.variables, self.workers)
+        self.specs = plan(self.layout, self.variables, self.workers, profiles=self.profiles)
         (self.layout.home / "config").mkdir(parents=True)
         shutil.copy(LOCAL_SETTINGS, self.layout.home / "config" / LOCAL_SETTINGS.name)
         self._start_postgres()
@@ -202,8 +214,7 @@ class NativeStack:
 
     # airflow -------------------------------------------------------------------------
     def _start_airflow(self) -> None:
-        base_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("AIRFLOW", "AWS_", "PYTHONPATH", "HEADPOSE_"))}
+        base_env = caller_env()
         healthy = set(INFRASTRUCTURE)
         completed: set[str] = set()
         pending = list(self.specs)
@@ -293,6 +304,11 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+def caller_env() -> dict[str, str]:
+    """This process's environment without what would leak into the stack's configuration."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "PYTHONPATH", "HEADPOSE_"))}
+
+
 def api_token(api_url: str, username: str, password: str) -> str:
     """A JWT from the auth manager's token endpoint, for ``Authorization: Bearer``."""
     request = urllib.request.Request(
@@ -307,11 +323,11 @@ def main() -> None:
     sys.path[:0] = [str(ROOT / "include"), str(ROOT / "scripts")]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it cleanly, like Ctrl-C
     base = Path(tempfile.mkdtemp(prefix="headpose-stack-"))
-    stack = NativeStack(base)
+    stack = NativeStack(base, profiles=["flower"])
     try:
         stack.start()
-        user, password = stack.admin
-        print(f"\n{stack.api_url}  user {user}  password {password}\n"
+        logins = "\n".join(f"  {who:<8} {' / '.join(stack.login(who))}" for who in ("admin", "operator", "viewer"))
+        print(f"\n{stack.api_url}\n{logins}\nFlower {stack.flower_url}  {' / '.join(stack.flower_login)}\n"
               f"S3 endpoint {stack.layout.object_store}  bucket {stack.bucket}\nCtrl-C stops the stack.")
         while True:
             stack.check_alive()

@@ -1,16 +1,11 @@
 """docker-compose.yaml's topology as native processes, for machines without a Docker engine.
 
-CI cannot run containers, so this module reads ``docker-compose.yaml`` and starts the
-same services on the host: PostgreSQL and Redis from Debian's packages, moto's S3
-server in the object store's place, ``scripts/airflow-init.sh`` as airflow-init, then
-``airflow <command>`` for each Airflow service, in the order its ``depends_on`` gives,
-each checked with its own compose health check. The worker service starts twice.
-
-Everything an Airflow process gets comes from the compose file: its ``environment``
-(``${VAR}`` filled from ``.env.example``'s names, secrets generated per stack) with
-container addresses and paths translated to the host's, plus ``NATIVE_ONLY_ENV``: what a
-container gets for free (its own ports, hostname and ``AIRFLOW_HOME``). ``plan`` computes
-all that without starting anything; ``tests/test_compose.py`` checks it.
+CI cannot run containers, so this module starts the services that ``native_compose.plan``
+reads from ``docker-compose.yaml`` on the host: PostgreSQL and Redis from Debian's
+packages, moto's S3 server in the object store's place, ``scripts/airflow-init.sh`` as
+airflow-init, then ``airflow <command>`` for each Airflow service, in the order its
+``depends_on`` gives, each checked with its own compose health check. The worker service
+starts twice; a profile's service (Flower) when the caller enables that profile.
 
 Run by hand: ``.venv/bin/python tests/native_stack.py`` (as root: PostgreSQL runs as
 the ``postgres`` user), then open the printed URL; Ctrl-C stops everything.
@@ -19,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,286 +21,18 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
-import yaml
+from native_compose import (
+    INIT_SERVICE, ROOT, NativeLayout, ProcessSpec, StackError, command_argv, interpolate,
+    load_compose, plan, service_environment, stack_variables,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yaml"
-ENV_EXAMPLE = ROOT / ".env.example"
 LOCAL_SETTINGS = ROOT / "tests" / "native_config" / "airflow_local_settings.py"
 SYSTEM_PACKAGES = ROOT / "scripts" / "system-packages.sh"
-BIN = Path(sys.executable).parent
-AIRFLOW = str(BIN / "airflow")
-
-IMAGE_AIRFLOW_HOME = "/opt/airflow"
-# Paths the official image's configuration defaults to under its AIRFLOW_HOME; the
-# compose file mounts the project's folders there and relies on them.
-IMAGE_DEFAULT_PATHS = {
-    "AIRFLOW__CORE__DAGS_FOLDER": f"{IMAGE_AIRFLOW_HOME}/dags",
-    "AIRFLOW__CORE__PLUGINS_FOLDER": f"{IMAGE_AIRFLOW_HOME}/plugins",
-    "AIRFLOW__LOGGING__BASE_LOG_FOLDER": f"{IMAGE_AIRFLOW_HOME}/logs",
-}
 INFRASTRUCTURE = ("postgres", "redis", "object-store")
-INIT_SERVICE = "airflow-init"
-WORKER_SERVICE = "airflow-worker"
-DEFAULT_QUEUE = "default"  # Airflow's [operators] default_queue
-# The port each service listens on inside its container, as the compose file's URLs use it.
-CONTAINER_PORTS = {"postgres": 5432, "redis": 6379, "object-store": 9000, "airflow-apiserver": 8080}
-# Ports a container's health check reaches on localhost (scheduler: its health server).
-HEALTH_PORTS = {"airflow-apiserver": 8080, "airflow-scheduler": 8974}
-# What native processes set beyond the compose environment, and why each is needed.
-NATIVE_ONLY_ENV = {
-    "AIRFLOW_HOME": "each container has /opt/airflow; here every stack has its own folder",
-    **{name: "the image's default under its AIRFLOW_HOME, translated" for name in IMAGE_DEFAULT_PATHS},
-    "AIRFLOW__API__HOST": "containers listen on their own address; here loopback only",
-    "AIRFLOW__API__PORT": "8080 may be taken on a shared machine",
-    "AIRFLOW__API__WORKERS": "one uvicorn worker: the test machine has 2 cores",
-    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": "8974 may be taken",
-    "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": "8794 may be taken",
-    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "two workers on one host need two log ports",
-    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "processes share one host; each reports its container's name",
-    "HEADPOSE_NATIVE_HOSTNAME": "the name that callable returns",
-    "HEADPOSE_ALTERNATE_QUEUES": "the tests' cluster policy: consecutive tasks on different workers",
-    "PATH": "the virtual environment's airflow, python and celery first",
-}
-# Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
-# the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none"}
-ADDRESS_RE = re.compile(r"(?<=[/@])(%s)(?::(\d+))?(?=[/\"'\s]|$)" % "|".join(map(re.escape, CONTAINER_PORTS)))
-VARIABLE_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
-
-
-class StackError(RuntimeError):
-    """The native stack could not start; the message names the service and its log."""
-
-
-# -- reading the compose file ----------------------------------------------------------
-
-def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
-    """The compose file as a dict, YAML anchors and merge keys (``<<``) resolved."""
-    return yaml.safe_load(path.read_text())
-
-
-def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
-    """``.env.example``'s variables and example values, in file order."""
-    pairs = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            pairs[name.strip()] = value.strip()
-    return pairs
-
-
-def interpolate(value: str, variables: dict[str, str]) -> str:
-    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$`` rules."""
-    def replace(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, op, arg = match.group("name", "op", "arg")
-        present = name in variables and (variables[name] != "" or op in ("-", "?"))
-        if present:
-            return variables[name]
-        if op in (":-", "-"):
-            return arg
-        if op in (":?", "?"):
-            raise StackError(f"${{{name}}} is required: {arg}")
-        return ""
-    return VARIABLE_RE.sub(replace, value)
-
-
-def service_environment(service: dict[str, Any], variables: dict[str, str]) -> dict[str, str]:
-    environment = service.get("environment") or {}
-    if isinstance(environment, list):
-        environment = dict(item.split("=", 1) for item in environment)
-    return {name: interpolate(str(value), variables) for name, value in environment.items()}
-
-
-def command_argv(command: str | list[str]) -> list[str]:
-    return list(command) if isinstance(command, list) else shlex.split(command)
-
-
-def airflow_services(compose: dict[str, Any]) -> list[str]:
-    """Long-running services built from the project's image (no profile, not init)."""
-    return [
-        name for name, service in compose["services"].items()
-        if "build" in service and name != INIT_SERVICE and not service.get("profiles")
-    ]
-
-
-def mounts(service: dict[str, Any]) -> dict[str, str]:
-    """``{container path: source}``; a source is ``./relative`` or a named volume."""
-    table = {}
-    for entry in service.get("volumes", []):
-        source, target = entry.split(":")[:2]
-        table[target] = source
-    return table
-
-
-# -- the native plan -------------------------------------------------------------------
-
-@dataclass
-class NativeLayout:
-    """Where the native stack keeps things and which ports it uses."""
-
-    base: Path
-    postgres: int
-    redis: int
-    api: int
-    scheduler_health: int
-    trigger_log: int
-    worker_logs: list[int]
-    object_store: str  # the S3 endpoint URL
-
-    @property
-    def home(self) -> Path:
-        return self.base / "home"
-
-    def volume(self, name: str) -> Path:
-        return self.base / "volumes" / name
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api}"
-
-    def address(self, service: str) -> str:
-        if service == "object-store":
-            return self.object_store.split("://", 1)[1]
-        port = {"postgres": self.postgres, "redis": self.redis, "airflow-apiserver": self.api}[service]
-        return f"127.0.0.1:{port}"
-
-    @classmethod
-    def allocate(cls, base: Path, object_store: str, workers: int) -> "NativeLayout":
-        from embedded import free_port
-
-        return cls(base, free_port(), free_port(), free_port(), free_port(), free_port(),
-                   [free_port() for _ in range(workers)], object_store)
-
-
-@dataclass
-class ProcessSpec:
-    name: str                     # the native process (and its hostname)
-    service: str                  # the compose service it stands for
-    argv: list[str]
-    env: dict[str, str]           # the stack's variables only; the caller's environment is added at start
-    healthcheck: list[str] | None = None
-    depends_on: dict[str, str] = field(default_factory=dict)  # service -> compose condition
-
-
-def translate(value: str, layout: NativeLayout, path_map: dict[str, Path]) -> str:
-    """A compose value with container addresses and container paths made the host's."""
-    def address(match: re.Match) -> str:
-        service, port = match.group(1), match.group(2)
-        if port and int(port) != CONTAINER_PORTS[service]:
-            raise StackError(f"{match.group(0)}: {service} listens on {CONTAINER_PORTS[service]}")
-        return layout.address(service)
-    value = ADDRESS_RE.sub(address, value)
-    for container_path in sorted(path_map, key=len, reverse=True):
-        value = re.sub(re.escape(container_path) + r"(?=[/\"'\s:]|$)", str(path_map[container_path]), value)
-    return value
-
-
-def path_map(service: dict[str, Any], layout: NativeLayout) -> dict[str, Path]:
-    table: dict[str, Path] = {IMAGE_AIRFLOW_HOME: layout.home}
-    for target, source in mounts(service).items():
-        table[target] = (ROOT / source).resolve() if source.startswith(".") else layout.volume(source)
-    return table
-
-
-def stack_variables(example: dict[str, str] | None = None) -> dict[str, str]:
-    """Values for the compose file's ``${VAR}``s: ``.env.example``'s names, fresh secrets."""
-    from cryptography.fernet import Fernet
-
-    variables = {}
-    for name, value in (example or env_example_names()).items():
-        if name == "AIRFLOW_FERNET_KEY":
-            value = Fernet.generate_key().decode()
-        elif name == "AIRFLOW_UID":
-            value = str(os.getuid())  # what .env.example says to use on Linux
-        elif value.startswith("change-me"):
-            value = secrets.token_urlsafe(24)
-        variables[name] = value
-    return {**variables, **TEST_ENV}
-
-
-def plan(layout: NativeLayout, variables: dict[str, str], workers: int = 2,
-         compose: dict[str, Any] | None = None) -> list[ProcessSpec]:
-    """The native processes of the compose file's Airflow services, init first."""
-    compose = compose or load_compose()
-    services = compose["services"]
-    specs = []
-    init = services[INIT_SERVICE]
-    init_paths = path_map(init, layout)
-    init_argv = [init["entrypoint"], *command_argv(init["command"])]
-    specs.append(ProcessSpec(
-        INIT_SERVICE, INIT_SERVICE, [translate(arg, layout, init_paths) for arg in init_argv],
-        _native_env(init, INIT_SERVICE, layout, variables, init_paths), None, _depends_on(init),
-    ))
-    for name in airflow_services(compose):
-        service = services[name]
-        paths = path_map(service, layout)
-        copies = workers if name == WORKER_SERVICE else 1
-        for index in range(copies):
-            hostname = f"{name}-{index + 1}" if name == WORKER_SERVICE else name
-            env = _native_env(service, hostname, layout, variables, paths)
-            argv = [AIRFLOW, *command_argv(service["command"])]
-            if name == WORKER_SERVICE:
-                env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(layout.worker_logs[index])
-                argv += ["--celery-hostname", hostname, "--queues", f"{DEFAULT_QUEUE},{hostname}"]
-            specs.append(ProcessSpec(hostname, name, argv, env, _healthcheck(service, name, layout, variables),
-                                     _depends_on(service)))
-    worker_names = [spec.name for spec in specs if spec.service == WORKER_SERVICE]
-    for spec in specs:
-        spec.env["HEADPOSE_ALTERNATE_QUEUES"] = ",".join(worker_names)
-    return specs
-
-
-def _native_env(service: dict[str, Any], hostname: str, layout: NativeLayout,
-                variables: dict[str, str], paths: dict[str, Path]) -> dict[str, str]:
-    # env_file: .env reaches the container whole; the service's own environment wins.
-    env = dict(variables) if service.get("env_file") else {}
-    env.update({name: translate(value, layout, paths)
-                for name, value in service_environment(service, variables).items()})
-    env.update({name: translate(value, layout, paths) for name, value in IMAGE_DEFAULT_PATHS.items()})
-    env.update({
-        "AIRFLOW_HOME": str(layout.home),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(layout.api),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(layout.scheduler_health),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(layout.trigger_log),
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "airflow_local_settings.native_hostname",
-        "HEADPOSE_NATIVE_HOSTNAME": hostname,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-    })
-    return env
-
-
-def _healthcheck(service: dict[str, Any], name: str, layout: NativeLayout,
-                 variables: dict[str, str]) -> list[str] | None:
-    test = (service.get("healthcheck") or {}).get("test")
-    if not test:
-        return None
-    kind, *rest = test
-    argv = ["sh", "-c", rest[0]] if kind == "CMD-SHELL" else rest
-    local = {"airflow-apiserver": layout.api, "airflow-scheduler": layout.scheduler_health}
-    result = []
-    for arg in argv:
-        arg = interpolate(arg, variables)
-        if name in HEALTH_PORTS:
-            arg = arg.replace(f"localhost:{HEALTH_PORTS[name]}", f"127.0.0.1:{local[name]}")
-        result.append(arg)
-    return result
-
-
-def _depends_on(service: dict[str, Any]) -> dict[str, str]:
-    depends = service.get("depends_on") or {}
-    if isinstance(depends, list):
-        return {name: "service_started" for name in depends}
-    return {name: spec.get("condition", "service_started") for name, spec in depends.items()}
 
 
 # -- running it ------------------------------------------------------------------------
@@ -333,11 +57,14 @@ class Running:
 
 
 class NativeStack:
-    """Starts and stops the whole topology; ``say`` receives progress lines."""
+    """Starts and stops the whole topology; ``profiles`` adds the services of those
+    compose profiles (``["flower"]``); ``say`` receives progress lines."""
 
-    def __init__(self, base: Path, workers: int = 2, say: Callable[[str], None] = print):
+    def __init__(self, base: Path, workers: int = 2, profiles: Iterable[str] = (),
+                 say: Callable[[str], None] = print):
         self.base = base
         self.workers = workers
+        self.profiles = tuple(profiles)
         self.say = say
         self.variables = stack_variables()
         self.processes: list[Running] = []
@@ -351,9 +78,18 @@ class NativeStack:
     def api_url(self) -> str:
         return self.layout.api_url
 
+    def login(self, who: str) -> tuple[str, str]:
+        """``(user, password)`` of ``admin``, ``operator`` or ``viewer`` from the stack's .env."""
+        prefix = f"AIRFLOW_{who.upper()}"
+        return self.variables[f"{prefix}_USER"], self.variables[f"{prefix}_PASSWORD"]
+
     @property
-    def admin(self) -> tuple[str, str]:
-        return self.variables["AIRFLOW_ADMIN_USER"], self.variables["AIRFLOW_ADMIN_PASSWORD"]
+    def flower_url(self) -> str:
+        return self.layout.flower_url
+
+    @property
+    def flower_login(self) -> tuple[str, str]:
+        return self.variables["FLOWER_USER"], self.variables["FLOWER_PASSWORD"]
 
     @property
     def bucket(self) -> str:
@@ -372,7 +108,7 @@ class NativeStack:
         self.say("native stack: object store (moto), PostgreSQL, Redis")
         self._moto = EmbeddedS3.start()
         self.layout = NativeLayout.allocate(self.base, self._moto.endpoint, self.workers)
-        self.specs = plan(self.layout, self.variables, self.workers)
+        self.specs = plan(self.layout, self.variables, self.workers, profiles=self.profiles)
         (self.layout.home / "config").mkdir(parents=True)
         shutil.copy(LOCAL_SETTINGS, self.layout.home / "config" / LOCAL_SETTINGS.name)
         self._start_postgres()
@@ -478,8 +214,7 @@ class NativeStack:
 
     # airflow -------------------------------------------------------------------------
     def _start_airflow(self) -> None:
-        base_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("AIRFLOW", "AWS_", "PYTHONPATH", "HEADPOSE_"))}
+        base_env = caller_env()
         healthy = set(INFRASTRUCTURE)
         completed: set[str] = set()
         pending = list(self.specs)
@@ -569,6 +304,11 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+def caller_env() -> dict[str, str]:
+    """This process's environment without what would leak into the stack's configuration."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "PYTHONPATH", "HEADPOSE_"))}
+
+
 def api_token(api_url: str, username: str, password: str) -> str:
     """A JWT from the auth manager's token endpoint, for ``Authorization: Bearer``."""
     request = urllib.request.Request(
@@ -583,11 +323,11 @@ def main() -> None:
     sys.path[:0] = [str(ROOT / "include"), str(ROOT / "scripts")]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it cleanly, like Ctrl-C
     base = Path(tempfile.mkdtemp(prefix="headpose-stack-"))
-    stack = NativeStack(base)
+    stack = NativeStack(base, profiles=["flower"])
     try:
         stack.start()
-        user, password = stack.admin
-        print(f"\n{stack.api_url}  user {user}  password {password}\n"
+        logins = "\n".join(f"  {who:<8} {' / '.join(stack.login(who))}" for who in ("admin", "operator", "viewer"))
+        print(f"\n{stack.api_url}\n{logins}\nFlower {stack.flower_url}  {' / '.join(stack.flower_login)}\n"
               f"S3 endpoint {stack.layout.object_store}  bucket {stack.bucket}\nCtrl-C stops the stack.")
         while True:
             stack.check_alive()

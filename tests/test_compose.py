@@ -3,22 +3,25 @@
 No Docker engine runs here, so these tests read the compose file: the services of
 Airflow's official shape are there with health checks and restart policies, every
 Airflow container shares the executor, connection, DAG folder and workspace, secrets
-come from ``.env``, and ``native_stack.plan`` (what the distributed tests start)
-runs the same commands with the same environment, only addresses and paths translated.
+come from ``.env``, logins are FAB's (admin, operator, viewer), Flower asks for its own,
+every published port is on loopback unless ``.env`` opens it, and
+``native_compose.plan`` (what the distributed tests start) runs the same commands with
+the same environment, only addresses and paths translated.
 """
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 
-import native_stack
-from native_stack import (
-    INIT_SERVICE, NATIVE_ONLY_ENV, ROOT, WORKER_SERVICE, NativeLayout, airflow_services, command_argv,
-    interpolate, load_compose, mounts, plan, service_environment, stack_variables,
+import native_compose
+from native_compose import (
+    INIT_SERVICE, LISTEN_SETTINGS, NATIVE_ONLY_ENV, ROOT, WORKER_SERVICE, NativeLayout, airflow_services,
+    command_argv, interpolate, load_compose, mounts, plan, published_ports, service_environment, stack_variables,
 )
 
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
@@ -26,6 +29,8 @@ AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
 COMMANDS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
             "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
             WORKER_SERVICE: "celery worker"}
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+LOGIN_VARIABLES = [f"AIRFLOW_{who}_{part}" for who in ("ADMIN", "OPERATOR", "VIEWER") for part in ("USER", "PASSWORD")]
 CONTAINER_ADDRESS = re.compile(r"[/@](postgres|redis|object-store|airflow-apiserver)[:/]")
 
 
@@ -42,7 +47,7 @@ def variables() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> NativeLayout:
     return NativeLayout(tmp_path_factory.mktemp("stack"), 15432, 16379, 18080, 18974, 18794, [18793, 18795],
-                        "http://127.0.0.1:15000")
+                        "http://127.0.0.1:15000", 15555)
 
 
 def _dag_constant(name: str) -> str:
@@ -97,21 +102,19 @@ def test_dags_plugins_include_and_the_workspace_are_mounted_everywhere(compose, 
         service = compose["services"][name]
         table = mounts(service)
         env = service_environment(service, variables)
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__DAGS_FOLDER"]] == "./dags", name
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__PLUGINS_FOLDER"]] == "./plugins", name
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__DAGS_FOLDER"]] == "./dags", name
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__CORE__PLUGINS_FOLDER"]] == "./plugins", name
         assert table["/opt/airflow/include"] == "./include" and env["PYTHONPATH"] == "/opt/airflow/include"
         # One named volume, the same on every container, is the workspace the tasks share.
         assert table[env["HEADPOSE_WORKSPACE"]] == "workspace" and "workspace" in named, name
-        assert table[native_stack.IMAGE_DEFAULT_PATHS["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]] == "airflow-logs"
-        auth_file = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
-        assert table[str(Path(auth_file).parent)] == "airflow-auth"
+        assert table[native_compose.IMAGE_DEFAULT_PATHS["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]] == "airflow-logs"
     assert mounts(compose["services"][INIT_SERVICE])["/opt/airflow/scripts/airflow-init.sh"].startswith(
         "./scripts/airflow-init.sh")
 
 
 def test_secrets_come_from_an_uncommitted_env_file(compose):
     text = (ROOT / "docker-compose.yaml").read_text()
-    example = native_stack.env_example_names()
+    example = native_compose.env_example_names()
     required = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?\?[^}]*)?\}", text))
     assert required <= set(example), required - set(example)
     # No secret is written into the compose file itself.
@@ -120,7 +123,7 @@ def test_secrets_come_from_an_uncommitted_env_file(compose):
             assert re.search(rf"\$\{{{name}[:?}}]", text), name
     assert compose["x-airflow-common"]["env_file"][0]["path"] == ".env"
     assert ".env" in (ROOT / ".gitignore").read_text().split()
-    with pytest.raises(native_stack.StackError, match="POSTGRES_USER"):
+    with pytest.raises(native_compose.StackError, match="POSTGRES_USER"):
         service_environment(compose["services"]["airflow-scheduler"], {})  # without .env it refuses
 
 
@@ -133,19 +136,20 @@ def test_the_image_is_the_official_one_plus_the_pinned_requirements():
 
 
 def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compose, variables, layout):
-    specs = plan(layout, variables, workers=2, compose=compose)
+    assert "flower" not in {spec.service for spec in plan(layout, variables, compose=compose)}
+    specs = plan(layout, variables, workers=2, compose=compose, profiles=["flower"])
     by_service: dict[str, list] = {}
     for spec in specs:
         by_service.setdefault(spec.service, []).append(spec)
-    assert set(by_service) == AIRFLOW_SERVICES | {INIT_SERVICE}
+    assert set(by_service) == AIRFLOW_SERVICES | {INIT_SERVICE, "flower"}
     assert [len(by_service[WORKER_SERVICE])] == [2]
 
     init = by_service[INIT_SERVICE][0]
     assert init.argv == ["/bin/bash", str(ROOT / "scripts" / "airflow-init.sh")]
-    for name in AIRFLOW_SERVICES:
+    for name in AIRFLOW_SERVICES | {"flower"}:
         for spec in by_service[name]:
             command = command_argv(compose["services"][name]["command"])
-            assert spec.argv[0] == native_stack.AIRFLOW and spec.argv[1:1 + len(command)] == command
+            assert spec.argv[0] == native_compose.AIRFLOW and spec.argv[1:1 + len(command)] == command
             extra = spec.argv[1 + len(command):]
             assert extra == ([] if name != WORKER_SERVICE else
                              ["--celery-hostname", spec.name, "--queues", f"default,{spec.name}"])
@@ -156,7 +160,7 @@ def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compo
         compose_env = service_environment(compose["services"][spec.service], variables)
         for key, value in compose_env.items():
             native = spec.env[key]
-            assert native == native_stack.translate(value, layout, native_stack.path_map(
+            assert native == native_compose.translate(value, layout, native_compose.path_map(
                 compose["services"][spec.service], layout)), key
             assert not CONTAINER_ADDRESS.search(native) and "/opt/airflow" not in native, (spec.name, key, native)
         extra = set(spec.env) - set(compose_env) - set(variables)
@@ -168,9 +172,84 @@ def test_the_native_stack_runs_the_same_commands_with_the_same_environment(compo
     assert len({spec.env["HEADPOSE_WORKSPACE"] for spec in specs}) == 1
     assert len({spec.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] for spec in specs}) == 1
     assert len({spec.env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] for spec in workers}) == 2
+    # A published service listens natively on the address compose publishes its port on.
+    for name, (host, port) in LISTEN_SETTINGS.items():
+        spec = by_service[name][0]
+        assert spec.env[host] == published_ports(compose["services"][name], variables)[0].host_ip
+        assert spec.env[port] == str(layout.listen_port(name))
+    assert by_service["flower"][0].healthcheck == ["curl", "--fail", f"http://127.0.0.1:{layout.flower}/healthcheck"]
 
 
 def test_compose_interpolation_follows_composes_rules():
     assert interpolate("${A:-x} ${B-y} $${HOSTNAME} ${C}", {"A": "", "B": "", "C": "c"}) == "x  ${HOSTNAME} c"
-    with pytest.raises(native_stack.StackError, match="set in .env"):
+    with pytest.raises(native_compose.StackError, match="set in .env"):
         interpolate("${MISSING:?set in .env}", {})
+
+
+def test_every_airflow_process_logs_in_through_fab(compose, variables):
+    from airflow.api_fastapi.auth.managers.base_auth_manager import BaseAuthManager
+
+    for name in [*AIRFLOW_SERVICES, INIT_SERVICE, "flower"]:
+        env = service_environment(compose["services"][name], variables)
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == FAB_AUTH_MANAGER, name
+        assert not [key for key in env if "SIMPLE_AUTH_MANAGER" in key], name
+    module, _, name = FAB_AUTH_MANAGER.rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), BaseAuthManager)  # the pinned provider has it
+
+
+def test_airflow_init_gets_an_admin_an_operator_and_a_viewer_from_env(compose, variables):
+    init = compose["services"][INIT_SERVICE]
+    env = service_environment(init, variables)
+    assert {name: env[name] for name in LOGIN_VARIABLES} == {name: variables[name] for name in LOGIN_VARIABLES}
+    for name in LOGIN_VARIABLES:  # compose refuses to start without any of them
+        with pytest.raises(native_compose.StackError, match=name):
+            service_environment(init, {k: v for k, v in variables.items() if k != name})
+    example = native_compose.env_example_names()
+    assert len({example[f"AIRFLOW_{who}_USER"] for who in ("ADMIN", "OPERATOR", "VIEWER")}) == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"AIRFLOW_VIEWER_PASSWORD": None}, "AIRFLOW_VIEWER_PASSWORD"),
+    ({"AIRFLOW_OPERATOR_USER": ""}, "AIRFLOW_OPERATOR_USER"),
+    ({"AIRFLOW_VIEWER_USER": "ops"}, "must name three users"),
+])
+def test_airflow_init_refuses_missing_or_shared_logins_before_it_touches_anything(tmp_path, change, message):
+    env = {"HEADPOSE_S3_BUCKET": "b", "HEADPOSE_WORKSPACE": str(tmp_path / "workspace"),
+           "AIRFLOW_ADMIN_USER": "admin", "AIRFLOW_OPERATOR_USER": "ops", "AIRFLOW_VIEWER_USER": "viewer",
+           "AIRFLOW_ADMIN_PASSWORD": "a", "AIRFLOW_OPERATOR_PASSWORD": "o", "AIRFLOW_VIEWER_PASSWORD": "v",
+           "PATH": str(tmp_path)}  # no airflow, mktemp or python on it: the checks must come first
+    env.update(change)
+    env = {name: value for name, value in env.items() if value is not None}
+    result = subprocess.run(["/bin/bash", str(ROOT / "scripts" / "airflow-init.sh")], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and message in result.stderr, (result.returncode, result.stderr)
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_every_published_port_is_on_loopback_unless_env_opens_it(compose, variables):
+    example_text = (ROOT / ".env.example").read_text()
+    published = {name: service["ports"] for name, service in compose["services"].items() if service.get("ports")}
+    assert set(published) == set(LISTEN_SETTINGS)  # the native stack listens where each one is published
+    for name, entries in published.items():
+        assert [port.host_ip for port in published_ports(compose["services"][name], variables)] == ["127.0.0.1"]
+        for entry in entries:
+            bind = re.match(r"\$\{(\w+):-127\.0\.0\.1\}:", entry)
+            assert bind, f"{name}: {entry} names no address variable"
+            assert bind.group(1) in example_text, f"{bind.group(1)} is not documented in .env.example"
+            opened = published_ports(compose["services"][name], {**variables, bind.group(1): "0.0.0.0"})
+            assert [port.host_ip for port in opened] == ["0.0.0.0"]
+
+
+def test_flower_asks_for_the_env_login_and_only_its_health_check_does_not(compose, variables):
+    flower = compose["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+    env = service_environment(flower, variables)
+    assert env["AIRFLOW__CELERY__FLOWER_BASIC_AUTH"] == f"{variables['FLOWER_USER']}:{variables['FLOWER_PASSWORD']}"
+    for name in ("FLOWER_USER", "FLOWER_PASSWORD"):
+        with pytest.raises(native_compose.StackError, match=name):
+            service_environment(flower, {k: v for k, v in variables.items() if k != name})
+    # Flower serves /healthcheck without the login (it says only "OK"); its pages ask for it.
+    assert flower["healthcheck"]["test"][-1].endswith("/healthcheck")
+    # Only flower knows the login; the workers and the API server never see it in config.
+    for name in AIRFLOW_SERVICES:
+        assert "AIRFLOW__CELERY__FLOWER_BASIC_AUTH" not in service_environment(compose["services"][name], variables)

@@ -1,22 +1,32 @@
 """The production topology, natively: docker-compose.yaml's services as host processes.
 
 One stack for the module (tests/native_stack.py): PostgreSQL, Redis, moto's S3 server,
-airflow-init, api-server, scheduler, dag-processor, triggerer and two Celery workers.
+airflow-init, api-server, scheduler, dag-processor, triggerer, two Celery workers and
+Flower (the compose file's ``flower`` profile).
 
-* A run triggered through the REST API (a JWT from the auth manager's token endpoint)
-  with tiny training settings succeeds, its tasks ran on both workers, handing files
-  over through the shared workspace, and the frozen model is published in S3.
-* The trigger form in headless Chromium (Debian's, driven by Playwright): every
-  parameter shows with its title, description and default; a submitted form with a
-  changed ``training_steps`` creates a run with that value.
+* A run triggered through the REST API (a JWT from FAB's token endpoint) with tiny
+  training settings succeeds, its tasks ran on both workers, handing files over through
+  the shared workspace, and the frozen model is published in S3.
+* Roles: each login from .env (admin, operator, viewer) may do through the API what its
+  FAB role allows and is refused the rest; in the UI a viewer's trigger is refused and an
+  operator's creates a run. Re-running airflow-init keeps the users and takes a changed
+  password.
+* Closed dashboards: Flower answers only with its .env login, and the api-server and
+  Flower listen on loopback only, as the compose file publishes them.
+* The trigger form in headless Chromium: every parameter shows with its title,
+  description and default; a submitted form with a changed ``training_steps`` creates a
+  run with that value.
 
 Run without them: ``./scripts/test.sh -m "not distributed"``.
 """
 from __future__ import annotations
 
+import base64
 import json
-import re
+import secrets
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -25,50 +35,32 @@ from pathlib import Path
 
 import pytest
 
-from native_stack import ROOT, WORKER_SERVICE, NativeStack, api_token
+from native_compose import INIT_SERVICE, ROOT, WORKER_SERVICE
+from native_stack import NativeStack, api_token, caller_env
+from stack_support import (
+    ARTIFACTS, DAG_ID, Api, browser_page, check_field, field, log_in, new_run, new_runs, open_trigger_form,
+    task_log_tails, wait_for_run,
+)
 from test_e2e import TINY_CONF
 
 pytestmark = pytest.mark.distributed
 
-DAG_ID = "headpose_retraining"
-ARTIFACTS = ROOT / "test-artifacts"
 # The tiny settings of the end-to-end test, in the bucket airflow-init created.
 CONF = {name: value for name, value in TINY_CONF.items() if name != "s3_bucket"}
-RUN_TIMEOUT_SECONDS = 1800
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling Google's hosts, which
-# this closed network refuses.
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+# (method, path, body, the logins FAB's roles allow it); every other login gets 403.
+# Only requests that change nothing: a dry-run clear, pausing the paused DAG.
+ACCESS = [
+    ("GET", f"/api/v2/dags/{DAG_ID}/dagRuns", None, {"admin", "operator", "viewer"}),
+    ("GET", f"/api/v2/dags/{DAG_ID}/tasks", None, {"admin", "operator", "viewer"}),
+    ("POST", f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {"dry_run": True, "only_failed": False},
+     {"admin", "operator"}),
+    ("PATCH", f"/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": True}, {"admin", "operator"}),
+    ("GET", "/api/v2/connections", None, {"admin", "operator"}),
+    ("GET", "/api/v2/variables", None, {"admin", "operator"}),
+    ("GET", "/auth/fab/v1/users", None, {"admin"}),
+    ("GET", "/auth/fab/v1/roles", None, {"admin"}),
 ]
-
-
-class Api:
-    """The public REST API (v2) with a bearer token, as any client would use it."""
-
-    def __init__(self, url: str, username: str, password: str):
-        self.url = url
-        self.token = api_token(url, username, password)
-
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}{path}", method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                text = response.read()
-        except urllib.error.HTTPError as error:
-            raise AssertionError(f"{method} {path}: {error.code} {error.read()[:2000]!r}") from None
-        return json.loads(text) if text else {}
-
-    def set_paused(self, paused: bool) -> None:
-        self.call("PATCH", f"/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": paused})
-
-    def task_instances(self, run_id: str) -> list[dict]:
-        return self.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
+LOGINS = ("admin", "operator", "viewer")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def stack(pytestconfig):
             reporter.write_line(f"[distributed] {time.strftime('%H:%M:%S')} {line}")
 
     base = Path(tempfile.mkdtemp(prefix="headpose-stack-"))
-    native = NativeStack(base, say=say)
+    native = NativeStack(base, profiles=["flower"], say=say)  # Flower too
     try:
         native.start()
         yield native
@@ -99,7 +91,7 @@ def stack(pytestconfig):
 
 @pytest.fixture(scope="module")
 def api(stack) -> Api:
-    client = Api(stack.api_url, *stack.admin)
+    client = Api(stack.api_url, *stack.login("admin"))
     deadline = time.monotonic() + 300
     while True:  # the dag-processor has to parse the file once before the API knows the DAG
         try:
@@ -112,32 +104,6 @@ def api(stack) -> Api:
             time.sleep(3)
 
 
-def _wait_for_run(api: Api, stack: NativeStack, run_id: str) -> str:
-    """The run's final state; prints each task's state as it changes."""
-    seen: dict[str, str] = {}
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        stack.check_alive()
-        for ti in api.task_instances(run_id):
-            state = f"{ti['state']} on {ti['hostname']}" if ti["hostname"] else str(ti["state"])
-            if seen.get(ti["task_id"]) != state:
-                seen[ti["task_id"]] = state
-                stack.say(f"{ti['task_id']}: {state}")
-        run_state = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
-        if run_state in ("success", "failed"):
-            return run_state
-        time.sleep(5)
-    return "timed out"
-
-
-def _task_log_tails(stack: NativeStack, run_id: str) -> str:
-    folder = stack.layout.volume("airflow-logs") / f"dag_id={DAG_ID}" / f"run_id={run_id}"
-    tails = []
-    for log in sorted(folder.rglob("*.log")):
-        tails.append(f"--- {log.relative_to(folder)}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
-    return "\n".join(tails)[-12000:]
-
-
 def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes(stack, api):
     api.set_paused(False)
     try:
@@ -145,10 +111,10 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
         run_id = run["dag_run_id"]
         assert run["conf"] == CONF
         stack.say(f"triggered {run_id}")
-        state = _wait_for_run(api, stack, run_id)
+        state = wait_for_run(api, stack, run_id)
     finally:
         api.set_paused(True)
-    assert state == "success", _task_log_tails(stack, run_id)
+    assert state == "success", task_log_tails(stack, run_id)
 
     task_instances = api.task_instances(run_id)
     workers = {spec.name for spec in stack.specs if spec.service == WORKER_SERVICE}
@@ -171,119 +137,178 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
     assert not (stack.layout.volume("workspace") / job).exists()
 
 
+def test_each_login_may_do_what_its_role_allows_and_nothing_else(stack, api):
+    clients = {who: Api(stack.api_url, *stack.login(who)) for who in LOGINS}
+    api.set_paused(True)
+    refused = {}
+    for method, path, body, allowed in ACCESS:
+        for who, client in clients.items():
+            status = client.status(method, path, body)
+            if status != (200 if who in allowed else 403):
+                refused[(who, method, path)] = status
+    assert not refused, refused
+    # The viewer's trigger is refused and creates nothing.
+    before = api.run_ids()
+    assert clients["viewer"].status("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None}) == 403
+    assert api.run_ids() == before
+    # A wrong password gets no token at all.
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        api_token(stack.api_url, stack.login("viewer")[0], "not-the-password")
+    assert wrong.value.code == 401
+
+
+@pytest.mark.browser
+def test_a_viewer_sees_the_dag_but_its_trigger_is_refused(stack, api):
+    api.set_paused(True)
+    before = api.run_ids()
+    try:
+        with browser_page(ARTIFACTS / "viewer-failure.png") as page:
+            from playwright.sync_api import expect
+
+            log_in(page, stack, "viewer")
+            # The DAG page, rendered (its labels translated) and with the DAG's tasks.
+            expect(page.get_by_text("Active Runs")).to_be_visible()
+            expect(page.get_by_text("plan_run").first).to_be_visible()
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(ARTIFACTS / "viewer-dag-page.png"))
+            # The UI offers the button to everyone and leaves the refusal to the API.
+            form = open_trigger_form(page)
+            form.get_by_role("button", name="Trigger", exact=True).click()
+            expect(form.get_by_text("403 Forbidden")).to_be_visible()
+            expect(page.get_by_text("You do not have permission to perform this action.").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "viewer-trigger-refused.png"))
+        assert api.run_ids() == before
+    finally:
+        for run_id in new_runs(api, before):
+            api.call("DELETE", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+
+
+@pytest.mark.browser
+def test_an_operator_triggers_a_run_from_the_ui(stack, api):
+    api.set_paused(True)  # created, the run stays queued
+    before = api.run_ids()
+    try:
+        with browser_page(ARTIFACTS / "operator-failure.png") as page:
+            from playwright.sync_api import expect
+
+            log_in(page, stack, "operator")
+            form = open_trigger_form(page)
+            form.get_by_role("button", name="Trigger", exact=True).click()
+            expect(form).to_be_hidden()
+            run_id = new_run(api, before)
+            page.goto(f"{stack.api_url}/dags/{DAG_ID}/runs")
+            expect(page.get_by_role("link", name=run_id, exact=True)).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "operator-trigger.png"))
+        run = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+        assert (run["triggered_by"], run["triggering_user_name"]) == ("ui", stack.login("operator")[0])
+        assert run["state"] == "queued" and api.call("GET", f"/api/v2/dags/{DAG_ID}")["is_paused"]
+    finally:
+        for run_id in new_runs(api, before):
+            api.call("DELETE", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+
+
+def _flower_status(stack: NativeStack, path: str, login: tuple[str, str] | None) -> tuple[int, bytes]:
+    headers = {}
+    if login:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    request = urllib.request.Request(f"{stack.flower_url}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_flower_answers_only_with_its_login(stack):
+    user, password = stack.flower_login
+    for path in ("/", "/workers", "/api/workers", "/api/tasks"):
+        assert _flower_status(stack, path, None)[0] == 401, path
+        assert _flower_status(stack, path, (user, "not-the-password"))[0] == 401, path
+        assert _flower_status(stack, path, (user, password))[0] == 200, path
+    # With the login it sees both workers through the broker; its health check needs none.
+    status, body = _flower_status(stack, "/api/workers?refresh=1", (user, password))
+    workers = {f"celery@{spec.name}" for spec in stack.specs if spec.service == WORKER_SERVICE}
+    assert status == 200 and workers <= set(json.loads(body)), body[:500]
+    assert _flower_status(stack, "/healthcheck", None) == (200, b"OK")
+
+
+def test_the_api_server_and_flower_listen_on_loopback_only(stack):
+    # The whole of 127.0.0.0/8 reaches this host: a server on every interface answers on
+    # 127.0.0.2 too, one bound to 127.0.0.1 (the compose file's default) does not.
+    for port in (stack.layout.api, stack.layout.flower):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", port), timeout=10)
+
+
 @pytest.mark.browser
 def test_the_trigger_form_shows_every_parameter_and_starts_a_run(stack, api):
     from headpose.planning.params import param_schemas
 
-    # The run the form creates must not start: its other values are the tutorial's
-    # (ResNet-50, 25000 steps). Paused, it is created and stays queued.
-    api.set_paused(True)
+    api.set_paused(True)  # created, the run stays queued
     schemas = param_schemas({"HEADPOSE_S3_BUCKET": stack.bucket})
-    before = {run["dag_run_id"] for run in api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")["dag_runs"]}
-    ARTIFACTS.mkdir(exist_ok=True)
+    before = api.run_ids()
     created: list[str] = []
     try:
-        _drive_the_form(stack, api, schemas, before, created)
-        assert _new_runs(api, before) == created  # one submission, one run
+        with browser_page(ARTIFACTS / "trigger-form-failure.png") as page:
+            _drive_the_form(page, stack, api, schemas, before, created)
+        assert new_runs(api, before) == created  # one submission, one run
     finally:
-        for run_id in _new_runs(api, before):
+        for run_id in new_runs(api, before):
             api.call("DELETE", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
 
 
-def _drive_the_form(stack: NativeStack, api: Api, schemas: dict, before: set[str], created: list[str]) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def _drive_the_form(page, stack: NativeStack, api: Api, schemas: dict, before: set[str], created: list[str]) -> None:
+    from playwright.sync_api import expect
 
-    username, password = stack.admin
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})  # the whole form
-        try:
-            # The 2-core machine also runs the whole stack: be patient with the page.
-            page.set_default_timeout(60_000)
-            expect.set_options(timeout=60_000)
-            page.goto(f"{stack.api_url}/dags/{DAG_ID}")
-            page.get_by_label("Username").fill(username)
-            page.get_by_label("Password").fill(password)
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(f"**/dags/{DAG_ID}**")
+    log_in(page, stack, "admin")
+    form = open_trigger_form(page)
+    for section in dict.fromkeys(spec["section"] for spec in schemas.values()):
+        form.get_by_role("button", name=section, exact=True).click()  # one open at a time
+        for name, spec in schemas.items():
+            if spec["section"] == section:
+                check_field(form, name, spec)
+        if section == schemas["training_steps"]["section"]:
+            field(form, "training_steps").get_by_role("spinbutton").fill("7")
+            form.screenshot(path=str(ARTIFACTS / "trigger-form.png"))
 
-            page.get_by_role("button", name="Trigger").first.click()
-            form = page.get_by_role("dialog")
-            expect(form.get_by_text(f"Trigger Dag - {DAG_ID}")).to_be_visible()
-            # For a paused DAG the form offers to unpause it, ticked by default.
-            unpause = form.locator("label", has_text=f"Unpause {DAG_ID} on trigger")
-            unpause.click()
-            expect(unpause.locator("input")).not_to_be_checked()
-            for section in dict.fromkeys(spec["section"] for spec in schemas.values()):
-                form.get_by_role("button", name=section, exact=True).click()  # one open at a time
-                for name, spec in schemas.items():
-                    if spec["section"] == section:
-                        _check_field(form, name, spec, expect)
-                if section == schemas["training_steps"]["section"]:
-                    _field(form, "training_steps").get_by_role("spinbutton").fill("7")
-                    form.screenshot(path=str(ARTIFACTS / "trigger-form.png"))
+    submit = form.get_by_role("button", name="Trigger", exact=True)
+    if submit.is_disabled():
+        empty = [name for name in schemas if field(form, name).locator("input[required]").count()
+                 and field(form, name).locator("input[required]").first.input_value() == ""]
+        pytest.fail(f"the form's Trigger button stays disabled; required but empty: {empty} (the UI "
+                    "takes an empty string for a missing value unless the param's type allows null)")
+    submit.click()
+    expect(form).to_be_hidden()
 
-            submit = form.get_by_role("button", name="Trigger", exact=True)
-            if submit.is_disabled():
-                empty = [name for name in schemas if _field(form, name).locator("input[required]").count()
-                         and _field(form, name).locator("input[required]").first.input_value() == ""]
-                pytest.fail(f"the form's Trigger button stays disabled; required but empty: {empty} (the UI "
-                            "takes an empty string for a missing value unless the param's type allows null)")
-            submit.click()
-            expect(form).to_be_hidden()
-
-            run_id = _new_run(api, before)
-            created.append(run_id)
-            run = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
-            assert run["conf"]["training_steps"] == 7
-            assert run["conf"]["resnet_size"] == schemas["resnet_size"]["default"]
-            # ... and the run shows in the UI's list of runs.
-            assert api.call("GET", f"/api/v2/dags/{DAG_ID}")["is_paused"]
-            page.goto(f"{stack.api_url}/dags/{DAG_ID}/runs")
-            expect(page.get_by_role("link", name=run_id, exact=True)).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "trigger-form-run.png"))
-        except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "trigger-form-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+    run_id = new_run(api, before)
+    created.append(run_id)
+    run = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+    assert run["conf"]["training_steps"] == 7
+    assert run["conf"]["resnet_size"] == schemas["resnet_size"]["default"]
+    # ... and the run shows in the UI's list of runs.
+    assert api.call("GET", f"/api/v2/dags/{DAG_ID}")["is_paused"]
+    page.goto(f"{stack.api_url}/dags/{DAG_ID}/runs")
+    expect(page.get_by_role("link", name=run_id, exact=True)).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "trigger-form-run.png"))
 
 
-def _field(form, name: str):
-    """The form row of one parameter (its label, input and description)."""
-    return form.locator('[data-scope="field"][data-part="root"]').filter(
-        has=form.page.locator(f'[name="element_{name}"], [id="number-input:element_{name}:inc"]')
-    )
+def test_re_running_airflow_init_keeps_the_logins_and_takes_a_changed_password(stack, api):
+    """Last in the module: the viewer's password changes for good (as in .env)."""
+    init = next(spec for spec in stack.specs if spec.service == INIT_SERVICE)
+    viewer, old_password = stack.login("viewer")
+    new_password = secrets.token_urlsafe(24)
+    result = subprocess.run(init.argv, env={**caller_env(), **init.env, "AIRFLOW_VIEWER_PASSWORD": new_password},
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    stack.variables["AIRFLOW_VIEWER_PASSWORD"] = new_password
 
-
-def _check_field(form, name: str, spec: dict, expect) -> None:
-    row = _field(form, name)
-    expect(row, f"{name} has one row in the form").to_have_count(1)
-    expect(row.locator("label").first, f"{name}'s title").to_contain_text(spec["title"])
-    expect(row.locator('[data-part="helper-text"]'), f"{name}'s description").to_have_text(
-        re.compile(re.escape(" ".join(spec["description"].split()))))
-    default = spec["default"]
-    if isinstance(default, bool):
-        checkbox = row.locator(f'input[name="element_{name}"]')
-        (expect(checkbox).to_be_checked if default else expect(checkbox).not_to_be_checked)()
-    elif row.get_by_role("spinbutton").count():
-        assert float(row.get_by_role("spinbutton").input_value().replace(",", "")) == default, name
-    else:
-        shown = "" if default is None else str(default)  # a null default is an empty box
-        assert row.locator(f'input[name="element_{name}"]').input_value() == shown, name
-
-
-def _new_runs(api: Api, before: set[str]) -> list[str]:
-    runs = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")["dag_runs"]
-    return [run["dag_run_id"] for run in runs if run["dag_run_id"] not in before]
-
-
-def _new_run(api: Api, before: set[str]) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        new = _new_runs(api, before)
-        if new:
-            assert len(new) == 1, new
-            return new[0]
-        time.sleep(1)
-    raise AssertionError("the form's run did not appear")
+    assert api_token(stack.api_url, viewer, new_password)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api_token(stack.api_url, viewer, old_password)
+    assert refused.value.code == 401
+    users = api.call("GET", "/auth/fab/v1/users?limit=100")["users"]
+    roles = {user["username"]: sorted(role["name"] for role in user["roles"]) for user in users}
+    assert roles == {stack.login("admin")[0]: ["Admin"], stack.login("operator")[0]: ["Op"], viewer: ["Viewer"]}
+    for who in ("admin", "operator"):
+        assert api_token(stack.api_url, *stack.login(who))

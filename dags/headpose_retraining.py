@@ -7,7 +7,8 @@ evaluation set against the published model and publishes it for edge devices - o
 per step:
 
 `plan_run` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
-`freeze_graph` -> `validate_model` -> `upload_frozen_model` -> `publish` -> `cleanup`
+`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `publish` ->
+`cleanup`
 
 * **plan_run** checks every parameter and rule across them (nothing is written before),
   derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
@@ -57,7 +58,11 @@ except ImportError:  # a checkout run without PYTHONPATH=include: the package si
 from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
 from headpose.planning.profile import load_profile  # noqa: E402
-from headpose_operators import FreezeGraphOperator, HeadposeTrainingOperator  # noqa: E402
+from headpose_operators import (  # noqa: E402
+    ExportEdgeModelsOperator,
+    FreezeGraphOperator,
+    HeadposeTrainingOperator,
+)
 from headpose_operators.notify import failure_notifier  # noqa: E402
 
 DAG_ID = "headpose_retraining"
@@ -163,32 +168,35 @@ def headpose_retraining():
         return {**artifact, "candidate_prefix": layout.candidate_prefix}
 
     @task(**scheduling.task_args("validate_model"))
-    def validate_model(plan: dict, dataset: dict, artifact: dict, frozen: dict) -> dict:
+    def validate_model(plan: dict, dataset: dict, artifact: dict, frozen: dict, edge: dict) -> dict:
         """Scores the frozen graph on the evaluation set (the deployment's pinned one, else the
         run's eval split): accuracy, every class's recall, confusion matrix, parity with the
         SavedModel; scores the published model (the champion) on the same images for
         `publish`. Fails below `min_accuracy` / `min_class_recall`, on parity, or for a graph
-        that breaks the contract; the report then lands under the run's `rejected/` prefix."""
+        that breaks the contract; the report then lands under the run's `rejected/` prefix.
+        Runs every edge format in its own runtime on the same images; a format that misses
+        its tolerance is withheld, the others still are published."""
         from headpose.artifacts.acceptance import ModelRefused
         from headpose.planning.layout import task_scratch
         from headpose.registry.evaluation import validate_candidate
 
         try:
             with task_scratch(plan["training_job_name"], "validate_model") as scratch:
-                return validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print)
+                return validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print, edge)
         except ModelRefused as error:
             raise _fail(str(error)) from None
 
     @task(**scheduling.task_args("upload_frozen_model"))
-    def upload_frozen_model(plan: dict, frozen: dict, report: dict) -> dict:
+    def upload_frozen_model(plan: dict, frozen: dict, report: dict, edge: dict) -> dict:
         """Copies the accepted model - `frozen_model.pb`, `frozen_model.json`, `report.json`,
-        `confusion_matrix.png` - to `TFartifacts/<job>/output/`, beside `model.tar.gz`: the
-        immutable version `publish` points at. Nothing under `published/` changes here."""
+        `confusion_matrix.png` and the edge formats that passed - to `TFartifacts/<job>/output/`,
+        beside `model.tar.gz`: the immutable version `publish` points at. Nothing under
+        `published/` changes here."""
         from headpose.registry.pointer import PublishError
         from headpose.registry.versions import make_version
 
         try:
-            return make_version(_s3(plan), plan, frozen, report)
+            return make_version(_s3(plan), plan, frozen, report, edge)
         except PublishError as error:
             raise _fail(str(error)) from None
 
@@ -269,10 +277,26 @@ def headpose_retraining():
         "`candidate/` prefix. A refused archive or model fails the task without retrying.",
         **scheduling.task_args("freeze_graph"),
     )
-    report = validate_model(plan, dataset, artifact, freeze.output)
-    version = upload_frozen_model(plan, freeze.output, report)
+    edge = ExportEdgeModelsOperator(
+        task_id="export_edge_models",
+        frozen_model_uri=freeze.output["frozen_model_uri"],
+        frozen_model_sha256=freeze.output["frozen_model_sha256"],
+        frozen_model_json_uri=freeze.output["frozen_model_json_uri"],
+        frozen_model_json_sha256=freeze.output["frozen_model_json_sha256"],
+        dataset_prefix=dataset["dataset_prefix"],
+        output_prefix="{{ ti.xcom_pull(task_ids='download_artifact', key='candidate_prefix') }}edge/",
+        aws_conn_id=AWS_CONN_ID,
+        expected_bucket_owner=plan["expected_bucket_owner"],
+        doc_md="Converts the frozen graph to ONNX, LiteRT (float32 and full-integer int8, calibrated on "
+        "training images) and OpenVINO IR (FP32, FP16, and a bf16 runtime hint) in the run's `candidate/edge/` "
+        "prefix. A format that does not convert is listed with its reason; `validate_model` then judges the "
+        "others in their own runtimes.",
+        **scheduling.task_args("export_edge_models"),
+    )
+    report = validate_model(plan, dataset, artifact, freeze.output, edge.output)
+    version = upload_frozen_model(plan, freeze.output, report, edge.output)
     published = publish(plan, train.output, dataset, report, version)
-    chain(plan, dataset, code, train, artifact, freeze, report, version, published, cleanup())
+    chain(plan, dataset, code, train, artifact, freeze, edge, report, version, published, cleanup())
 
 
 def _s3_hook():

@@ -11,7 +11,7 @@ from airflow_support import DAGS, INCLUDE, PLUGINS, load_dag, load_dagbag
 
 TASKS = [
     "plan_run", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
-    "validate_model", "upload_frozen_model", "publish", "cleanup",
+    "export_edge_models", "validate_model", "upload_frozen_model", "publish", "cleanup",
 ]
 
 

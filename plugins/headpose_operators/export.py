@@ -40,6 +40,7 @@ class ExportEdgeModelsOperator(BaseOperator):
     :param max_representative_shards: most training shards downloaded (default 2).
     :param max_representative_images: most images in the representative set (default 200).
     :param aws_conn_id: the Airflow AWS connection of the S3 store.
+    :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
     :return: ``{"formats": {name: {"files": {file: {"uri", "sha256"}}, "runtime",
         "precision", "metadata"}}, "refused": {name: reason}, "edge_models_json_uri",
         "edge_models_json_sha256"}`` - names, URIs and checksums, never files.
@@ -47,7 +48,7 @@ class ExportEdgeModelsOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
-        "dataset_prefix", "output_prefix", "formats",
+        "dataset_prefix", "output_prefix", "formats", "expected_bucket_owner",
     )
     ui_color = "#d5f5e3"
 
@@ -64,6 +65,7 @@ class ExportEdgeModelsOperator(BaseOperator):
         max_representative_shards: int = 2,
         max_representative_images: int = 200,
         aws_conn_id: str | None = "aws_default",
+        expected_bucket_owner: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -77,13 +79,13 @@ class ExportEdgeModelsOperator(BaseOperator):
         self.max_representative_shards = max_representative_shards
         self.max_representative_images = max_representative_images
         self.aws_conn_id = aws_conn_id
+        self.expected_bucket_owner = expected_bucket_owner
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
         from headpose.artifacts.edge.transfer import EdgeExportRefused, export_from_s3
+        from headpose_operators.s3 import s3_client as pinned_client
 
-        s3_client = S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
+        s3_client = pinned_client(self.aws_conn_id, self.expected_bucket_owner or None)
         with tempfile.TemporaryDirectory(prefix="export-edge-") as scratch:
             try:
                 result = export_from_s3(

@@ -45,6 +45,7 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
     "train": timedelta(seconds=DEFAULT_TRAIN_SECONDS) + TRAIN_MARGIN,
     "download_artifact": timedelta(hours=1),
     "freeze_graph": timedelta(hours=1),
+    "export_edge_models": timedelta(hours=1),  # five conversions of a ResNet-50, int8 calibration
     "validate_model": timedelta(hours=3),  # two models over the whole held-out split on CPU
     "upload_frozen_model": timedelta(minutes=30),
     "publish": timedelta(minutes=15),
@@ -53,8 +54,8 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
 # Tasks whose failures are mostly the network or AWS: these retry with backoff. The
 # others retry once, for a worker that died under them.
 AWS_TASKS = frozenset({
-    "stage_dataset", "package_code", "train", "download_artifact", "validate_model",
-    "upload_frozen_model", "publish",
+    "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph", "export_edge_models",
+    "validate_model", "upload_frozen_model", "publish",
 })
 
 

@@ -9,6 +9,7 @@ never lands under ``published/``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,8 +26,12 @@ def validate_candidate(
     frozen: Mapping[str, Any],
     scratch: str | Path,
     log: Log,
+    edge: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Judge the run's frozen model; its outcome (URIs, figures, champion) for XCom.
+    """Judge the run's frozen model and its edge formats; the outcome (URIs, figures, champion) for XCom.
+
+    ``edge`` is ``export_edge_models``' XCom: each format runs in its own runtime on the
+    same images; one that misses its tolerance is withheld, the others are not.
 
     Raises ``ModelRefused`` when the model breaks the graph contract or the gate refuses
     it (after uploading the evidence), and when the published pointer itself is broken.
@@ -67,6 +72,11 @@ def validate_candidate(
         raise ModelRefused(f"the frozen model breaks the graph contract: {error}") from None
     for line in outcome_lines(outcome, params["min_accuracy"], params["min_class_recall"]):
         log(line)
+    if edge and outcome["accepted"]:
+        outcome["formats"] = _edge_verdicts(s3_client, edge, pb_path, shards, work / "edge", log)
+        report_path = Path(outcome["report_path"])
+        report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "formats": outcome["formats"]},
+                                          indent=2) + "\n")
     where = layout.candidate_prefix if outcome["accepted"] else layout.rejected_prefix
     uploaded = {
         "report_uri": where + REPORT_FILE,
@@ -87,3 +97,24 @@ def _dataset_section(dataset: Mapping[str, Any]) -> dict[str, Any]:
         "dataset_prefix", "dataset_id", "manifest_uri", "manifest_sha256", "source", "channel_order",
         "train_count", "eval_count", "validation",
     )}
+
+
+def _edge_verdicts(
+    s3_client: Any, edge: Mapping[str, Any], pb_path: Path, shards: list[Path], folder: Path, log: Log,
+) -> dict[str, dict[str, Any]]:
+    """Every exported format judged in its runtime; without the files' local paths (XCom)."""
+    from headpose.artifacts.edge.converter import EdgeFormatError
+    from headpose.artifacts.edge.transfer import download_edge_models
+    from headpose.artifacts.edge.validate import validate_edge_models, validation_table
+    from headpose.planning.handoff import HandoffError
+
+    try:
+        manifest = download_edge_models(s3_client, edge["edge_models_json_uri"], folder,
+                                        edge.get("edge_models_json_sha256"))
+        verdicts = validate_edge_models(manifest, folder, pb_path, shards)
+    except (EdgeFormatError, HandoffError) as error:
+        # The formats cannot be judged: none is published; the frozen graph still may be.
+        log(f"edge formats withheld: {error}")
+        return {name: {"accepted": False, "reason": str(error)} for name in edge.get("formats") or {}}
+    log("edge formats on the same images:\n" + validation_table(verdicts))
+    return {name: {k: v for k, v in verdict.items() if k != "files"} for name, verdict in verdicts.items()}

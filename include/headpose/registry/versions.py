@@ -50,7 +50,7 @@ def make_version(
                    "sha256": entry["sha256"]}
             for file, entry in fmt["files"].items()
         }
-        primary = next(iter(copied.values()))
+        primary = copied.get((fmt.get("metadata") or {}).get("model_file")) or next(iter(copied.values()))
         formats[name] = {**{k: v for k, v in fmt.items() if k != "files"}, "uri": primary["uri"],
                          "sha256": primary["sha256"], "files": copied}
     return {"files": files, "formats": formats, "channel_order": frozen["channel_order"],

@@ -271,6 +271,7 @@ def headpose_retraining():
         output_prefix=artifact["candidate_prefix"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
+        multiple_outputs=True,  # export_edge_models takes single keys of its result
         doc_md="Safely extracts `model.tar.gz` (no `..`, absolute paths, links out, oversized "
         "members), finds its one `export/*/<ts>` SavedModel and freezes it into `frozen_model.pb` "
         "(input `inputs`, output `softmax_tensor`) + `frozen_model.json`, uploaded to the run's "

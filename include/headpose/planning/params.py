@@ -170,6 +170,23 @@ def param_schemas(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
             "description": "Seed for weights, data order and the synthetic dataset.",
             "section": "Training",
         },
+        # -- training speed (planning.request.speed_hyperparameters) -- begin ----------
+        "mixed_precision": {
+            "default": "auto", "type": "string", "enum": ["auto", "on", "off"],
+            "title": "Mixed precision",
+            "description": "Train in mixed_float16 (float16 compute, float32 weights). 'auto': on "
+            "for SageMaker GPU instance types (ml.g*, ml.p*), off otherwise and with "
+            "backend=local. The exported and frozen model is float32 either way.",
+            "section": "Training",
+        },
+        "xla": {
+            "default": "auto", "type": "string", "enum": ["auto", "on", "off"],
+            "title": "XLA",
+            "description": "Compile the training step with XLA (jit_compile). 'auto': on for "
+            "SageMaker GPU instance types (ml.g*, ml.p*), off otherwise and with backend=local.",
+            "section": "Training",
+        },
+        # -- training speed -- end -----------------------------------------------------
         # -- SageMaker resources ------------------------------------------------------
         "instance_type": {
             "default": DEFAULT_INSTANCE_TYPE,

@@ -9,6 +9,7 @@ operator's own SageMaker client, from a description moto returned for the same r
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from datetime import datetime, timezone
 
@@ -26,6 +27,8 @@ ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "headpose-sm"
 LOGICAL = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 JOB = training_job_name(LOGICAL)
+CODE = b"stands for sourcedir.tar.gz: SageMaker's job in moto runs no code"
+CODE_SHA256 = hashlib.sha256(CODE).hexdigest()
 
 
 # -- the decision, without AWS or Airflow ---------------------------------------------
@@ -71,7 +74,11 @@ def aws(s3_endpoint, monkeypatch):
     plan = _plan()
     bucket, prefix = split_s3_uri(plan["dataset_prefix"])
     s3.put_object(Bucket=bucket, Key=prefix + "train-00000.tfrecord", Body=b"records")
-    return {"endpoint": s3_endpoint, "sagemaker": _client("sagemaker", s3_endpoint), "plan": plan}
+    # What package_code leaves: the code in S3 and its sha256 in XCom.
+    _, code_key = split_s3_uri(plan["sourcedir_uri"])
+    s3.put_object(Bucket=bucket, Key=code_key, Body=CODE)
+    return {"endpoint": s3_endpoint, "sagemaker": _client("sagemaker", s3_endpoint), "plan": plan,
+            "s3": s3, "code_key": code_key}
 
 
 def _client(service: str, endpoint: str):
@@ -98,7 +105,7 @@ def _operator(request: dict, **kwargs):
     from headpose_operators import HeadposeTrainingOperator
 
     options = {"backend": "sagemaker", "aws_conn_id": "aws_default", "print_log": False,
-               "check_interval": 0, "deferrable": False, **kwargs}
+               "check_interval": 0, "deferrable": False, "sourcedir_sha256": CODE_SHA256, **kwargs}
     return HeadposeTrainingOperator(task_id="train", config=copy.deepcopy(request), **options)
 
 
@@ -181,6 +188,16 @@ def test_the_role_comes_from_the_connection_when_the_param_is_empty(aws, monkeyp
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
     _operator(request).execute({"ti": RecordingTaskInstance()})
     assert aws["sagemaker"].describe_training_job(TrainingJobName=JOB)["RoleArn"] == role
+
+
+def test_a_request_without_the_recorded_sha256_is_not_sent(aws):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for missing in (None, "", "None", "abc"):  # unset, or a template of an unset value
+        with pytest.raises(AirflowFailException, match="cannot be verified is not run"):
+            _operator(aws["plan"]["training_request"], sourcedir_sha256=missing).execute(
+                {"ti": RecordingTaskInstance()})
+    assert _job_count(aws["sagemaker"]) == 0
 
 
 # -- states moto cannot play: Stubber on the operator's own client ---------------------
@@ -309,6 +326,25 @@ def test_a_running_job_is_deferred_to_the_providers_trigger_and_resumed(aws, des
     result = operator.execute_complete({}, {"status": "success", "job_name": JOB})
     assert result["training_job_status"] == "Completed" and result["training_job_name"] == JOB
     stubber.assert_no_pending_responses()
+
+
+def test_code_replaced_after_packaging_is_never_sent_to_sagemaker(aws):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    tampered = CODE + b" and something else"
+    aws["s3"].put_object(Bucket=BUCKET, Key=aws["code_key"], Body=tampered)
+    operator = _operator(aws["plan"]["training_request"])
+    # Only the "no such job" answer is queued: a CreateTrainingJob would fail the stubber.
+    stubber = Stubber(operator.hook.conn)
+    stubber.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.")
+    stubber.activate()
+    with pytest.raises(AirflowFailException) as refused:
+        operator.execute({"ti": RecordingTaskInstance()})
+    stubber.assert_no_pending_responses()
+    message = str(refused.value)
+    assert CODE_SHA256 in message and hashlib.sha256(tampered).hexdigest() in message
+    assert aws["plan"]["sourcedir_uri"] in message
+    assert _job_count(aws["sagemaker"]) == 0
 
 
 def test_a_new_job_is_deferred_after_its_creation(aws, described):

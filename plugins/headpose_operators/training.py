@@ -10,14 +10,22 @@ for the job it started, take its result, or report its ``FailureReason``
 (``headpose.planning.training_job.next_step`` decides which).
 
 ``backend="local"`` hands the same request to ``headpose.backends.local`` with the S3
-client of the same AWS connection. Both return the provider's XCom shape
-(``{"Training": <describe dict>}``) plus a summary next to the job name (times, final
-metrics, spot saving), so the tasks after ``train`` do not know which backend ran.
+client of the same AWS connection; it runs the SageMaker training toolkit on the worker.
+
+Either way the code that trains is the code ``package_code`` packed: ``sourcedir_sha256``
+is checked against ``sourcedir.tar.gz`` before a job is created (sagemaker) or the code
+runs (local), and a mismatch fails the task without a retry.
+
+Both return the provider's XCom shape (``{"Training": <describe dict>}``) plus a summary
+next to the job name (times, final metrics, spot saving), so the tasks after ``train``
+do not know which backend ran.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 BACKENDS = ("local", "sagemaker")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HeadposeTrainingOperator(SageMakerTrainingOperator):
@@ -50,6 +59,9 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     :param config: the CreateTrainingJob request (templated; usually an XComArg). An
         empty ``RoleArn`` is taken from the connection's extra ``sagemaker_role_arn``.
     :param backend: ``"local"`` or ``"sagemaker"`` (templated).
+    :param sourcedir_sha256: the sha256 ``package_code`` recorded for the request's
+        ``sagemaker_submit_directory`` (templated; its XCom ``sha256``). Required: code
+        that cannot be verified is not run.
     :param local_work_dir: with ``backend="local"``, the folder that plays ``/opt/ml``
         (templated); it is emptied first. Default: ``<workspace>/<job>/local-training``.
     :param max_attempts: status polls before a deferred wait gives up; by default enough
@@ -62,7 +74,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     """
 
     template_fields: Sequence[str] = (
-        *SageMakerTrainingOperator.template_fields, "backend", "local_work_dir",
+        *SageMakerTrainingOperator.template_fields, "backend", "sourcedir_sha256", "local_work_dir",
     )
     operator_extra_links = TRAINING_LINKS
     ui_color = "#d6eaf8"
@@ -71,6 +83,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self,
         *,
         backend: str = "sagemaker",
+        sourcedir_sha256: str | None = None,
         local_work_dir: str | None = None,
         max_attempts: int | None = None,
         **kwargs: Any,
@@ -79,6 +92,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         # attaches; the provider would rename (a second job) or fail.
         super().__init__(check_if_job_exists=False, max_attempts=max_attempts, **kwargs)
         self.backend = backend
+        self.sourcedir_sha256 = sourcedir_sha256
         self.local_work_dir = local_work_dir
         self._max_attempts_given = max_attempts is not None
         self._process: subprocess.Popen | None = None
@@ -110,6 +124,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         status = description["TrainingJobStatus"] if description else "not found"
         self.log.info("Training job %s: %s -> %s", job, status, step.value)
         if step is Step.CREATE:
+            self._verify_code()
             # The provider's create-and-wait (deferrable or not), which raises on Failed;
             # _finish also refuses Stopped, which its non-log wait lets through.
             return self._finish(super().execute(context)["Training"])
@@ -138,6 +153,17 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         return self._finish(description)
 
     # -- sagemaker ---------------------------------------------------------------------
+
+    def _verify_code(self) -> None:
+        """Refuse to create a job whose ``sourcedir.tar.gz`` is not the packed one."""
+        from headpose.backends.sourcedir import SourcedirMismatch, verify_sourcedir_object
+
+        uri = self._sourcedir_uri()
+        try:
+            verify_sourcedir_object(self._s3_client(), uri, self._expected_sha256())
+        except SourcedirMismatch as error:
+            raise AirflowFailException(str(error)) from None
+        self.log.info("Training code %s: sha256 %s, as package_code recorded", uri, self.sourcedir_sha256)
 
     def _describe_or_none(self, job: str) -> dict | None:
         try:
@@ -245,6 +271,29 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     # -- both backends ------------------------------------------------------------------
 
+    def _expected_sha256(self) -> str:
+        expected = (self.sourcedir_sha256 or "").strip().lower()
+        if not _SHA256.fullmatch(expected):
+            raise AirflowFailException(
+                f"sourcedir_sha256 must be the sha256 package_code recorded for "
+                f"{self._sourcedir_uri()}, got {self.sourcedir_sha256!r}: training code that "
+                "cannot be verified is not run"
+            )
+        return expected
+
+    def _sourcedir_uri(self) -> str:
+        encoded = self.config.get("HyperParameters", {}).get("sagemaker_submit_directory", "")
+        try:
+            return str(json.loads(encoded))
+        except (TypeError, ValueError):
+            return str(encoded)
+
+    def _s3_client(self):
+        return S3Hook(
+            aws_conn_id=self.aws_conn_id, region_name=self.region_name, verify=self.verify,
+            config=self.botocore_config,
+        ).get_conn()
+
     def _result(self, description: dict) -> dict:
         from headpose.planning.training_job import training_summary
 
@@ -278,19 +327,21 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     # -- local ---------------------------------------------------------------------------
 
     def _execute_local(self) -> dict:
-        from headpose.planning.layout import run_workspace
         from headpose.backends.local import run_local_training_job
+        from headpose.backends.sourcedir import SourcedirMismatch
+        from headpose.planning.layout import run_workspace
 
         job = self.config["TrainingJobName"]
         work_dir = Path(self.local_work_dir) if self.local_work_dir else run_workspace(job) / "local-training"
-        s3_client = S3Hook(
-            aws_conn_id=self.aws_conn_id, region_name=self.region_name, verify=self.verify,
-            config=self.botocore_config,
-        ).get_conn()
+        expected = self._expected_sha256()
         self.log.info("Running training job %s with the local backend in %s", job, work_dir)
-        description = run_local_training_job(
-            self.config, s3_client, work_dir, self.log.info, on_start=self._remember_process,
-        )
+        try:
+            description = run_local_training_job(
+                self.config, self._s3_client(), work_dir, self.log.info,
+                sourcedir_sha256=expected, on_start=self._remember_process,
+            )
+        except SourcedirMismatch as error:
+            raise AirflowFailException(str(error)) from None
         return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:

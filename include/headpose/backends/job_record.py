@@ -33,14 +33,13 @@ def job_record_uri(request: Mapping[str, Any]) -> str:
 
 def completed_description(
     request: Mapping[str, Any],
-    framework: Mapping[str, Any],
     created: datetime,
     started: datetime,
     ended: datetime,
     final_metrics: list[dict[str, Any]],
 ) -> dict[str, Any]:
     job = request["TrainingJobName"]
-    region = str(framework.get("sagemaker_region") or "us-east-1")
+    region = _region(request)
     return {
         "TrainingJobName": job,
         # Formatted like SageMaker's (which lower-cases the name); the account is a placeholder.
@@ -63,7 +62,7 @@ def completed_description(
             {"Status": "Downloading", "StartTime": created, "EndTime": started,
              "StatusMessage": "Downloading input data and the source dir"},
             {"Status": "Training", "StartTime": started, "EndTime": ended,
-             "StatusMessage": "Training on the Airflow worker (local backend)"},
+             "StatusMessage": "Training on the Airflow worker (local backend, SageMaker training toolkit)"},
             {"Status": "Completed", "StartTime": ended, "EndTime": ended,
              "StatusMessage": "Training job completed"},
         ],
@@ -74,6 +73,15 @@ def completed_description(
         "EnableNetworkIsolation": bool(request.get("EnableNetworkIsolation", False)),
         "EnableManagedSpotTraining": False,
     }
+
+
+def _region(request: Mapping[str, Any]) -> str:
+    encoded = (request.get("HyperParameters") or {}).get("sagemaker_region", "")
+    try:
+        region = json.loads(encoded)
+    except (TypeError, ValueError):
+        region = encoded
+    return str(region or "us-east-1")
 
 
 _TIME_FIELDS = ("CreationTime", "TrainingStartTime", "TrainingEndTime", "LastModifiedTime")

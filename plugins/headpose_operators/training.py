@@ -23,7 +23,6 @@ do not know which backend ran.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import re
 import subprocess
@@ -282,11 +281,9 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         return expected
 
     def _sourcedir_uri(self) -> str:
-        encoded = self.config.get("HyperParameters", {}).get("sagemaker_submit_directory", "")
-        try:
-            return str(json.loads(encoded))
-        except (TypeError, ValueError):
-            return str(encoded)
+        from headpose.planning.request import hyperparameter
+
+        return str(hyperparameter(self.config, "sagemaker_submit_directory", ""))
 
     def _s3_client(self):
         return S3Hook(

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from headpose.planning.layout import LOCAL_JOB_RECORD_FILE, join_uri, split_s3_uri
+from headpose.planning.request import hyperparameter
 
 
 RECORD_VERSION = 1
@@ -39,7 +40,7 @@ def completed_description(
     final_metrics: list[dict[str, Any]],
 ) -> dict[str, Any]:
     job = request["TrainingJobName"]
-    region = _region(request)
+    region = str(hyperparameter(request, "sagemaker_region") or "us-east-1")
     return {
         "TrainingJobName": job,
         # Formatted like SageMaker's (which lower-cases the name); the account is a placeholder.
@@ -73,15 +74,6 @@ def completed_description(
         "EnableNetworkIsolation": bool(request.get("EnableNetworkIsolation", False)),
         "EnableManagedSpotTraining": False,
     }
-
-
-def _region(request: Mapping[str, Any]) -> str:
-    encoded = (request.get("HyperParameters") or {}).get("sagemaker_region", "")
-    try:
-        region = json.loads(encoded)
-    except (TypeError, ValueError):
-        region = encoded
-    return str(region or "us-east-1")
 
 
 _TIME_FIELDS = ("CreationTime", "TrainingStartTime", "TrainingEndTime", "LastModifiedTime")

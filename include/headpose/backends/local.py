@@ -27,7 +27,6 @@ connection), so tests can point it at any endpoint.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from headpose.backends.job_record import completed_description, job_record_uri, 
 from headpose.backends.process import MetricCollector, recording_pid, run_program, stop_previous_program
 from headpose.backends.sourcedir import verify_sourcedir
 from headpose.planning.layout import file_sha256, split_s3_uri
+from headpose.planning.request import hyperparameter
 
 Log = Callable[[str], None]
 
@@ -183,13 +183,9 @@ def _fetch_code(s3_client: Any, request: Mapping[str, Any], archive: Path, sha25
 
 
 def _submit_directory(request: Mapping[str, Any]) -> str:
-    encoded = (request.get("HyperParameters") or {}).get(SUBMIT_DIRECTORY, "")
-    try:
-        uri = json.loads(encoded)
-    except (TypeError, ValueError):
-        uri = encoded  # the toolkit's rule: a value that is not JSON is the string itself
+    uri = hyperparameter(request, SUBMIT_DIRECTORY)
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise LocalTrainingError(f"{SUBMIT_DIRECTORY} must be an s3:// URI, got {encoded!r}")
+        raise LocalTrainingError(f"{SUBMIT_DIRECTORY} must be an s3:// URI, got {uri!r}")
     return uri
 
 

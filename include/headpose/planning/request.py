@@ -94,6 +94,17 @@ def _hp(value: Any) -> str:
     return json.dumps(value)
 
 
+def hyperparameter(request: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """A request's hyperparameter decoded as the toolkit decodes it (not JSON: the string itself)."""
+    encoded = (request.get("HyperParameters") or {}).get(name)
+    if encoded is None:
+        return default
+    try:
+        return json.loads(encoded)
+    except (TypeError, ValueError):
+        return encoded
+
+
 def training_job_request(
     layout: RunLayout,
     params: Mapping[str, Any],

@@ -2,8 +2,8 @@
 
 The job's folders under its root (``/opt/ml`` in a container), the three config files
 written from the CreateTrainingJob request, and the environment in which the SageMaker
-training toolkit (``sagemaker-training``, the ``train`` command of SageMaker's
-TensorFlow image) is started. Everything after that - reading the configs, the ``SM_*``
+training toolkit (``sagemaker-training``, whose ``train`` command SageMaker's training
+images run) is started. Everything after that - reading the configs, the ``SM_*``
 variables, extracting the code, the ``--key value`` arguments, starting the program,
 the ``failure`` file for an error the program did not report - is the toolkit's own.
 """
@@ -16,7 +16,10 @@ from typing import Any, Mapping
 
 CURRENT_HOST = "algo-1"
 SUBMIT_DIRECTORY = "sagemaker_submit_directory"
-# The toolkit's own command, as the TensorFlow image's entry point runs it.
+# The toolkit's command (its ``train`` console script). SageMaker's TensorFlow image also
+# names a framework module (SAGEMAKER_TRAINING_MODULE, from sagemaker-tensorflow-training)
+# that the toolkit hands over to; that package is not a dependency here, so the toolkit
+# runs the program itself, as it does for any script-mode image without one.
 TOOLKIT_MODULE = "sagemaker_training.cli.train"
 
 

@@ -157,7 +157,7 @@ def signature_runner(saved_model_dir: str):
 
     def run(images):
         _ = loaded  # owns the variables
-        return function(inputs=tf.constant(images))["softmax_tensor"].numpy()
+        return function(inputs=tf.constant(images))["probabilities"].numpy()
 
     return run
 

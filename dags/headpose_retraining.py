@@ -250,14 +250,19 @@ def headpose_retraining():
         task_id="train",
         config=plan["training_request"],
         backend="{{ params.backend }}",
+        sourcedir_sha256=code["sha256"],
+        max_training_attempts="{{ ti.xcom_pull(task_ids='plan_run', key='run_params')['max_training_attempts'] }}",
+        expected_bucket_owner=plan["expected_bucket_owner"],
         aws_conn_id=AWS_CONN_ID,
         print_log=True,
         check_interval=30,
         doc_md="Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
-        "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`. A retry "
-        "never starts a second job while one runs: it finds the one of its `training_job_name`. A "
-        "training error fails the task with the job's failure reason; its timeout is the request's "
-        "max run (or spot wait) time plus one hour.",
+        "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`, after checking "
+        "that `sourcedir.tar.gz` is still the code `package_code` packed. A retry never starts a second "
+        "job while one runs: it finds the one of its `training_job_name`. After a capacity or internal "
+        "failure, or when a person clears this task after a failed or stopped job, it starts "
+        "`<job>-2`, `<job>-3` (up to `max_training_attempts`). Its timeout is the request's max run (or "
+        "spot wait) time plus one hour.",
         # The timeout given here is the parse-time ceiling; the operator sets the run's own
         # from its request before it executes.
         **scheduling.task_args("train"),
@@ -269,6 +274,7 @@ def headpose_retraining():
         artifact_uri=artifact["artifact_uri"],
         artifact_sha256=artifact["sha256"],
         output_prefix=artifact["candidate_prefix"],
+        channel_order=dataset["channel_order"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
         multiple_outputs=True,  # export_edge_models takes single keys of its result

@@ -48,8 +48,9 @@ def test_templated_fields_of_the_custom_operators():
     from headpose_operators import ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator
 
     assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
-            "output_node_names", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
-    assert {"config", "backend"} <= set(HeadposeTrainingOperator.template_fields)
+            "output_node_names", "channel_order", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
+    assert {"config", "backend", "sourcedir_sha256", "max_training_attempts", "expected_bucket_owner"} <= set(
+        HeadposeTrainingOperator.template_fields)
     assert {"frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
             "dataset_prefix", "output_prefix", "formats"} <= set(ExportEdgeModelsOperator.template_fields)
 

@@ -1,47 +1,45 @@
-"""The entry point started exactly as the SageMaker TensorFlow toolkit starts it.
+"""The entry point started by the SageMaker training toolkit itself, as SageMaker's TensorFlow image starts it.
 
-What the toolkit does in the container, step by step (sagemaker-training-toolkit,
-``environment.read_hyperparameters`` and ``mapping.to_cmd_args``):
-
-1. ``sourcedir.tar.gz`` (``sagemaker_submit_directory``) is extracted into ``/opt/ml/code``;
-2. ``/opt/ml/input/config/hyperparameters.json`` holds the request's ``HyperParameters``,
-   every value a string; each is ``json.loads``-ed where it parses;
-3. ``sagemaker_*`` keys configure the toolkit; the others become ``--key value``
-   arguments, sorted by key;
-4. ``python <sagemaker_program> <args>`` runs with ``/opt/ml/code`` as working directory
-   and the ``SM_*`` variables set.
-
-The project's local backend implements steps 3-4 (``to_cmd_args``,
-``training_environment``); here they are checked against the toolkit's documented
-output and then used on the real code, with nothing from this checkout on the path.
+The toolkit (``sagemaker-training``, its ``train`` command) reads
+``<base>/input/config/{hyperparameters,inputdataconfig,resourceconfig}.json`` -
+``<base>`` is ``/opt/ml`` in a container, ``SAGEMAKER_BASE_DIR`` here - extracts
+``sagemaker_submit_directory`` into ``<base>/code``, sets the ``SM_*`` variables and
+starts ``python <sagemaker_program> --key value ...``. The configs are written from a
+real plan's request (``plan_run``); what the program receives is the toolkit's doing, and
+the oracle for it is the toolkit and the entry point's own parser, not the project's code.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from headpose.artifacts.archive import pack_model_dir, safe_extract
-from headpose.backends.container import make_dirs, to_cmd_args, training_environment
-from headpose.planning.plan import plan_run
+from headpose.artifacts.archive import find_saved_model, pack_model_dir
+from headpose.backends.container import make_dirs, write_configs
 from headpose.backends.sourcedir import build_sourcedir
+from headpose.planning.plan import plan_run
 
 ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
 LOGICAL = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 TINY = {"resnet_size": 10, "base_filters": 8, "training_steps": 2, "evaluation_steps": 1, "batch_size": 8}
 ROOT = Path(__file__).resolve().parents[1]
+# The toolkit's console script, installed beside this interpreter.
+TOOLKIT = Path(sys.executable).with_name("train")
+DT_HALF = 19  # tensorflow.DataType.DT_HALF
 
 
 def tiny_request(**params) -> dict:
-    """The request the DAG builds for a sagemaker run with tiny model settings."""
+    """The request the DAG builds for a sagemaker run (GPU type: mixed precision, XLA) of a tiny model."""
     plan = plan_run(
         {"backend": "sagemaker", "role_arn": ARN, "s3_bucket": "bkt", **TINY, **params},
         LOGICAL, region="us-east-1", dag_id="headpose_retraining", run_id="manual__test",
@@ -49,139 +47,219 @@ def tiny_request(**params) -> dict:
     return plan["training_request"]
 
 
-def toolkit_arguments(hyperparameters_json: Path) -> tuple[dict, dict, list[str]]:
-    """Steps 2-3: ``(sagemaker_* settings, user hyperparameters, argv)`` from the file."""
-    stored = json.loads(hyperparameters_json.read_text())
-    decoded = {}
-    for key, value in stored.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (TypeError, ValueError):
-            decoded[key] = value
-    framework = {k: v for k, v in decoded.items() if k.startswith("sagemaker_")}
-    user = {k: v for k, v in decoded.items() if not k.startswith("sagemaker_")}
-    return framework, user, to_cmd_args(user)
+def lay_out_job(root: Path, request: dict, sourcedir: Path, channel_dir: Path) -> dict[str, Path]:
+    """``root`` as SageMaker's platform leaves ``/opt/ml`` for the request before the toolkit starts."""
+    dirs = make_dirs(root)
+    write_configs(dirs["config"], request, sourcedir)
+    (dirs["data"] / "training").symlink_to(channel_dir, target_is_directory=True)
+    return dirs
 
 
-def start_like_the_toolkit(request: dict, root: Path, channel_dir: Path, extra_env: dict | None = None):
-    """Lay out ``root`` as ``/opt/ml`` for ``request`` and run its program; return the process."""
-    command, dirs, args, env = toolkit_command(request, root, channel_dir, extra_env)
-    process = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
-                             timeout=900)
-    return process, dirs, args, env
+def toolkit_command() -> list[str]:
+    return [sys.executable, str(TOOLKIT)]
 
 
-def toolkit_command(request: dict, root: Path, channel_dir: Path, extra_env: dict | None = None):
-    """Lay out ``root`` as ``/opt/ml`` for ``request``; ``(command, dirs, args, env)`` to run."""
-    dirs = make_dirs(root, request)
-    sourcedir, _ = build_sourcedir(root / "sourcedir.tar.gz")
-    safe_extract(sourcedir, dirs["code"])
-    training = dirs["data"] / "training"
-    training.symlink_to(channel_dir, target_is_directory=True)
-    hyperparameters_json = dirs["config"] / "hyperparameters.json"
-    hyperparameters_json.write_text(json.dumps(request["HyperParameters"]))
-    framework, user, args = toolkit_arguments(hyperparameters_json)
-    # The container's environment has nothing of this checkout: no PYTHONPATH at all.
-    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env = training_environment(request, dirs, user, framework, args, environ=base)
-    env.update(extra_env or {})
-    return [sys.executable, framework["sagemaker_program"], *args], dirs, args, env
+def toolkit_env(root: Path, request: dict) -> dict[str, str]:
+    """What the platform sets, and nothing of this checkout: no PYTHONPATH at all."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("SM_", "SAGEMAKER_"))}
+    return {**env, "SAGEMAKER_BASE_DIR": str(root), "SM_STUDIO_LOCAL_MODE": "true",
+            "TRAINING_JOB_NAME": request["TrainingJobName"], "PYTHONUNBUFFERED": "1"}
 
 
-def tiny_model_archive(work: Path) -> Path:
-    """A real ``model.tar.gz`` as SageMaker would upload it, from a tiny toolkit-style run."""
+def run_toolkit(request: dict, root: Path, sourcedir: Path, channel_dir: Path):
+    """Lay out ``root`` and run the toolkit's ``train`` to the end; ``(process, dirs)``."""
+    dirs = lay_out_job(root, request, sourcedir, channel_dir)
+    process = subprocess.run(toolkit_command(), cwd=dirs["code"], env=toolkit_env(root, request),
+                             capture_output=True, text=True, timeout=900)
+    return process, dirs
+
+
+def shards_for(work: Path) -> Path:
     from headpose.datasets.synthetic import write_synthetic_dataset
 
     shards = work / "shards"
     write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
-    process, dirs, _, _ = start_like_the_toolkit(tiny_request(), work / "opt-ml", shards)
+    return shards
+
+
+def tiny_model_archive(work: Path) -> Path:
+    """A real ``model.tar.gz`` as SageMaker would upload it, from a tiny run under the toolkit."""
+    sourcedir, _ = build_sourcedir(work / "sourcedir.tar.gz")
+    process, dirs = run_toolkit(tiny_request(), work / "opt-ml", sourcedir, shards_for(work))
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     return pack_model_dir(dirs["model"], work / "model.tar.gz")
 
 
-@pytest.fixture(scope="module")
-def toolkit_run(tmp_path_factory):
-    from headpose.datasets.synthetic import write_synthetic_dataset
-
-    work = tmp_path_factory.mktemp("toolkit")
-    shards = work / "shards"
-    write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
-    request = tiny_request()
-    process, dirs, args, env = start_like_the_toolkit(request, work / "opt-ml", shards)
-    return {"process": process, "dirs": dirs, "args": args, "env": env, "request": request}
+PROBE = """
+import json, os, sys
+from pathlib import Path
+seen = {"argv": sys.argv[1:], "cwd": os.getcwd(), "files": sorted(os.listdir(".")),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("SM_") or k == "PYTHONPATH"}}
+Path(os.environ["SM_MODEL_DIR"], "seen.json").write_text(json.dumps(seen))
+"""
 
 
-def test_hyperparameters_become_the_toolkits_arguments(tmp_path):
-    request = tiny_request()
-    stored = tmp_path / "hyperparameters.json"
-    stored.write_text(json.dumps(request["HyperParameters"]))
-    assert all(isinstance(v, str) for v in json.loads(stored.read_text()).values())
-    framework, user, args = toolkit_arguments(stored)
-    assert framework["sagemaker_program"] == "train.py"
-    assert framework["sagemaker_submit_directory"].endswith("/source/sourcedir.tar.gz")
-    # The toolkit's to_cmd_args: "--key value" pairs, keys sorted, values as str() of the
-    # decoded JSON (so 8, not "8" with quotes; a string without its JSON quotes).
-    names, values = args[0::2], args[1::2]
-    assert names == sorted(names) == [f"--{k}" for k in sorted(user)]
-    assert dict(zip(names, values)).items() >= {
-        "--base_filters": "8", "--batch_size": "8", "--evaluation_steps": "1", "--resnet_size": "10",
-        "--seed": "0", "--training_steps": "2",
-        "--model_dir": "s3://bkt/headpose/TFartifacts/deeplens-TF-headpose-2024-05-06-07-08-09-000/model",
-    }.items()
-    assert not any(name.startswith("--sagemaker_") for name in names)
-    # ... and the entry point's parser takes every one of them.
+def probe_sourcedir(path: Path) -> Path:
+    """A ``sourcedir.tar.gz`` whose ``train.py`` only records how it was started."""
+    with tarfile.open(path, "w:gz") as tar:
+        data = PROBE.encode()
+        info = tarfile.TarInfo("train.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_the_toolkit_hands_the_entry_point_the_requests_hyperparameters(tmp_path):
     from headpose.training.entry import argument_parser
 
-    parsed = argument_parser().parse_args(args)
-    assert (parsed.resnet_size, parsed.base_filters, parsed.training_steps) == (10, 8, 2)
+    request = tiny_request()
+    channel = tmp_path / "channel"
+    channel.mkdir()
+    process, dirs = run_toolkit(request, tmp_path / "opt-ml", probe_sourcedir(tmp_path / "probe.tar.gz"), channel)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    seen = json.loads((dirs["model"] / "seen.json").read_text())
+
+    # Every value in the request is a JSON document (the SDK's rule); the toolkit decodes
+    # it, and the entry point's own parser must read back the same values.
+    hyperparameters = {k: json.loads(v) for k, v in request["HyperParameters"].items()}
+    user = {k: v for k, v in hyperparameters.items() if not k.startswith("sagemaker_")}
+    assert not [a for a in seen["argv"] if a.startswith("--sagemaker_")]
+    parsed = vars(argument_parser().parse_args(seen["argv"]))
+    assert {k: parsed[k] for k in user} == user
+    assert (parsed["dtype_policy"], parsed["jit_compile"], parsed["channel_order"]) == ("mixed_float16", 1, "bgr")
+
+    env = seen["env"]
+    assert Path(seen["cwd"]) == dirs["code"] and seen["files"] == ["train.py"]
+    assert env["SM_CHANNEL_TRAINING"] == str(dirs["data"] / "training")
+    assert env["SM_MODEL_DIR"] == str(dirs["model"])
+    assert env["SM_OUTPUT_DATA_DIR"] == str(dirs["output_data"])
+    assert json.loads(env["SM_HOSTS"]) == ["algo-1"] and env["SM_CURRENT_HOST"] == "algo-1"
+    assert env["SM_CURRENT_INSTANCE_TYPE"] == request["ResourceConfig"]["InstanceType"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(dirs["code"])
+    assert (dirs["output"] / "success").is_file()
+
+
+@pytest.fixture(scope="module")
+def toolkit_run(tmp_path_factory):
+    """The real entry point, from the real ``sourcedir.tar.gz``, with the GPU request's
+    mixed precision and XLA (on this CPU)."""
+    work = tmp_path_factory.mktemp("toolkit")
+    sourcedir, _ = build_sourcedir(work / "sourcedir.tar.gz")
+    request = tiny_request()
+    process, dirs = run_toolkit(request, work / "opt-ml", sourcedir, shards_for(work))
+    return {"process": process, "dirs": dirs, "request": request, "output": process.stdout + process.stderr}
 
 
 @pytest.mark.slow
-def test_the_entry_point_trains_and_exports_from_the_extracted_sourcedir(toolkit_run):
-    process, dirs, env = toolkit_run["process"], toolkit_run["dirs"], toolkit_run["env"]
-    output = process.stdout + process.stderr
+def test_the_entry_point_trains_and_exports_under_the_toolkit(toolkit_run):
+    process, dirs, output = toolkit_run["process"], toolkit_run["dirs"], toolkit_run["output"]
     assert process.returncode == 0, output[-4000:]
-    assert "PYTHONPATH" not in env
-    assert env["SM_CHANNEL_TRAINING"] == str(dirs["data"] / "training")
-    assert env["SM_MODEL_DIR"] == str(dirs["model"])
-    assert json.loads(env["SM_HOSTS"]) == ["algo-1"]
+    assert "precision: dtype_policy=mixed_float16 jit_compile=True channel_order=bgr" in output
 
     exports = list((dirs["model"] / "export" / "Servo").iterdir())
     assert len(exports) == 1 and exports[0].name.isdigit()
     assert (exports[0] / "saved_model.pb").is_file()
+    assert json.loads((exports[0] / "assets.extra/preprocessing.json").read_text()) == {"channel_order": "bgr"}
     metrics = json.loads((dirs["model"] / "metrics.json").read_text())
     assert metrics["training_steps"] == 2 and metrics["resnet_size"] == 10
+    assert (metrics["dtype_policy"], metrics["jit_compile"], metrics["channel_order"]) == ("mixed_float16", True, "bgr")
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert json.loads((dirs["output_data"] / "metrics.json").read_text()) == metrics
-    assert not (dirs["output"] / "failure").exists()
+    assert not (dirs["output"] / "failure").exists() and (dirs["output"] / "success").is_file()
 
     # SageMaker reads metrics from these lines with the request's MetricDefinitions.
-    import re
-
     found = {d["Name"] for d in toolkit_run["request"]["AlgorithmSpecification"]["MetricDefinitions"]
              if re.search(d["Regex"], output)}
     assert found == {"train:loss", "train:accuracy", "eval:loss", "eval:accuracy"}
 
 
 @pytest.mark.slow
+def test_a_mixed_precision_model_freezes_to_a_float32_graph(toolkit_run, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from headpose.artifacts.freeze import freeze_saved_model, run_graph_def
+
+    assert toolkit_run["process"].returncode == 0, toolkit_run["output"][-4000:]
+    saved_model = find_saved_model(toolkit_run["dirs"]["model"])
+    result = freeze_saved_model(saved_model, tmp_path)
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(result.pb_path.read_bytes())
+    half = [node.name for node in graph_def.node
+            if any(value.type == DT_HALF or DT_HALF in value.list.type for value in node.attr.values())
+            or any(value.tensor.dtype == DT_HALF for value in node.attr.values())]
+    assert half == [] and "Cast" not in {node.op for node in graph_def.node}
+
+    images = np.random.default_rng(3).random((4, 84, 84, 3), dtype=np.float32)
+    frozen = run_graph_def(graph_def, {"inputs": images}, ["softmax_tensor"])[0]
+    signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    served = signature(inputs=tf.constant(images))
+    assert served["probabilities"].dtype == tf.float32
+    assert np.max(np.abs(frozen - served["probabilities"].numpy())) < 1e-5
+    assert result.parity_max_abs_diff < 1e-5
+
+
+@pytest.mark.slow
+def test_the_float32_twin_of_a_mixed_precision_model_has_its_weights():
+    import argparse
+
+    import numpy as np
+    import tensorflow as tf
+
+    from headpose.training import entry, model
+
+    args = argparse.Namespace(resnet_size=10, base_filters=4, weight_decay=2e-4, batch_norm_momentum=0.9)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        tf.keras.utils.set_random_seed(0)
+        mixed = model.build_resnet(10, 4, 2e-4, 0.9)
+        mixed.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+        rng = np.random.default_rng(0)
+        images = rng.random((8, 84, 84, 3), dtype=np.float32)
+        mixed.fit(images, rng.integers(0, 9, 8), batch_size=4, epochs=1, verbose=0)
+        twin = entry.float32_twin(mixed, args, model)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert mixed.dtype_policy.name == "mixed_float16" and twin.dtype_policy.name == "float32"
+    assert {layer.compute_dtype for layer in twin.layers} == {"float32"}
+    assert len(twin.weights) == len(mixed.weights)
+    for ours, theirs in zip(twin.weights, mixed.weights):
+        assert ours.path == theirs.path and ours.dtype == "float32"
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    # The same function, computed in float32 instead of float16.
+    np.testing.assert_allclose(twin(images, training=False), mixed(images, training=False), atol=2e-2)
+
+
+@pytest.mark.slow
 def test_the_code_folder_alone_provides_the_package(toolkit_run):
-    # Same interpreter, folder and environment as the training run: `headpose` resolves to
-    # the extracted copy, so nothing of this checkout was needed.
+    # The toolkit prints the PYTHONPATH it gave the program: the code folder first, and
+    # nothing of this checkout. With it, `headpose` resolves to the extracted copy.
     code = toolkit_run["dirs"]["code"]
+    python_path = re.search(r"^PYTHONPATH=(.*)$", toolkit_run["output"], re.M)[1]
+    assert python_path.split(os.pathsep)[0] == str(code)
+    assert str(ROOT / "include") not in python_path.split(os.pathsep)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": python_path}
     found = subprocess.run(
         [sys.executable, "-c", "import headpose.training.entry as e; print(e.__file__)"],
-        cwd=code, env=toolkit_run["env"], capture_output=True, text=True, check=True,
+        cwd=code, env=env, capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert Path(found).resolve().is_relative_to(code.resolve())
-    assert not Path(found).resolve().is_relative_to((ROOT / "include").resolve())
 
 
 def test_a_cluster_is_refused_with_a_failure_file(tmp_path):
-    # Stops before TensorFlow is imported: cheap, and the reason reaches FailureReason.
+    # The toolkit takes the hosts from resourceconfig.json into SM_HOSTS; the entry point
+    # refuses before TensorFlow is imported, and its reason reaches FailureReason.
     channel = tmp_path / "empty-channel"
     channel.mkdir()
-    hosts = {"SM_HOSTS": json.dumps(["algo-1", "algo-2"]), "SM_CURRENT_HOST": "algo-1"}
-    process, dirs, _, _ = start_like_the_toolkit(tiny_request(), tmp_path / "opt-ml", channel, hosts)
+    request = tiny_request()
+    sourcedir, _ = build_sourcedir(tmp_path / "sourcedir.tar.gz")
+    dirs = lay_out_job(tmp_path / "opt-ml", request, sourcedir, channel)
+    config = dirs["config"] / "resourceconfig.json"
+    resources = json.loads(config.read_text())
+    resources["hosts"] = resources["instance_groups"][0]["hosts"] = ["algo-1", "algo-2"]
+    config.write_text(json.dumps(resources))
+    process = subprocess.run(toolkit_command(), cwd=dirs["code"], env=toolkit_env(tmp_path / "opt-ml", request),
+                             capture_output=True, text=True, timeout=900)
     assert process.returncode == 1
     failure = (dirs["output"] / "failure").read_text()
     assert "instance_count must be 1" in failure and "algo-2" in failure
@@ -189,31 +267,28 @@ def test_a_cluster_is_refused_with_a_failure_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
-    from headpose.datasets.synthetic import write_synthetic_dataset
-
-    shards = tmp_path / "shards"
-    write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
     request = tiny_request(use_spot_instances=True, max_run_seconds=3600, max_wait_seconds=3600,
-                           training_steps=400)
-    command, dirs, args, env = toolkit_command(request, tmp_path / "opt-ml", shards)
+                           training_steps=400, mixed_precision="off", xla="off")
+    assert json.loads(request["HyperParameters"]["checkpoint_dir"]) == "/opt/ml/checkpoints"
     # SageMaker restores /opt/ml/checkpoints from S3 before a restarted spot job; here the
-    # folder simply survives. It stands in for /opt/ml/checkpoints, as dirs do for /opt/ml.
-    checkpoints = tmp_path / "opt-ml" / "checkpoints"
-    assert command[command.index("--checkpoint_dir") + 1] == "/opt/ml/checkpoints"
-    command[command.index("--checkpoint_dir") + 1] = str(checkpoints)
-    command += ["--checkpoint_every", "10"]
+    # folder simply survives. It stands in for /opt/ml/checkpoints, as the root does for /opt/ml.
+    root, checkpoints = tmp_path / "opt-ml", tmp_path / "opt-ml" / "checkpoints"
+    request["HyperParameters"].update(checkpoint_dir=json.dumps(str(checkpoints)), checkpoint_every="10")
+    sourcedir, _ = build_sourcedir(tmp_path / "sourcedir.tar.gz")
+    dirs = lay_out_job(root, request, sourcedir, shards_for(tmp_path))
+    env = toolkit_env(root, request)
 
-    first = subprocess.Popen(command, cwd=dirs["code"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(toolkit_command(), cwd=dirs["code"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not (checkpoints / "checkpoint").exists() and first.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)  # the spot interruption: no clean-up of any kind
+    os.killpg(first.pid, signal.SIGKILL)  # the spot interruption: the toolkit and the program, no clean-up
     first.wait()
     assert first.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
 
-    second = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
+    second = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True,
                             timeout=900)
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
@@ -223,7 +298,7 @@ def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 400
 
     # Interrupted after training, before the model was uploaded: nothing is trained again.
-    third = subprocess.run(command, cwd=dirs["code"], env=env, capture_output=True, text=True,
+    third = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True,
                            timeout=900)
     output = third.stdout + third.stderr
     assert third.returncode == 0, output[-4000:]

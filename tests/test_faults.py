@@ -444,7 +444,7 @@ def test_a_worker_killed_during_train_and_then_during_freeze_graph_leaves_one_jo
         return keys(s3, bucket, "headpose/TFartifacts/")
 
     first = StreamedRun(dags_test_command(conf, when), env, home / "killed-in-train.log")
-    first.wait_for(r"running: python train\.py")
+    first.wait_for(r"running the SageMaker training toolkit")
     trainer = find_descendant(first.process.pid, "train.py")
     first.wait_for(r"data: \d+ training images")  # the training program is under way
     killed = first.kill_worker()
@@ -466,7 +466,7 @@ def test_a_worker_killed_during_train_and_then_during_freeze_graph_leaves_one_jo
     assert state == "success"
     # The retried train found the job it had completed instead of training a second one.
     assert f"training job {job} already completed" in third.output
-    assert "running: python train.py" not in third.output
+    assert "running the SageMaker training toolkit" not in third.output
     assert s3.head_object(Bucket=bucket, Key=artifact_key)["ETag"] == artifact["ETag"]
     assert [k for k in job_keys() if k.endswith("model.tar.gz")] == [artifact_key]
     assert {k.split("/")[2] for k in job_keys()} == {CHAMPION_JOB, job}

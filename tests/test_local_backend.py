@@ -1,6 +1,7 @@
-"""The local training backend, for real: moto's S3 over HTTP, a real subprocess, real files."""
+"""The local training backend, for real: moto's S3 over HTTP, the SageMaker training toolkit, real files."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -9,36 +10,35 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from headpose.artifacts.archive import safe_extract
-from headpose.planning.layout import RunLayout, split_s3_uri
-from headpose.backends.container import to_cmd_args
 from headpose.backends.local import LocalTrainingError, run_local_training_job
+from headpose.backends.process import stop_process
+from headpose.backends.sourcedir import SourcedirMismatch, build_sourcedir
+from headpose.planning.layout import RunLayout, split_s3_uri
 from headpose.planning.rules import validate_run_params
 from headpose.planning.request import training_job_request
-from headpose.backends.sourcedir import build_sourcedir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 JOB = "deeplens-TF-headpose-2024-05-06-07-08-09-010"
 BUCKET = "headpose-test"
 
-# A stand-in for train.py that checks the contract it is started under and produces what
-# the real one does: a model folder with export/Servo/<ts>/saved_model.pb and metric lines.
+# A stand-in for train.py that records what it was started with and produces what the
+# real one does: a model folder with export/Servo/<ts>/saved_model.pb and metric lines.
+# It knows none of the project's code: what it sees is what the SageMaker training
+# toolkit made of the request.
 DUMMY_PROGRAM = textwrap.dedent('''
-    import argparse, json, os, sys, time
+    import json, os, sys, time
     from pathlib import Path
 
-    parser = argparse.ArgumentParser()
-    for name in ("training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed"):
-        parser.add_argument("--" + name, type=int, required=True)
-    parser.add_argument("--batch_norm_momentum", type=float, required=True)
-    parser.add_argument("--decay_epochs", type=str, required=True)
-    parser.add_argument("--model_dir", required=True)
-    args = parser.parse_args()
-
-    from helper import MESSAGE  # the code folder is the working directory, first on sys.path
+    from helper import MESSAGE  # the code folder is first on the path the toolkit sets
+    Path(os.environ["SM_MODEL_DIR"]).parent.joinpath("program.pid").write_text(str(os.getpid()))
     print(MESSAGE, flush=True)
     # Wait until the backend has passed the line above on: proves output is streamed live.
     handshake = Path(os.environ["SM_MODEL_DIR"]).parent / "handshake"
@@ -54,6 +54,8 @@ DUMMY_PROGRAM = textwrap.dedent('''
         Path(os.environ["SM_OUTPUT_DIR"], "failure").write_text("ValueError: no eval shards in the channel")
         print("traceback would be here", flush=True)
         sys.exit(1)
+    if mode == "crash":  # dies without a word, as an out-of-memory kill would leave it
+        os._exit(5)
     if mode == "hang":
         time.sleep(600)
 
@@ -67,7 +69,8 @@ DUMMY_PROGRAM = textwrap.dedent('''
     seen = {
         "argv": sys.argv[1:],
         "cwd": os.getcwd(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("SM_") or k in ("PYTHONPATH", "TRAINING_JOB_NAME")},
+        "env": {k: v for k, v in os.environ.items()
+                if k.startswith("SM_") or k in ("PYTHONPATH", "TRAINING_JOB_NAME")},
         "airflow_vars": sorted(k for k in os.environ if k.startswith("AIRFLOW")),
         "channel_files": sorted(os.listdir(os.environ["SM_CHANNEL_TRAINING"])),
         "config": {name: json.loads(Path(os.environ["SM_INPUT_CONFIG_DIR"], name).read_text())
@@ -76,12 +79,14 @@ DUMMY_PROGRAM = textwrap.dedent('''
     (model_dir / "seen.json").write_text(json.dumps(seen))
     Path(os.environ["SM_OUTPUT_DATA_DIR"], "extra.txt").write_text("output data")
 ''')
+# Where the toolkit would go if it reached for S3 itself: nothing listens there.
+NO_S3 = {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
 
 
-def _sourcedir_bytes() -> bytes:
+def _sourcedir_bytes(program: str = DUMMY_PROGRAM) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in (("train.py", DUMMY_PROGRAM), ("helper.py", "MESSAGE = 'helper imported'\n")):
+        for name, text in (("train.py", program), ("helper.py", "MESSAGE = 'helper imported'\n")):
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -103,12 +108,14 @@ def job(s3_client, tmp_path):
         s3_client.put_object(Bucket=BUCKET, Key=prefix + name, Body=name.encode())
     s3_client.put_object(Bucket=BUCKET, Key=prefix + "nested/deeper.txt", Body=b"x")
     _, code_key = split_s3_uri(layout.sourcedir_uri)
-    s3_client.put_object(Bucket=BUCKET, Key=code_key, Body=_sourcedir_bytes())
+    code = _sourcedir_bytes()
+    s3_client.put_object(Bucket=BUCKET, Key=code_key, Body=code)
     request = training_job_request(layout, params, "image-uri", region="us-east-1", run_id="r1")
-    return {"request": request, "layout": layout, "root": tmp_path / "opt-ml"}
+    return {"request": request, "layout": layout, "root": tmp_path / "opt-ml", "code_key": code_key,
+            "sha256": hashlib.sha256(code).hexdigest()}
 
 
-def _run(job, s3_client, mode="ok", **overrides):
+def _run(job, s3_client, mode="ok", on_start=None, **overrides):
     lines: list[str] = []
     handshake = job["root"] / "handshake"
 
@@ -117,9 +124,11 @@ def _run(job, s3_client, mode="ok", **overrides):
         if line == "helper imported":
             handshake.touch()
 
-    environ = {**os.environ, "DUMMY_MODE": mode, "AIRFLOW_CONN_SECRET": "x", "PYTHONPATH": "/nowhere"}
+    environ = {**os.environ, **NO_S3, "DUMMY_MODE": mode, "AIRFLOW_CONN_SECRET": "x",
+               "PYTHONPATH": "/nowhere", "SAGEMAKER_PROGRAM": "elsewhere.py"}
     request = {**job["request"], **overrides}
-    result = run_local_training_job(request, s3_client, job["root"], log, environ=environ)
+    result = run_local_training_job(request, s3_client, job["root"], log, environ=environ,
+                                    sourcedir_sha256=job["sha256"], on_start=on_start)
     return result, lines
 
 
@@ -148,34 +157,41 @@ def test_a_run_honours_the_request_and_uploads_model_tar_gz(job, s3_client, tmp_
     s3_client.head_object(Bucket=bucket, Key=key.replace("model.tar.gz", "output.tar.gz"))
 
     root = job["root"]
-    # Hyperparameters other than sagemaker_* as sorted --key value, JSON-decoded.
-    assert seen["argv"] == [
-        "--base_filters", "8", "--batch_norm_momentum", "0.99", "--batch_size", "4",
-        "--decay_epochs", "100,150,200", "--evaluation_steps", "1",
-        "--model_dir", f"s3://{BUCKET}/headpose/TFartifacts/{JOB}/model",
-        "--resnet_size", "10", "--seed", "0", "--training_steps", "2",
-    ]
+    # The toolkit's arguments: the hyperparameters other than sagemaker_*, JSON-decoded.
+    argv = dict(zip(seen["argv"][0::2], seen["argv"][1::2]))
+    assert len(argv) * 2 == len(seen["argv"])
+    assert argv.items() >= {
+        "--training_steps": "2", "--batch_size": "4", "--batch_norm_momentum": "0.99",
+        "--decay_epochs": "100,150,200", "--dtype_policy": "float32", "--jit_compile": "0",
+        "--channel_order": "bgr", "--model_dir": f"s3://{BUCKET}/headpose/TFartifacts/{JOB}/model",
+    }.items()
+    assert not [name for name in argv if name.startswith("--sagemaker_")]
     assert Path(seen["cwd"]) == root / "code"
     env = seen["env"]
     assert env["SM_MODEL_DIR"] == str(root / "model")
     assert env["SM_CHANNEL_TRAINING"] == str(root / "input/data/training")
     assert json.loads(env["SM_CHANNELS"]) == ["training"]
-    assert env["SM_OUTPUT_DIR"] == str(root / "output")
     assert env["SM_OUTPUT_DATA_DIR"] == str(root / "output/data")
-    assert env["SM_INPUT_CONFIG_DIR"] == str(root / "input/config")
     assert json.loads(env["SM_HOSTS"]) == ["algo-1"] and env["SM_CURRENT_HOST"] == "algo-1"
-    assert json.loads(env["SM_HPS"])["training_steps"] == 2
     assert env["SM_HP_BATCH_SIZE"] == "4"
-    assert env["SM_USER_ENTRY_POINT"] == "train.py" and env["SM_MODULE_NAME"] == "train"
-    assert int(env["SM_NUM_CPUS"]) >= 1 and int(env["SM_NUM_GPUS"]) >= 0
+    # The program the request names, not the SAGEMAKER_PROGRAM left in the worker's environment.
+    assert env["SM_USER_ENTRY_POINT"] == "train.py"
     assert env["TRAINING_JOB_NAME"] == JOB
-    assert "PYTHONPATH" not in env and seen["airflow_vars"] == []
+    # The code the toolkit extracted is the verified local copy, not the S3 object.
+    assert env["SM_MODULE_DIR"] == str(root / "sourcedir.tar.gz")
+    path = env["PYTHONPATH"].split(os.pathsep)
+    assert Path(path[0]) == root / "code" and "/nowhere" not in path
+    assert str(ROOT / "include") not in path and seen["airflow_vars"] == []
     assert seen["channel_files"] == ["eval-00000.tfrecord", "manifest.json", "nested", "train-00000.tfrecord"]
     assert (root / "input/data/training/nested/deeper.txt").read_bytes() == b"x"
     config = seen["config"]
-    assert config["hyperparameters.json"] == job["request"]["HyperParameters"]
+    assert config["hyperparameters.json"] == {
+        **job["request"]["HyperParameters"], "sagemaker_submit_directory": json.dumps(str(root / "sourcedir.tar.gz")),
+    }
     assert config["inputdataconfig.json"]["training"]["TrainingInputMode"] == "File"
     assert config["resourceconfig.json"]["current_host"] == "algo-1"
+    assert (root / "output" / "success").is_file()  # the toolkit's own report
+    assert any("Invoking script with the following command" in line for line in lines)
 
 
 def test_a_failing_program_raises_its_failure_text(job, s3_client):
@@ -184,6 +200,61 @@ def test_a_failing_program_raises_its_failure_text(job, s3_client):
     message = str(failed.value)
     assert JOB in message and "exit code 1" in message
     assert "ValueError: no eval shards in the channel" in message
+    bucket, key = split_s3_uri(job["layout"].model_artifact_uri)
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket, Prefix=key.rsplit("/", 1)[0])
+
+
+def test_a_program_that_dies_silently_fails_with_the_toolkits_report(job, s3_client):
+    with pytest.raises(LocalTrainingError) as failed:
+        _run(job, s3_client, mode="crash")
+    message = str(failed.value)
+    # The toolkit, not the backend, wrote output/failure for a program that wrote none.
+    assert "ExecuteUserScriptError" in message and "ExitCode 5" in message
+
+
+def test_stopping_the_toolkit_stops_the_program_too(job, s3_client):
+    """What on_kill does: SIGTERM to the toolkit's process group, the program included."""
+    started: list[subprocess.Popen] = []
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            _run(job, s3_client, mode="hang", on_start=started.append)
+        except LocalTrainingError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pid_file = job["root"] / "program.pid"
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and (job["root"] / "handshake").exists()):
+        assert time.monotonic() < deadline and thread.is_alive(), "the program never started"
+        time.sleep(0.1)
+    program = int(pid_file.read_text())
+    stop_process(started[0])
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "failed (exit code" in outcome["error"]
+    assert not _alive(program)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_code_replaced_after_packaging_is_not_run(job, s3_client):
+    # Someone with write access under the bucket's folder swaps the code before train.
+    s3_client.put_object(Bucket=BUCKET, Key=job["code_key"],
+                         Body=_sourcedir_bytes("import os; os.system('echo owned')\n"))
+    actual = hashlib.sha256(s3_client.get_object(Bucket=BUCKET, Key=job["code_key"])["Body"].read()).hexdigest()
+    with pytest.raises(SourcedirMismatch) as refused:
+        _run(job, s3_client)
+    message = str(refused.value)
+    assert job["sha256"] in message and actual in message and job["layout"].sourcedir_uri in message
+    assert not any((job["root"] / "code").iterdir())  # nothing was extracted, let alone run
     bucket, key = split_s3_uri(job["layout"].model_artifact_uri)
     assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket, Prefix=key.rsplit("/", 1)[0])
 
@@ -219,12 +290,6 @@ def test_more_than_one_instance_is_refused(job, s3_client):
     resources = {**job["request"]["ResourceConfig"], "InstanceCount": 2}
     with pytest.raises(LocalTrainingError, match="InstanceCount must be 1"):
         _run(job, s3_client, ResourceConfig=resources)
-
-
-def test_cmd_args_match_the_training_toolkit():
-    assert to_cmd_args({"b": 1, "alpha": "x", "m": {"k": 1, "a": 2}, "n": None, "flag": True}) == [
-        "--alpha", "x", "-b", "1", "--flag", "True", "-m", "a=2,k=1", "-n", "",
-    ]
 
 
 def test_sourcedir_is_deterministic_and_self_contained(tmp_path):
@@ -266,3 +331,25 @@ def test_a_training_program_left_by_a_killed_task_is_stopped_before_the_retry(tm
         for process in (orphan, stranger):
             process.kill()
             process.wait()
+
+
+def test_the_train_task_fails_without_retry_when_the_code_was_replaced(job, s3_client, s3_endpoint, monkeypatch):
+    import airflow_support  # noqa: F401  (a throw-away AIRFLOW_HOME before airflow is imported)
+    from airflow.sdk.exceptions import AirflowFailException
+    from headpose_operators import HeadposeTrainingOperator
+    from support import aws_env
+
+    for name, value in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    s3_client.put_object(Bucket=BUCKET, Key=job["code_key"], Body=_sourcedir_bytes("print('not ours')\n"))
+    operator = HeadposeTrainingOperator(
+        task_id="train", config=job["request"], backend="local", aws_conn_id="aws_default",
+        sourcedir_sha256=job["sha256"], local_work_dir=str(job["root"]),
+    )
+
+    class TaskInstance:
+        def xcom_push(self, key, value):
+            pass
+
+    with pytest.raises(AirflowFailException, match=f"refusing to train with {job['layout'].sourcedir_uri}"):
+        operator.execute({"ti": TaskInstance()})

@@ -216,3 +216,64 @@ def test_without_role_arn_the_request_takes_the_connections_role_and_without_eit
 
     with pytest.raises(RunParamsError, match="needs the SageMaker execution role"):
         plan_run({"backend": "sagemaker"}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")
+
+
+def _speed(**params) -> dict:
+    plan = plan_run({"role_arn": ARN, **params}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")
+    hps = plan["training_request"]["HyperParameters"]
+    return {"dtype_policy": json.loads(hps["dtype_policy"]), "jit_compile": json.loads(hps["jit_compile"])}
+
+
+@pytest.mark.parametrize("instance_type", ["ml.g4dn.xlarge", "ml.g5.2xlarge", "ml.p3.2xlarge", "ml.p4d.24xlarge"])
+def test_gpu_instance_types_train_in_mixed_precision_with_xla_by_default(instance_type):
+    assert _speed(backend="sagemaker", instance_type=instance_type) == {
+        "dtype_policy": "mixed_float16", "jit_compile": 1}
+
+
+@pytest.mark.parametrize("params", [
+    {"backend": "sagemaker", "instance_type": "ml.m5.xlarge"},  # a CPU type
+    {"backend": "sagemaker", "instance_type": "ml.c5.4xlarge"},
+    {"backend": "local", "instance_type": "ml.g4dn.xlarge"},  # the worker's own hardware
+])
+def test_elsewhere_auto_means_float32_without_xla(params):
+    assert _speed(**params) == {"dtype_policy": "float32", "jit_compile": 0}
+
+
+def test_only_the_g_and_p_families_count_as_gpu_types():
+    from headpose.planning.request import is_gpu_instance_type
+
+    assert [t for t in ("ml.g4dn.xlarge", "ml.g6e.xlarge", "ml.p5.48xlarge", "ml.m5.xlarge",
+                        "ml.trn1.2xlarge", "ml.inf2.xlarge", "ml.c7i.large") if is_gpu_instance_type(t)] == [
+        "ml.g4dn.xlarge", "ml.g6e.xlarge", "ml.p5.48xlarge"]
+
+
+def test_each_speed_switch_is_turned_on_or_off_by_its_own_parameter():
+    gpu = {"backend": "sagemaker", "instance_type": "ml.g5.xlarge"}
+    assert _speed(**gpu, mixed_precision="off") == {"dtype_policy": "float32", "jit_compile": 1}
+    assert _speed(**gpu, xla="off") == {"dtype_policy": "mixed_float16", "jit_compile": 0}
+    assert _speed(backend="local", mixed_precision="on", xla="on") == {
+        "dtype_policy": "mixed_float16", "jit_compile": 1}
+    from headpose.planning.params import RunParamsError
+
+    with pytest.raises(RunParamsError, match="mixed_precision='yes'"):
+        _speed(backend="local", mixed_precision="yes")
+
+
+def test_the_speed_and_channel_order_hyperparameters_are_ones_the_entry_point_takes():
+    from headpose.training.entry import argument_parser
+
+    plan = plan_run({"backend": "sagemaker", "role_arn": ARN}, LOGICAL, region="us-east-1", dag_id="d", run_id="r")
+    hps = plan["training_request"]["HyperParameters"]
+    parser = argument_parser()
+    choices = {action.dest: action.choices for action in parser._actions}
+    for name in ("dtype_policy", "jit_compile", "channel_order"):
+        assert json.loads(hps[name]) in choices[name], name
+    assert json.loads(hps["channel_order"]) == "bgr"
+
+
+def test_the_channel_order_param_reaches_the_request():
+    # The channel_order run parameter belongs to the datasets; whatever it says is trained on.
+    params = {**validate_run_params({}), "channel_order": "rgb"}
+    layout = RunLayout.for_run("bkt", "headpose", JOB, "s3://bkt/headpose/datasets/x/")
+    request = training_job_request(layout, params, "image", region="us-east-1")
+    assert json.loads(request["HyperParameters"]["channel_order"]) == "rgb"

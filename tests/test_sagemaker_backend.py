@@ -9,6 +9,7 @@ operator's own SageMaker client, from a description moto returned for the same r
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from datetime import datetime, timezone
 
@@ -26,6 +27,8 @@ ARN = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "headpose-sm"
 LOGICAL = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 JOB = training_job_name(LOGICAL)
+CODE = b"stands for sourcedir.tar.gz: SageMaker's job in moto runs no code"
+CODE_SHA256 = hashlib.sha256(CODE).hexdigest()
 
 
 # -- the decision, without AWS or Airflow ---------------------------------------------
@@ -71,7 +74,11 @@ def aws(s3_endpoint, monkeypatch):
     plan = _plan()
     bucket, prefix = split_s3_uri(plan["dataset_prefix"])
     s3.put_object(Bucket=bucket, Key=prefix + "train-00000.tfrecord", Body=b"records")
-    return {"endpoint": s3_endpoint, "sagemaker": _client("sagemaker", s3_endpoint), "plan": plan}
+    # What package_code leaves: the code in S3 and its sha256 in XCom.
+    _, code_key = split_s3_uri(plan["sourcedir_uri"])
+    s3.put_object(Bucket=bucket, Key=code_key, Body=CODE)
+    return {"endpoint": s3_endpoint, "sagemaker": _client("sagemaker", s3_endpoint), "plan": plan,
+            "s3": s3, "code_key": code_key}
 
 
 def _client(service: str, endpoint: str):
@@ -84,11 +91,16 @@ def _plan(**params) -> dict:
                     LOGICAL, region="us-east-1", dag_id="headpose_retraining", run_id="manual__t")
 
 
-class RecordingTaskInstance:
-    """The one part of a task's context the operator uses: ``ti.xcom_push`` (for links)."""
+RETRIES = 3
 
-    def __init__(self):
+
+class RecordingTaskInstance:
+    """The parts of a task's context the operator uses: ``ti.xcom_push`` (for links), and
+    the try numbers Airflow keeps (by default an automatic retry, the second try)."""
+
+    def __init__(self, try_number: int = 2, max_tries: int = RETRIES):
         self.xcoms: dict[str, object] = {}
+        self.try_number, self.max_tries = try_number, max_tries
 
     def xcom_push(self, key: str, value: object) -> None:
         self.xcoms[key] = value
@@ -98,7 +110,8 @@ def _operator(request: dict, **kwargs):
     from headpose_operators import HeadposeTrainingOperator
 
     options = {"backend": "sagemaker", "aws_conn_id": "aws_default", "print_log": False,
-               "check_interval": 0, "deferrable": False, **kwargs}
+               "check_interval": 0, "deferrable": False, "sourcedir_sha256": CODE_SHA256, "retries": RETRIES,
+               **kwargs}
     return HeadposeTrainingOperator(task_id="train", config=copy.deepcopy(request), **options)
 
 
@@ -184,6 +197,16 @@ def test_the_role_comes_from_the_connection_when_the_param_is_empty(aws, monkeyp
     assert aws["sagemaker"].describe_training_job(TrainingJobName=JOB)["RoleArn"] == role
 
 
+def test_a_request_without_the_recorded_sha256_is_not_sent(aws):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for missing in (None, "", "None", "abc"):  # unset, or a template of an unset value
+        with pytest.raises(AirflowFailException, match="cannot be verified is not run"):
+            _operator(aws["plan"]["training_request"], sourcedir_sha256=missing).execute(
+                {"ti": RecordingTaskInstance()})
+    assert _job_count(aws["sagemaker"]) == 0
+
+
 # -- states moto cannot play: Stubber on the operator's own client ---------------------
 
 @pytest.fixture()
@@ -199,10 +222,17 @@ def described(aws):
     return make
 
 
-def _stubbed(operator, *descriptions: dict) -> Stubber:
+def _stubbed(operator, *descriptions: dict, missing: str | None = None) -> Stubber:
+    """Stubber answering DescribeTrainingJob with ``descriptions`` in turn (each for its own job name),
+    then ``missing`` (a job name SageMaker does not know) if given."""
     stubber = Stubber(operator.hook.conn)
     for description in descriptions:
-        stubber.add_response("describe_training_job", description, {"TrainingJobName": JOB})
+        stubber.add_response("describe_training_job", description,
+                             {"TrainingJobName": description.get("TrainingJobName", JOB)})
+    if missing:
+        stubber.add_client_error("describe_training_job", service_error_code="ValidationException",
+                                 service_message="Requested resource not found.",
+                                 expected_params={"TrainingJobName": missing})
     stubber.activate()
     return stubber
 
@@ -216,11 +246,11 @@ def test_a_failed_jobs_reason_is_the_tasks_error(aws, described, deferrable):
 
     operator = _operator(aws["plan"]["training_request"], deferrable=deferrable)
     # Stubber refuses any call not queued: a CreateTrainingJob here would fail the test.
-    stubber = _stubbed(operator, described("Failed", FailureReason=REASON))
+    stubber = _stubbed(operator, described("Failed", FailureReason=REASON), missing=JOB + "-2")
     with pytest.raises(AirflowException) as failed:
-        operator.execute({"ti": RecordingTaskInstance()})
+        operator.execute({"ti": RecordingTaskInstance()})  # an automatic retry: no new job for this reason
     assert REASON in str(failed.value) and "Failed" in str(failed.value)
-    assert "trigger a new run" in str(failed.value)
+    assert "clear train to try another job" in str(failed.value)
     stubber.assert_no_pending_responses()
 
 
@@ -228,7 +258,7 @@ def test_a_stopped_job_fails_the_task_too(aws, described):
     from airflow.sdk.exceptions import AirflowException
 
     operator = _operator(aws["plan"]["training_request"])
-    stubber = _stubbed(operator, described("Stopped", FailureReason="Stopped by the user"))
+    stubber = _stubbed(operator, described("Stopped", FailureReason="Stopped by the user"), missing=JOB + "-2")
     with pytest.raises(AirflowException, match="is Stopped: Stopped by the user"):
         operator.execute({"ti": RecordingTaskInstance()})
     stubber.assert_no_pending_responses()
@@ -312,6 +342,25 @@ def test_a_running_job_is_deferred_to_the_providers_trigger_and_resumed(aws, des
     stubber.assert_no_pending_responses()
 
 
+def test_code_replaced_after_packaging_is_never_sent_to_sagemaker(aws):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    tampered = CODE + b" and something else"
+    aws["s3"].put_object(Bucket=BUCKET, Key=aws["code_key"], Body=tampered)
+    operator = _operator(aws["plan"]["training_request"])
+    # Only the "no such job" answer is queued: a CreateTrainingJob would fail the stubber.
+    stubber = Stubber(operator.hook.conn)
+    stubber.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.")
+    stubber.activate()
+    with pytest.raises(AirflowFailException) as refused:
+        operator.execute({"ti": RecordingTaskInstance()})
+    stubber.assert_no_pending_responses()
+    message = str(refused.value)
+    assert CODE_SHA256 in message and hashlib.sha256(tampered).hexdigest() in message
+    assert aws["plan"]["sourcedir_uri"] in message
+    assert _job_count(aws["sagemaker"]) == 0
+
+
 def test_a_new_job_is_deferred_after_its_creation(aws, described):
     from airflow.sdk.exceptions import TaskDeferred
 
@@ -392,3 +441,61 @@ def test_a_sagemaker_run_reaches_download_artifact_with_the_artifact_sagemaker_w
     assert f"logStreamNameFilter$3D{job}" in links["_link_SageMakerTrainingLogsLink"]
     artifact_key = f"headpose/TFartifacts/{job}/output/model.tar.gz"
     assert links["_link_S3ModelArtifactLink"].endswith(f"/s3/object/{E2E_BUCKET}?region=us-east-1&prefix={artifact_key}")
+
+
+# -- attempts: a new job after a failed one, never two at once -------------------------
+
+def _create_stubbed(stubber: Stubber, job: str) -> None:
+    stubber.add_response("create_training_job", {"TrainingJobArn": f"arn:aws:sagemaker:us-east-1:1:training-job/{job}",
+                                                 "ResponseMetadata": {"HTTPStatusCode": 200}},
+                         {**_request_for(job)})
+
+
+def _request_for(job: str) -> dict:
+    from botocore.stub import ANY
+
+    return {"TrainingJobName": job, "AlgorithmSpecification": ANY, "HyperParameters": ANY, "RoleArn": ANY,
+            "InputDataConfig": ANY, "OutputDataConfig": ANY, "ResourceConfig": ANY, "StoppingCondition": ANY,
+            "EnableNetworkIsolation": ANY, "Tags": ANY}
+
+
+def test_clearing_train_after_a_failed_job_starts_exactly_one_new_job_and_a_second_clear_none(aws, described):
+    request = aws["plan"]["training_request"]
+    cleared = RecordingTaskInstance(try_number=5, max_tries=4 + RETRIES)  # the first try after a clear
+    operator = _operator(request, wait_for_completion=False)
+    stubber = _stubbed(operator, described("Failed", FailureReason=REASON), missing=JOB + "-2")
+    _create_stubbed(stubber, JOB + "-2")
+    stubber.add_response("describe_training_job", described("InProgress", TrainingJobName=JOB + "-2"),
+                         {"TrainingJobName": JOB + "-2"})
+    result = operator.execute({"ti": cleared})
+    stubber.assert_no_pending_responses()
+    assert result["training_job_name"] == JOB + "-2" and result["attempts"] == [JOB, JOB + "-2"]
+
+    # Cleared again while the new job runs: it waits for that one, and starts none.
+    again = _operator(request, wait_for_completion=False)
+    stubber = _stubbed(again, described("Failed", FailureReason=REASON),
+                       described("InProgress", TrainingJobName=JOB + "-2"))
+    result = again.execute({"ti": RecordingTaskInstance(try_number=7, max_tries=6 + RETRIES)})
+    stubber.assert_no_pending_responses()  # no CreateTrainingJob was queued, so none was sent
+    assert result["training_job_name"] == JOB + "-2"
+
+
+def test_a_capacity_failure_is_retried_with_the_next_job_and_attempts_end_at_the_limit(aws, described):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    capacity = "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type."
+    request = aws["plan"]["training_request"]
+    operator = _operator(request, wait_for_completion=False, max_training_attempts=2)
+    stubber = _stubbed(operator, described("Failed", FailureReason=capacity), missing=JOB + "-2")
+    _create_stubbed(stubber, JOB + "-2")
+    stubber.add_response("describe_training_job", described("InProgress", TrainingJobName=JOB + "-2"),
+                         {"TrainingJobName": JOB + "-2"})
+    assert operator.execute({"ti": RecordingTaskInstance()})["training_job_name"] == JOB + "-2"  # an automatic retry
+
+    # The second job fails for capacity too: the run has used its 2 jobs.
+    last = _operator(request, max_training_attempts=2)
+    stubber = _stubbed(last, described("Failed", FailureReason=capacity),
+                       described("Failed", FailureReason=capacity, TrainingJobName=JOB + "-2"))
+    with pytest.raises(AirflowFailException, match="the run has used its 2 training job"):
+        last.execute({"ti": RecordingTaskInstance(try_number=3)})
+    stubber.assert_no_pending_responses()

@@ -10,21 +10,27 @@ for the job it started, take its result, or report its ``FailureReason``
 (``headpose.planning.training_job.next_step`` decides which).
 
 ``backend="local"`` hands the same request to ``headpose.backends.local`` with the S3
-client of the same AWS connection. Both return the provider's XCom shape
-(``{"Training": <describe dict>}``) plus a summary next to the job name (times, final
-metrics, spot saving), so the tasks after ``train`` do not know which backend ran.
+client of the same AWS connection; it runs the SageMaker training toolkit on the worker.
+
+Either way the code that trains is the code ``package_code`` packed: ``sourcedir_sha256``
+is checked against ``sourcedir.tar.gz`` before a job is created (sagemaker) or the code
+runs (local), and a mismatch fails the task without a retry.
+
+Both return the provider's XCom shape (``{"Training": <describe dict>}``) plus a summary
+next to the job name (times, final metrics, spot saving), so the tasks after ``train``
+do not know which backend ran.
 """
 from __future__ import annotations
 
 import datetime
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from botocore.exceptions import ClientError
 
-from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.hooks.sagemaker import LogState
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator, serialize
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 BACKENDS = ("local", "sagemaker")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HeadposeTrainingOperator(SageMakerTrainingOperator):
@@ -50,8 +57,15 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     :param config: the CreateTrainingJob request (templated; usually an XComArg). An
         empty ``RoleArn`` is taken from the connection's extra ``sagemaker_role_arn``.
     :param backend: ``"local"`` or ``"sagemaker"`` (templated).
+    :param sourcedir_sha256: the sha256 ``package_code`` recorded for the request's
+        ``sagemaker_submit_directory`` (templated; its XCom ``sha256``). Required: code
+        that cannot be verified is not run.
     :param local_work_dir: with ``backend="local"``, the folder that plays ``/opt/ml``
         (templated); it is emptied first. Default: ``<workspace>/<job>/local-training``.
+    :param max_training_attempts: how many jobs (``<job>``, ``<job>-2``, ...) one run may
+        start (templated): a new one only after a transient failure, or when a person clears
+        ``train`` after a failed or stopped job - never while another attempt is in progress.
+    :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
     :param max_attempts: status polls before a deferred wait gives up; by default enough
         for the request's whole ``StoppingCondition`` (the provider's default, 60 polls,
         is 30 minutes at the default interval: far less than a training run).
@@ -62,7 +76,8 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     """
 
     template_fields: Sequence[str] = (
-        *SageMakerTrainingOperator.template_fields, "backend", "local_work_dir",
+        *SageMakerTrainingOperator.template_fields, "backend", "sourcedir_sha256", "local_work_dir",
+        "max_training_attempts", "expected_bucket_owner",
     )
     operator_extra_links = TRAINING_LINKS
     ui_color = "#d6eaf8"
@@ -71,7 +86,10 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self,
         *,
         backend: str = "sagemaker",
+        sourcedir_sha256: str | None = None,
         local_work_dir: str | None = None,
+        max_training_attempts: int | str = 3,
+        expected_bucket_owner: str | None = None,
         max_attempts: int | None = None,
         **kwargs: Any,
     ):
@@ -79,7 +97,11 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         # attaches; the provider would rename (a second job) or fail.
         super().__init__(check_if_job_exists=False, max_attempts=max_attempts, **kwargs)
         self.backend = backend
+        self.sourcedir_sha256 = sourcedir_sha256
         self.local_work_dir = local_work_dir
+        self.max_training_attempts = max_training_attempts
+        self.expected_bucket_owner = expected_bucket_owner
+        self._attempts: list[str] = []
         self._max_attempts_given = max_attempts is not None
         self._process: subprocess.Popen | None = None
 
@@ -100,25 +122,50 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self._persist_links(context)
         if self.backend == "local":
             return self._execute_local()
-        from headpose.planning.training_job import Step, next_step
+        from headpose.planning.training_job import Step, is_fresh_try, next_attempt
 
-        job = self.config["TrainingJobName"]
         self._resolve_role()
         self.max_attempts = self._poll_attempts()
-        description = self._describe_or_none(job)
-        step = next_step(description)
-        status = description["TrainingJobStatus"] if description else "not found"
-        self.log.info("Training job %s: %s -> %s", job, status, step.value)
-        if step is Step.CREATE:
+        first = self.config["TrainingJobName"]
+        descriptions = self._attempt_descriptions(first)
+        ti = context["ti"]
+        fresh = is_fresh_try(getattr(ti, "try_number", 1), getattr(ti, "max_tries", self.retries), self.retries)
+        decision = next_attempt(descriptions, first, fresh_try=fresh, max_attempts=int(self.max_training_attempts))
+        job = decision.training_job_name
+        self.log.info("Training job %s: %s -> %s", job, decision.reason, decision.step.value)
+        self._attempts = [d["TrainingJobName"] for d in descriptions]
+        if decision.step is Step.FAIL:
+            raise AirflowFailException(decision.reason)
+        if decision.step is Step.CREATE:
+            self._verify_code()
+            self.config = {**self.config, "TrainingJobName": job}
+            self._attempts.append(job)
             # The provider's create-and-wait (deferrable or not), which raises on Failed;
             # _finish also refuses Stopped, which its non-log wait lets through.
             return self._finish(super().execute(context)["Training"])
+        description = descriptions[-1]
         self._check_it_is_ours(description)
-        if step is Step.WAIT:
+        if decision.step is Step.WAIT:
             return self._wait(job, description)
-        return self._finish(description)  # DONE or FAIL
+        return self._finish(description)
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
+    def _attempt_descriptions(self, first: str) -> list[dict]:
+        """The run's jobs so far, attempt 1 first: each later one exists only if the one before failed."""
+        from headpose.planning.training_job import FAILED_STATUSES, attempt_job_name
+
+        found: list[dict] = []
+        for number in range(1, int(self.max_training_attempts) + 1):
+            description = self._describe_or_none(attempt_job_name(first, number))
+            if description is None:
+                break
+            found.append(description)
+            if description.get("TrainingJobStatus") not in FAILED_STATUSES:
+                break
+        return found
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, log_positions: dict | None = None,
+    ) -> dict:
         """After a deferred wait: the job's result, or its ``FailureReason`` as the error."""
         from headpose.planning.training_job import Step, next_step
 
@@ -134,10 +181,21 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
                 "A retry of this task attaches to it again."
             )
         if self.print_log:
-            self._print_logs(job, description)
+            self._print_logs(job, description, log_positions)
         return self._finish(description)
 
     # -- sagemaker ---------------------------------------------------------------------
+
+    def _verify_code(self) -> None:
+        """Refuse to create a job whose ``sourcedir.tar.gz`` is not the packed one."""
+        from headpose.backends.sourcedir import SourcedirMismatch, verify_sourcedir_object
+
+        uri = self._sourcedir_uri()
+        try:
+            verify_sourcedir_object(self._s3_client(), uri, self._expected_sha256())
+        except SourcedirMismatch as error:
+            raise AirflowFailException(str(error)) from None
+        self.log.info("Training code %s: sha256 %s, as package_code recorded", uri, self.sourcedir_sha256)
 
     def _describe_or_none(self, job: str) -> dict | None:
         try:
@@ -195,8 +253,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def _defer(self, job: str, description: dict) -> None:
         """Hand the wait to the triggerer, with the provider's trigger and arguments."""
-        if self.print_log:
-            self._print_logs(job, description)
+        positions = self._print_logs(job, description) if self.print_log else {}
         timeout = self.execution_timeout
         if self.max_ingestion_time:
             timeout = datetime.timedelta(seconds=self.max_ingestion_time)
@@ -213,6 +270,8 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
                 botocore_config=self.botocore_config,
             ),
             method_name="execute_complete",
+            # Where the log printed so far ends: the resumed task prints only what follows.
+            kwargs={"log_positions": positions},
         )
 
     def _poll_attempts(self) -> int:
@@ -224,26 +283,57 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         # The job's own limit, plus an hour for SageMaker to start it and upload the model.
         return math.ceil((int(longest) + 3600) / max(1, self.check_interval))
 
-    def _print_logs(self, job: str, description: dict) -> None:
-        """What the job has logged so far, once (the provider's helper, not its loop).
+    def _print_logs(self, job: str, description: dict, positions: dict | None = None) -> dict:
+        """What the job logged after ``positions`` (a stream -> [timestamp, skip] map), once.
 
         The deferred wait itself cannot stream logs (the triggerer only polls the status),
-        so this runs before deferring and again when the task resumes.
+        so this runs before deferring and again when the task resumes, from where the first
+        call stopped: the log is printed once across the deferral. Returns the new positions.
         """
+        from airflow.providers.amazon.aws.hooks.sagemaker import Position
+
+        streams = sorted(positions or {})
+        last = {name: Position(*value) for name, value in (positions or {}).items()}
+        # The provider's helper moves the positions in ``last`` as it prints.
         self.hook.describe_training_job_with_log(
-            job, {}, [], description["ResourceConfig"]["InstanceCount"], LogState.COMPLETE,
+            job, last, streams, description["ResourceConfig"]["InstanceCount"], LogState.COMPLETE,
             description, 0.0,
         )
+        return {name: [position.timestamp, position.skip] for name, position in last.items()}
 
     def _finish(self, description: dict) -> dict:
-        from headpose.planning.training_job import Step, failure_message, next_step
+        from headpose.planning.training_job import Step, failure_message, is_transient_failure, next_step
 
         if next_step(description) is Step.FAIL:
-            # Not retried: a retry would attach to the same failed job and fail again.
-            raise AirflowFailException(failure_message(description))
+            message = failure_message(description)
+            if is_transient_failure(description) and len(self._attempts) < int(self.max_training_attempts):
+                # Retried: the next try starts the run's next job, which may get capacity.
+                raise AirflowException(f"{message}. A retry of this task starts another job.")
+            raise AirflowFailException(message)
         return self._result(serialize(description))
 
     # -- both backends ------------------------------------------------------------------
+
+    def _expected_sha256(self) -> str:
+        expected = (self.sourcedir_sha256 or "").strip().lower()
+        if not _SHA256.fullmatch(expected):
+            raise AirflowFailException(
+                f"sourcedir_sha256 must be the sha256 package_code recorded for "
+                f"{self._sourcedir_uri()}, got {self.sourcedir_sha256!r}: training code that "
+                "cannot be verified is not run"
+            )
+        return expected
+
+    def _sourcedir_uri(self) -> str:
+        from headpose.planning.request import hyperparameter
+
+        return str(hyperparameter(self.config, "sagemaker_submit_directory", ""))
+
+    def _s3_client(self):
+        from headpose_operators.s3 import s3_client
+
+        return s3_client(self.aws_conn_id, self.expected_bucket_owner or None, region_name=self.region_name,
+                         verify=self.verify, config=self.botocore_config)
 
     def _result(self, description: dict) -> dict:
         from headpose.planning.training_job import training_summary
@@ -256,7 +346,8 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
             summary["training_time_in_seconds"], summary["billable_time_in_seconds"],
             summary["spot_savings_percent"], summary["final_metrics"],
         )
-        return {"Training": description, **summary}
+        return {"Training": description, **summary,
+                "attempts": self._attempts or [description["TrainingJobName"]]}
 
     def _persist_links(self, context: Context) -> None:
         from headpose.planning.layout import join_uri, split_s3_uri
@@ -278,19 +369,21 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
     # -- local ---------------------------------------------------------------------------
 
     def _execute_local(self) -> dict:
-        from headpose.planning.layout import run_workspace
         from headpose.backends.local import run_local_training_job
+        from headpose.backends.sourcedir import SourcedirMismatch
+        from headpose.planning.layout import run_workspace
 
         job = self.config["TrainingJobName"]
         work_dir = Path(self.local_work_dir) if self.local_work_dir else run_workspace(job) / "local-training"
-        s3_client = S3Hook(
-            aws_conn_id=self.aws_conn_id, region_name=self.region_name, verify=self.verify,
-            config=self.botocore_config,
-        ).get_conn()
+        expected = self._expected_sha256()
         self.log.info("Running training job %s with the local backend in %s", job, work_dir)
-        description = run_local_training_job(
-            self.config, s3_client, work_dir, self.log.info, on_start=self._remember_process,
-        )
+        try:
+            description = run_local_training_job(
+                self.config, self._s3_client(), work_dir, self.log.info,
+                sourcedir_sha256=expected, on_start=self._remember_process,
+            )
+        except SourcedirMismatch as error:
+            raise AirflowFailException(str(error)) from None
         return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from headpose.training import labels
+from headpose.training.serving import signature_key_for
 
 # numpy and TensorFlow are imported where used, so that importing this module (an
 # Airflow operator may, at DAG-parse time) stays light.
@@ -74,7 +75,8 @@ def _saved_model_runner(saved_model_dir: str | Path, output_key: str, signature_
     loaded = tf.saved_model.load(str(saved_model_dir))
     function = loaded.signatures[signature_key]
     keys = sorted(function.structured_outputs)
-    key = output_key if output_key in keys else keys[0] if len(keys) == 1 else None
+    # The frozen graph's node name stands for a signature key (softmax_tensor: probabilities).
+    key = signature_key_for(output_key, keys) or (keys[0] if len(keys) == 1 else None)
     if key is None:
         raise ValueError(f"signature {signature_key!r} has no output {output_key!r}; it has {keys}")
     input_key = next(iter(function.structured_input_signature[1]))

@@ -1,12 +1,14 @@
 """Freeze a SavedModel into one portable ``frozen_model.pb`` plus ``frozen_model.json``.
 
 The frozen graph is what edge runtimes (OpenCV DNN, TF1 C API, TFLite converters) load:
-variables become constants, the input is the ``Placeholder`` ``inputs`` and the output
-the node ``softmax_tensor``, as in the tutorial's graph. The steps, TF's own tools first:
+variables become constants, the input is the ``Placeholder`` ``inputs`` (or the
+tutorial's ``Const_1`` when asked) and the output the Softmax node ``softmax_tensor``, as
+in the tutorial's graph; ``softmax_tensor`` stands for the signature's ``probabilities``
+(``headpose.training.serving.NODE_ALIASES``). The steps, TF's own tools first:
 
 1. ``convert_variables_to_constants_v2`` on the signature's concrete function;
-2. the signature output gets the requested node name (after conversion it sits behind
-   ``StatefulPartitionedCall/softmax_tensor`` and a chain of ``Identity`` nodes);
+2. the inputs and the signature outputs get the requested node names (after conversion
+   an output sits behind ``StatefulPartitionedCall/...`` and a chain of ``Identity`` nodes);
 3. ``optimize_for_inference`` (strip unused nodes, remove training nodes, fold
    ``FusedBatchNorm`` into convolutions where a graph has those);
 4. Grappler constant folding + arithmetic simplification. Keras 3 writes batch norm as
@@ -17,32 +19,28 @@ the node ``softmax_tensor``, as in the tutorial's graph. The steps, TF's own too
 5. the one pass TF lacks, below: a constant per-channel ``AddV2`` after a convolution
    becomes a ``BiasAdd``.
 
-Command line: ``python -m headpose.artifacts.freeze --help``.
+``freeze_graph(model_dir, 'Const_1', 'softmax_tensor')`` is the tutorial's call. The
+channel order the model was trained on is read from the SavedModel's
+``assets.extra/preprocessing.json`` and written into ``frozen_model.json``. Command line:
+``python -m headpose.artifacts.freeze --help`` (``freeze_cli.py``).
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import copy
 import hashlib
 import json
-import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from headpose.artifacts.archive import find_saved_model, safe_extract
-from headpose.artifacts.graph_passes import (
-    DT_FLOAT,
-    conv_add_to_bias_add,
-    grappler_fold_constants,
-    node_of,
-    split_tensor,
-)
+from headpose.artifacts.archive import SAVED_MODEL_FILE, find_saved_model, safe_extract
+from headpose.artifacts.graph_names import GraphNameError, name_inputs, name_outputs, rename_outputs
+from headpose.artifacts.graph_passes import conv_add_to_bias_add, grappler_fold_constants
 from headpose.artifacts.metadata import build_metadata
 from headpose.planning.layout import FROZEN_MODEL_FILE, FROZEN_MODEL_JSON_FILE
+from headpose.training.serving import CHANNEL_ORDERS, DEFAULT_CHANNEL_ORDER, PREPROCESSING_RECORD
 
 # TensorFlow is imported inside the functions that run it: importing this module (an
 # Airflow operator does, at DAG-parse time) or asking the CLI for --help stays instant.
@@ -53,6 +51,7 @@ DEFAULT_INPUTS = ("inputs",)
 DEFAULT_OUTPUTS = ("softmax_tensor",)
 DEFAULT_SIGNATURE = "serving_default"
 DEFAULT_PARITY_TOLERANCE = 1e-4
+_MAX_RECORD_BYTES = 64 * 1024  # a preprocessing record is a few bytes; more is not one
 
 # Ops that must not survive freezing: variables and their reads, function calls that
 # would hide un-inlined bodies, and unfolded batch-norm arithmetic.
@@ -78,6 +77,7 @@ class FreezeResult:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     parity_max_abs_diff: float | None
+    channel_order: str
     metadata: dict = field(repr=False)
 
     def summary(self) -> dict:
@@ -94,26 +94,34 @@ def freeze_saved_model(
     output_node_names: Sequence[str] = DEFAULT_OUTPUTS,
     signature_key: str = DEFAULT_SIGNATURE,
     parity_tolerance: float | None = DEFAULT_PARITY_TOLERANCE,
+    channel_order: str | None = None,
 ) -> FreezeResult:
     """Freeze ``saved_model_dir`` into ``output_dir/frozen_model.{pb,json}``.
 
-    ``output_node_names`` are signature output keys (the node gets that name) or names of
+    ``input_node_names`` are placeholder names, or ``Const_1`` (the tutorial's), which
+    renames the placeholder of the signature's ``inputs``. ``output_node_names`` are
+    signature output keys or their tutorial names (the node gets that name) or names of
     nodes in the converted graph. With ``parity_tolerance`` set, the frozen graph is run
     on a small fixed random batch and must match the SavedModel that closely.
+    ``channel_order`` (``bgr`` | ``rgb``): None reads the SavedModel's record, else
+    ``bgr``; a value that contradicts the record is refused.
     """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     from tensorflow.python.tools import optimize_for_inference_lib
 
+    order = resolve_channel_order(saved_model_dir, channel_order)
     loaded, function = _load_signature(saved_model_dir, signature_key)  # ``loaded`` owns the variables
     converted = convert_variables_to_constants_v2(function)
     graph_def = converted.graph.as_graph_def()
     node_count_before = len(graph_def.node)
-    outputs = _named_outputs(graph_def, function, converted, output_node_names)
-    graph_def = _rename_outputs(graph_def, outputs)
-    input_names = list(input_node_names)
-    _check_inputs(graph_def, input_names)
-    output_names = list(output_node_names)
+    input_names, output_names = list(input_node_names), list(output_node_names)
+    try:
+        graph_def, input_keys = name_inputs(graph_def, function, converted, input_names)
+        outputs, output_keys = name_outputs(graph_def, function, converted, output_names)
+        graph_def = rename_outputs(graph_def, outputs)
+    except GraphNameError as error:
+        raise FreezeError(str(error)) from None
     dtypes = [_placeholder_dtype(graph_def, name) for name in input_names]
     graph_def = optimize_for_inference_lib.optimize_for_inference(
         graph_def, input_names, output_names, dtypes
@@ -127,13 +135,72 @@ def freeze_saved_model(
 
     parity = None
     if parity_tolerance is not None:
-        parity = _parity(function, graph_def, input_names, output_names, signature_key)
+        parity = _parity(function, graph_def, input_keys, output_keys, signature_key)
         if parity is not None and parity > parity_tolerance:
             raise FreezeError(
                 f"frozen graph differs from the SavedModel by {parity:.3g} (> {parity_tolerance})"
             )
+    names = {**input_keys, **output_keys}
     return _write(graph_def, Path(output_dir), input_names, output_names, function,
-                  signature_key, node_count_before, parity)
+                  signature_key, node_count_before, parity, names, order)
+
+
+def freeze_graph(
+    model_dir: str | Path,
+    input_node_names: str | Sequence[str],
+    output_node_names: str | Sequence[str],
+    output_dir: str | Path = ".",
+    **options,
+) -> FreezeResult:
+    """The tutorial's call: ``freeze_graph(model_dir, 'Const_1', 'softmax_tensor')``.
+
+    ``model_dir`` is the SavedModel itself or a folder holding one under ``export/*/*``
+    (an extracted ``model.tar.gz``); names may be comma-separated, as the tutorial's were.
+    ``frozen_model.pb`` goes to ``output_dir`` (the current folder, as in the tutorial).
+    """
+    root = Path(model_dir)
+    saved_model = root if (root / SAVED_MODEL_FILE).is_file() else find_saved_model(root)
+    return freeze_saved_model(
+        saved_model, output_dir, node_names(input_node_names), node_names(output_node_names), **options
+    )
+
+
+def node_names(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``("a", "b")`` (templates and the tutorial give strings)."""
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return tuple(value)
+
+
+def resolve_channel_order(saved_model_dir: str | Path, asked: str | None) -> str:
+    """The channel order to record: ``asked``, else the SavedModel's record, else ``bgr``."""
+    recorded = recorded_channel_order(saved_model_dir)
+    if asked is None:
+        return recorded or DEFAULT_CHANNEL_ORDER
+    if asked not in CHANNEL_ORDERS:
+        raise FreezeError(f"channel_order must be one of {CHANNEL_ORDERS}, got {asked!r}")
+    if recorded is not None and recorded != asked:
+        raise FreezeError(
+            f"channel_order={asked!r} contradicts the SavedModel, which records that it was "
+            f"trained on {recorded!r} images ({PREPROCESSING_RECORD})"
+        )
+    return asked
+
+
+def recorded_channel_order(saved_model_dir: str | Path) -> str | None:
+    """What the entry point recorded in ``assets.extra/preprocessing.json``; None if nothing."""
+    record = Path(saved_model_dir) / PREPROCESSING_RECORD
+    if not record.is_file():
+        return None
+    try:
+        if record.stat().st_size > _MAX_RECORD_BYTES:
+            raise ValueError(f"{record.stat().st_size} bytes")
+        order = json.loads(record.read_text(encoding="utf-8"))["channel_order"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FreezeError(f"{record} is not a preprocessing record: {type(error).__name__}: {error}") from None
+    if order not in CHANNEL_ORDERS:
+        raise FreezeError(f"{record} records channel_order {order!r}, not one of {CHANNEL_ORDERS}")
+    return order
 
 
 def freeze_model_archive(
@@ -166,84 +233,6 @@ def _load_signature(saved_model_dir: str | Path, signature_key: str) -> tuple[ob
             f"signature {signature_key!r} not in the SavedModel; it has {sorted(signatures)}"
         )
     return loaded, signatures[signature_key]
-
-
-def _named_outputs(graph_def, function, converted, requested: Sequence[str]) -> dict[str, str]:
-    """Requested output name -> tensor name in the converted graph."""
-    # Signature functions return a flat dict; TF flattens dicts in sorted key order.
-    keys = sorted(function.structured_outputs)
-    by_key = {key: tensor.name for key, tensor in zip(keys, converted.outputs)}
-    nodes = {node.name for node in graph_def.node}
-    resolved = {}
-    for name in requested:
-        if name in by_key:
-            resolved[name] = by_key[name]
-        elif name in nodes:
-            resolved[name] = f"{name}:0"
-        else:
-            raise FreezeError(
-                f"output node {name!r} is neither an output of the signature nor a node; "
-                f"candidates: {_output_candidates(graph_def, keys)}"
-            )
-    return resolved
-
-
-def _output_candidates(graph_def, signature_keys: Sequence[str]) -> list[str]:
-    """Signature output keys, then nodes that look like outputs (softmax, graph sinks)."""
-    consumed = {node_of(i) for node in graph_def.node for i in node.input}
-    likely = [
-        node.name for node in graph_def.node
-        if node.op in ("Softmax", "Sigmoid")
-        or (node.op == "Identity" and node.name not in consumed)
-    ]
-    return list(signature_keys) + likely
-
-
-def _rename_outputs(graph_def: GraphDef, outputs: dict[str, str]) -> GraphDef:
-    """Give each output's producing op the requested name.
-
-    The signature's tensor is reached through ``Identity`` nodes added by the function
-    call machinery; the op behind them (the ``Softmax``) is renamed, as in the tutorial's
-    graph, and the now unreachable ``Identity`` chain is stripped later.
-    """
-    result = copy.deepcopy(graph_def)
-    nodes = {node.name: node for node in result.node}
-    for wanted, tensor in outputs.items():
-        if split_tensor(tensor)[0] == wanted:  # a graph node asked for by its own name
-            continue
-        producer, index = _through_identities(nodes, tensor)
-        if wanted in nodes:
-            raise FreezeError(f"cannot name the output {wanted!r}: a different node has that name")
-        if index == 0:
-            _rename_node(result, producer, wanted)
-        else:
-            alias = result.node.add(name=wanted, op="Identity", input=[f"{producer}:{index}"])
-            alias.attr["T"].type = nodes[producer].attr["T"].type or DT_FLOAT
-        nodes = {node.name: node for node in result.node}
-    return result
-
-
-def _through_identities(nodes, tensor: str) -> tuple[str, int]:
-    name, index = split_tensor(tensor)
-    while nodes[name].op == "Identity" and index == 0:
-        data_inputs = [i for i in nodes[name].input if not i.startswith("^")]
-        name, index = split_tensor(data_inputs[0])
-    return name, index
-
-
-def _rename_node(graph_def, old: str, new: str) -> None:
-    pattern = re.compile(rf"^(\^?){re.escape(old)}(:\d+)?$")
-    for node in graph_def.node:
-        if node.name == old:
-            node.name = new
-        node.input[:] = [pattern.sub(rf"\g<1>{new}\g<2>", i) for i in node.input]
-
-
-def _check_inputs(graph_def, input_names: Sequence[str]) -> None:
-    placeholders = [node.name for node in graph_def.node if node.op == "Placeholder"]
-    for name in input_names:
-        if name not in placeholders:
-            raise FreezeError(f"input node {name!r} is not a placeholder; placeholders: {placeholders}")
 
 
 def _placeholder_dtype(graph_def, name: str) -> int:
@@ -288,7 +277,8 @@ def run_graph_def(graph_def: GraphDef, feeds: dict, fetches: Sequence[str]) -> l
             )
 
 
-def _parity(function, graph_def, input_names, output_names, signature_key) -> float | None:
+def _parity(function, graph_def, input_keys: Mapping[str, str | None],
+            output_keys: Mapping[str, str | None], signature_key: str) -> float | None:
     """Largest absolute output difference on a fixed random batch of two images.
 
     ``None`` when no requested output is a signature output (nothing to compare with).
@@ -298,25 +288,27 @@ def _parity(function, graph_def, input_names, output_names, signature_key) -> fl
 
     feeds = {}
     rng = np.random.default_rng(0)
-    for name in input_names:
-        spec = function.structured_input_signature[1].get(name)
-        if spec is None:
+    for name, key in input_keys.items():
+        if key is None:
             raise FreezeError(
                 f"input {name!r} is not an input of signature {signature_key!r}, cannot check parity"
             )
+        spec = function.structured_input_signature[1][key]
         shape = [2 if d is None else d for d in spec.shape.as_list()]
         feeds[name] = rng.random(shape, dtype=np.float32)
-    expected = function(**{k: tf.constant(v) for k, v in feeds.items()})
-    frozen = run_graph_def(graph_def, feeds, output_names)
+    expected = function(**{input_keys[name]: tf.constant(v) for name, v in feeds.items()})
+    frozen = run_graph_def(graph_def, feeds, list(output_keys))
     diffs = []
-    for name, value in zip(output_names, frozen):
-        if name in expected:
-            diffs.append(float(np.max(np.abs(value - expected[name].numpy()))))
+    for key, value in zip(output_keys.values(), frozen):
+        if key is not None:
+            reference = expected[key].numpy().astype(np.float64)
+            diffs.append(float(np.max(np.abs(value.astype(np.float64) - reference))))
     return max(diffs) if diffs else None
 
 
 def _write(graph_def, output_dir: Path, input_names, output_names, function,
-           signature_key: str, node_count_before: int, parity: float | None) -> FreezeResult:
+           signature_key: str, node_count_before: int, parity: float | None,
+           signature_names: Mapping[str, str | None], channel_order: str) -> FreezeResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     pb_path = output_dir / FROZEN_MODEL_FILE
     data = graph_def.SerializeToString(deterministic=True)
@@ -325,6 +317,7 @@ def _write(graph_def, output_dir: Path, input_names, output_names, function,
     metadata = build_metadata(
         graph_def, input_names, output_names, function, signature_key,
         sha256, len(data), node_count_before, parity,
+        signature_names=signature_names, channel_order=channel_order,
     )
     json_path = output_dir / FROZEN_MODEL_JSON_FILE
     _write_atomically(json_path, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
@@ -332,7 +325,7 @@ def _write(graph_def, output_dir: Path, input_names, output_names, function,
         pb_path=pb_path, json_path=json_path, sha256=sha256, size_bytes=len(data),
         node_count=len(graph_def.node), node_count_before=node_count_before,
         input_names=tuple(input_names), output_names=tuple(output_names),
-        parity_max_abs_diff=parity, metadata=metadata,
+        parity_max_abs_diff=parity, channel_order=channel_order, metadata=metadata,
     )
 
 
@@ -343,58 +336,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m headpose.artifacts.freeze",
-        description=(
-            "Freeze a TensorFlow SavedModel (or a SageMaker model.tar.gz holding one under "
-            "export/*/*) into frozen_model.pb plus frozen_model.json metadata. Prints a JSON "
-            "summary (paths, sha256, node counts, parity) on stdout."
-        ),
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--saved-model-dir", type=Path,
-                        help="folder holding saved_model.pb and variables/")
-    source.add_argument("--model-tar", type=Path,
-                        help="model.tar.gz to extract safely (path-traversal and size checks) "
-                             "and search for its one export/*/* SavedModel")
-    parser.add_argument("--output-dir", type=Path, required=True,
-                        help=f"folder for {FROZEN_MODEL_FILE} and {FROZEN_MODEL_JSON_FILE} (created)")
-    parser.add_argument("--input-node", action="append", dest="input_nodes", metavar="NAME",
-                        help="input placeholder name; repeat for several (default: inputs)")
-    parser.add_argument("--output-node", action="append", dest="output_nodes", metavar="NAME",
-                        help="output node name: a signature output key or a graph node; "
-                             "repeat for several (default: softmax_tensor)")
-    parser.add_argument("--signature-key", default=DEFAULT_SIGNATURE,
-                        help="SavedModel signature to freeze (default: %(default)s)")
-    parser.add_argument("--parity-tolerance", type=float, default=DEFAULT_PARITY_TOLERANCE,
-                        help="fail if the frozen graph's outputs differ from the SavedModel's "
-                             "by more than this on a fixed random batch; negative skips the "
-                             "check (default: %(default)s)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="where --model-tar is extracted (default: the system temp folder)")
-    return parser
+if __name__ == "__main__":  # ``python -m headpose.artifacts.freeze``, as before the CLI moved
+    from headpose.artifacts.freeze_cli import main
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    options = {
-        "input_node_names": tuple(args.input_nodes or DEFAULT_INPUTS),
-        "output_node_names": tuple(args.output_nodes or DEFAULT_OUTPUTS),
-        "signature_key": args.signature_key,
-        "parity_tolerance": None if args.parity_tolerance < 0 else args.parity_tolerance,
-    }
-    try:
-        if args.model_tar is not None:
-            result = freeze_model_archive(args.model_tar, args.output_dir, args.work_dir, **options)
-        else:
-            result = freeze_saved_model(args.saved_model_dir, args.output_dir, **options)
-    except (ValueError, FileNotFoundError) as error:  # FreezeError and ArchiveError included
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.summary(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,27 +1,37 @@
 """``frozen_model.json``: what a consumer needs besides the graph.
 
-Tensor names, shapes and dtypes, the preprocessing (layout, size, channel order, value
-range), the class map and bins, the TensorFlow version and the graph's checksum. The edge
-formats carry the same fields, so this is kept apart from the freezing itself.
+Tensor names (and the signature keys they stand for), shapes and dtypes, the
+preprocessing (layout, size, channel order ``bgr`` | ``rgb``, value range), the class
+map and bins, the TensorFlow version and the graph's checksum. The edge formats carry
+the same fields, so this is kept apart from the freezing itself.
 """
 from __future__ import annotations
 
 import collections
+from typing import Mapping
 
 from headpose.artifacts.graph_passes import DT_FLOAT
 from headpose.planning.layout import FROZEN_MODEL_FILE
 from headpose.training import labels
+from headpose.training.serving import DEFAULT_CHANNEL_ORDER
 
 
 def build_metadata(graph_def, input_names, output_names, function, signature_key: str,
                    sha256: str, size_bytes: int, node_count_before: int,
-                   parity: float | None) -> dict:
-    """What a consumer needs besides the graph: tensors, preprocessing, class map."""
+                   parity: float | None, *, signature_names: Mapping[str, str | None] | None = None,
+                   channel_order: str = DEFAULT_CHANNEL_ORDER) -> dict:
+    """What a consumer needs besides the graph: tensors, preprocessing, class map.
+
+    ``signature_names`` maps a node name to the signature key it stands for (the
+    tutorial's ``softmax_tensor`` for ``probabilities``); by default each name is its own key.
+    """
     import tensorflow as tf
 
+    keys = {name: name for name in [*input_names, *output_names]} | dict(signature_names or {})
     nodes = {node.name: node for node in graph_def.node}
     input_shapes = {name: _shape_list(nodes[name].attr["shape"].shape) for name in input_names}
-    out_specs = function.structured_outputs
+    out_specs = {name: function.structured_outputs[keys[name]] for name in output_names
+                 if keys[name] in function.structured_outputs}
     low, high = labels.BIN_THRESHOLDS
     names = labels.class_names()
     return {
@@ -40,6 +50,7 @@ def build_metadata(graph_def, input_names, output_names, function, signature_key
                 "tensor": f"{name}:0",
                 "dtype": tf.dtypes.as_dtype(nodes[name].attr["dtype"].type).name,
                 "shape": input_shapes[name],
+                "signature_input": keys[name],
             }
             for name in input_names
         ],
@@ -50,13 +61,14 @@ def build_metadata(graph_def, input_names, output_names, function, signature_key
                 "dtype": (out_specs[name].dtype if name in out_specs
                           else tf.dtypes.as_dtype(nodes[name].attr["T"].type or DT_FLOAT)).name,
                 "shape": out_specs[name].shape.as_list() if name in out_specs else None,
+                "signature_output": keys[name] if name in out_specs else None,
             }
             for name in output_names
         ],
         "preprocessing": {
             "layout": "NHWC",
             "image_size": (input_shapes[input_names[0]] or [None] * 4)[1:3],
-            "colour_order": "RGB",
+            "channel_order": channel_order,
             "value_range": [0.0, 1.0],
             "scaling": "float32(uint8 pixel) / 255",
         },

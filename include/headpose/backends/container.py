@@ -1,121 +1,69 @@
-"""The SageMaker training container's contract, as the training toolkit implements it.
+"""What SageMaker's platform prepares in a training container before the toolkit starts.
 
-The folders under the job's root (``/opt/ml`` in a container), the config files the
-toolkit reads, the ``SM_*`` environment and the ``--key value`` arguments a script-mode
-program is started with.
+The job's folders under its root (``/opt/ml`` in a container), the three config files
+written from the CreateTrainingJob request, and the environment in which the SageMaker
+training toolkit (``sagemaker-training``, whose ``train`` command SageMaker's training
+images run) is started. Everything after that - reading the configs, the ``SM_*``
+variables, extracting the code, the ``--key value`` arguments, starting the program,
+the ``failure`` file for an error the program did not report - is the toolkit's own.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-
 CURRENT_HOST = "algo-1"
+SUBMIT_DIRECTORY = "sagemaker_submit_directory"
+# The toolkit's command (its ``train`` console script). SageMaker's TensorFlow image also
+# names a framework module (SAGEMAKER_TRAINING_MODULE, from sagemaker-tensorflow-training)
+# that the toolkit hands over to; that package is not a dependency here, so the toolkit
+# runs the program itself, as it does for any script-mode image without one.
+TOOLKIT_MODULE = "sagemaker_training.cli.train"
 
 
-def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list[str]:
-    """``--key value`` pairs sorted by key, as the training toolkit's ``to_cmd_args`` builds them.
+def make_dirs(root: Path) -> dict[str, Path]:
+    """The job's folders, empty; ``output/intermediate`` too.
 
-    One-letter keys get a single dash; dict values become ``k=v,k=v``; ``None`` an empty string.
+    That folder is made here, as SageMaker's platform does, because the toolkit only
+    starts its own S3 sync of it (with the worker's credentials) when it is missing.
     """
-    args: list[str] = []
-    for key in sorted(hyperparameters):
-        value = hyperparameters[key]
-        args.append(f"--{key}" if len(key) > 1 else f"-{key}")
-        if isinstance(value, Mapping):
-            args.append(",".join(f"{k}={v}" for k, v in sorted(value.items())))
-        else:
-            args.append("" if value is None else str(value))
-    return args
-
-
-def decoded_hyperparameters(hyperparameters: Mapping[str, str]) -> dict[str, Any]:
-    """Each value JSON-decoded where it parses, else kept as the string (the toolkit's rule)."""
-    decoded = {}
-    for key, value in hyperparameters.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (TypeError, ValueError):
-            decoded[key] = value
-    return decoded
-
-
-def _env_value(value: Any) -> str:
-    # The toolkit's mapping.to_env_vars: strings as they are, everything else as compact JSON.
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def training_environment(
-    request: Mapping[str, Any],
-    dirs: Mapping[str, Path],
-    user_hps: Mapping[str, Any],
-    framework: Mapping[str, Any],
-    args: list[str],
-    environ: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The training process's environment: this process's, minus Airflow's, plus ``SM_*``.
-
-    Airflow variables (connections, secrets) are dropped because SageMaker's container
-    would not have them, and ``PYTHONPATH`` because the program must import its code
-    from the source dir alone, as it will in the container.
-    """
-    base = dict(os.environ if environ is None else environ)
-    env = {k: v for k, v in base.items() if not k.startswith("AIRFLOW") and k != "PYTHONPATH"}
-    channels = {c["ChannelName"]: str(dirs["data"] / c["ChannelName"]) for c in request.get("InputDataConfig", [])}
-    resource = _resource_config(request)
-    input_data_config = _input_data_config(request)
-    program = str(framework.get("sagemaker_program", ""))
-    sm = {
-        "model_dir": str(dirs["model"]),
-        "channels": sorted(channels),
-        "output_dir": str(dirs["output"]),
-        "output_data_dir": str(dirs["output_data"]),
-        "output_intermediate_dir": str(dirs["output"] / "intermediate"),
-        "input_dir": str(dirs["input"]),
-        "input_config_dir": str(dirs["config"]),
-        "hosts": resource["hosts"],
-        "current_host": resource["current_host"],
-        "current_instance_type": resource["current_instance_type"],
-        "network_interface_name": resource["network_interface_name"],
-        "hps": dict(user_hps),
-        "framework_params": {k: v for k, v in framework.items() if k not in _TOOLKIT_KEYS},
-        "resource_config": resource,
-        "input_data_config": input_data_config,
-        "num_cpus": os.cpu_count() or 1,
-        "num_gpus": _num_gpus(),
-        "module_name": program[:-3] if program.endswith(".py") else program,
-        "user_entry_point": program,
-        "module_dir": str(framework.get("sagemaker_submit_directory", "")),
-        "log_level": framework.get("sagemaker_container_log_level", 20),
-        "user_args": args,
+    dirs = {
+        "input": root / "input",
+        "config": root / "input" / "config",
+        "data": root / "input" / "data",
+        "model": root / "model",
+        "output": root / "output",
+        "output_data": root / "output" / "data",
+        "intermediate": root / "output" / "intermediate",
+        "code": root / "code",
     }
-    sm.update({f"channel_{name}": path for name, path in channels.items()})
-    sm.update({f"hp_{key}": value for key, value in user_hps.items()})
-    sm["training_env"] = {k: v for k, v in sm.items() if not k.startswith(("channel_", "hp_"))}
-    sm["training_env"]["channel_input_dirs"] = channels
-    sm["training_env"]["job_name"] = request["TrainingJobName"]
-    env.update({f"SM_{key.upper()}": _env_value(value) for key, value in sm.items()})
-    env["TRAINING_JOB_NAME"] = request["TrainingJobName"]
-    env["SAGEMAKER_REGION"] = str(framework.get("sagemaker_region", ""))
-    env["PYTHONUNBUFFERED"] = "1"  # lines reach the log as they are printed
-    return env
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return dirs
 
 
-_TOOLKIT_KEYS = {
-    "sagemaker_program", "sagemaker_submit_directory", "sagemaker_region", "sagemaker_job_name",
-    "sagemaker_container_log_level", "sagemaker_enable_cloudwatch_metrics",
-}
+def write_configs(config_dir: Path, request: Mapping[str, Any], sourcedir: Path) -> None:
+    """``hyperparameters.json``, ``inputdataconfig.json``, ``resourceconfig.json`` of the request.
+
+    The hyperparameters are the request's, except that ``sagemaker_submit_directory``
+    names ``sourcedir``, the local, verified copy of the code: the toolkit extracts a
+    local tarball as it would download an ``s3://`` one, so it never reads S3 itself.
+    (A ``file://`` URI is not accepted by the toolkit; a plain path is.)
+    """
+    hyperparameters = dict(request.get("HyperParameters") or {})
+    hyperparameters[SUBMIT_DIRECTORY] = json.dumps(str(sourcedir))
+    files = {
+        "hyperparameters.json": hyperparameters,
+        "inputdataconfig.json": input_data_config(request),
+        "resourceconfig.json": resource_config(request),
+    }
+    for name, content in files.items():
+        (config_dir / name).write_text(json.dumps(content, indent=2))
 
 
-def _resource_config(request: Mapping[str, Any]) -> dict[str, Any]:
+def resource_config(request: Mapping[str, Any]) -> dict[str, Any]:
     instance_type = request["ResourceConfig"]["InstanceType"]
     hosts = [CURRENT_HOST]
     return {
@@ -130,7 +78,7 @@ def _resource_config(request: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _input_data_config(request: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+def input_data_config(request: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     config = {}
     for channel in request.get("InputDataConfig", []):
         entry = {
@@ -147,36 +95,28 @@ def _input_data_config(request: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return config
 
 
-def _num_gpus() -> int:
-    # The toolkit's own method: count the lines of ``nvidia-smi --list-gpus``.
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        listing = subprocess.run(
-            ["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+def toolkit_environment(
+    root: Path, job: str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment the toolkit starts in: this process's, cleaned, plus the platform's.
 
-
-def make_dirs(root: Path, request: Mapping[str, Any]) -> dict[str, Path]:
-    dirs = {
-        "input": root / "input",
-        "config": root / "input" / "config",
-        "data": root / "input" / "data",
-        "model": root / "model",
-        "output": root / "output",
-        "output_data": root / "output" / "data",
-        "code": root / "code",
+    Airflow's variables (connections, secrets) are dropped because SageMaker's container
+    would not have them; ``PYTHONPATH`` because the program must import its code from the
+    source dir alone (the toolkit puts the code folder first on the path); ``SM_*`` and
+    ``SAGEMAKER_*`` because the toolkit reads some of them (``SAGEMAKER_PROGRAM``,
+    ``SM_CURRENT_HOST``...) before the configs, so a value left in the worker's
+    environment would override the request.
+    """
+    base = dict(os.environ if environ is None else environ)
+    env = {
+        key: value for key, value in base.items()
+        if not key.startswith(("AIRFLOW", "SM_", "SAGEMAKER_")) and key != "PYTHONPATH"
     }
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
-    (dirs["output"] / "intermediate").mkdir(exist_ok=True)
-    return dirs
-
-
-def write_configs(config_dir: Path, request: Mapping[str, Any], hyperparameters: Mapping[str, str]) -> None:
-    (config_dir / "hyperparameters.json").write_text(json.dumps(dict(hyperparameters), indent=2))
-    (config_dir / "inputdataconfig.json").write_text(json.dumps(_input_data_config(request), indent=2))
-    (config_dir / "resourceconfig.json").write_text(json.dumps(_resource_config(request), indent=2))
+    env.update({
+        "SAGEMAKER_BASE_DIR": str(root),  # the toolkit's stand-in for /opt/ml
+        # The toolkit otherwise waits up to 15 minutes for the host name algo-1 to resolve.
+        "SM_STUDIO_LOCAL_MODE": "true",
+        "TRAINING_JOB_NAME": job,  # set by SageMaker's platform in the container
+        "PYTHONUNBUFFERED": "1",  # lines reach the log as they are printed
+    })
+    return env

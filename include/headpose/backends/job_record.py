@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from headpose.planning.layout import LOCAL_JOB_RECORD_FILE, join_uri, split_s3_uri
+from headpose.planning.request import hyperparameter
 
 
 RECORD_VERSION = 1
@@ -33,14 +34,13 @@ def job_record_uri(request: Mapping[str, Any]) -> str:
 
 def completed_description(
     request: Mapping[str, Any],
-    framework: Mapping[str, Any],
     created: datetime,
     started: datetime,
     ended: datetime,
     final_metrics: list[dict[str, Any]],
 ) -> dict[str, Any]:
     job = request["TrainingJobName"]
-    region = str(framework.get("sagemaker_region") or "us-east-1")
+    region = str(hyperparameter(request, "sagemaker_region") or "us-east-1")
     return {
         "TrainingJobName": job,
         # Formatted like SageMaker's (which lower-cases the name); the account is a placeholder.
@@ -63,7 +63,7 @@ def completed_description(
             {"Status": "Downloading", "StartTime": created, "EndTime": started,
              "StatusMessage": "Downloading input data and the source dir"},
             {"Status": "Training", "StartTime": started, "EndTime": ended,
-             "StatusMessage": "Training on the Airflow worker (local backend)"},
+             "StatusMessage": "Training on the Airflow worker (local backend, SageMaker training toolkit)"},
             {"Status": "Completed", "StartTime": ended, "EndTime": ended,
              "StatusMessage": "Training job completed"},
         ],

@@ -1,16 +1,19 @@
 """The ``local`` training backend: a CreateTrainingJob request honoured on this machine.
 
-It does what SageMaker and its training toolkit do for a script-mode TensorFlow job,
-with the same inputs and outputs, so that every task after ``train`` is identical for
-both backends:
+It plays SageMaker's platform around the SageMaker training toolkit
+(``sagemaker-training``, what SageMaker's TensorFlow image runs), so that every task
+after ``train`` is identical for both backends:
 
-1. channels (``S3Prefix``) are downloaded to ``<root>/input/data/<channel>/`` and
-   ``sourcedir.tar.gz`` is extracted (hostile-archive safe) into ``<root>/code/``;
+1. channels (``S3Prefix``) are downloaded to ``<root>/input/data/<channel>/``, and
+   ``sourcedir.tar.gz`` to ``<root>/sourcedir.tar.gz``, whose sha256 must be the one
+   ``package_code`` recorded (``SourcedirMismatch`` otherwise: nothing runs);
 2. ``<root>/input/config/{hyperparameters,inputdataconfig,resourceconfig}.json`` are
-   written, and ``SM_*`` variables set, as the toolkit sets them;
-3. ``python <sagemaker_program> --key value ...`` runs in ``<root>/code`` (hyperparameters
-   other than ``sagemaker_*``, JSON-decoded, sorted by name), its output streamed line by
-   line to ``log`` and matched against the ``MetricDefinitions``;
+   written from the request, ``sagemaker_submit_directory`` naming that verified copy;
+3. the toolkit's ``train`` runs with ``SAGEMAKER_BASE_DIR=<root>``: it extracts the code
+   into ``<root>/code``, sets the ``SM_*`` variables and starts
+   ``python <sagemaker_program> --key value ...``. Its output (the program's included) is
+   streamed line by line to ``log`` and matched against the ``MetricDefinitions``; the
+   run is stopped after ``MaxRuntimeInSeconds``;
 4. on failure the text of ``<root>/output/failure`` is raised; on success ``<root>/model``
    is packed into ``<S3OutputPath>/<TrainingJobName>/output/model.tar.gz``.
 
@@ -31,11 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from headpose.artifacts.archive import pack_model_dir, safe_extract
-from headpose.backends.container import decoded_hyperparameters, make_dirs, to_cmd_args, training_environment, write_configs
+from headpose.artifacts.archive import pack_model_dir
+from headpose.backends.container import SUBMIT_DIRECTORY, TOOLKIT_MODULE, make_dirs, toolkit_environment, write_configs
 from headpose.backends.job_record import completed_description, job_record_uri, model_artifact_uri, recorded_result, write_record
 from headpose.backends.process import MetricCollector, recording_pid, run_program, stop_previous_program
+from headpose.backends.sourcedir import verify_sourcedir
 from headpose.planning.layout import file_sha256, split_s3_uri
+from headpose.planning.request import hyperparameter
 
 Log = Callable[[str], None]
 
@@ -44,25 +49,23 @@ class LocalTrainingError(RuntimeError):
     """The training program failed; the message carries its ``output/failure`` text."""
 
 
-# -- the job's own S3 keys -----------------------------------------------------------
-
-
-# -- entry point -----------------------------------------------------------------------
-
 def run_local_training_job(
     request: Mapping[str, Any],
     s3_client: Any,
     work_root: str | Path,
     log: Log,
     *,
+    sourcedir_sha256: str,
     python: str = sys.executable,
     environ: Mapping[str, str] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``request`` here; return a ``describe_training_job``-shaped dict (status Completed).
 
-    ``on_start`` receives the training process as soon as it runs, so that a caller
-    being killed (Airflow's ``on_kill``) can stop it with ``stop_process``.
+    ``sourcedir_sha256`` is what ``package_code`` recorded: code with another checksum
+    is refused (``SourcedirMismatch``) before anything of it runs. ``on_start`` receives
+    the toolkit's process as soon as it runs, so that a caller being killed (Airflow's
+    ``on_kill``) can stop it and the program with ``stop_process``.
     """
     job = request["TrainingJobName"]
     recorded = recorded_result(request, s3_client)
@@ -77,28 +80,22 @@ def run_local_training_job(
     if root.exists():
         stop_previous_program(root, log)
         shutil.rmtree(root)  # a previous, unfinished try: start from nothing, like a new container
-    dirs = make_dirs(root, request)
-    hyperparameters = dict(request.get("HyperParameters") or {})
-    framework = decoded_hyperparameters({k: v for k, v in hyperparameters.items() if k.startswith("sagemaker_")})
-    user_hps = decoded_hyperparameters({k: v for k, v in hyperparameters.items() if not k.startswith("sagemaker_")})
-
+    dirs = make_dirs(root)
+    sourcedir = _fetch_code(s3_client, request, root / "sourcedir.tar.gz", sourcedir_sha256, log)
     log(f"training job {job}: downloading input channels")
     for channel in request.get("InputDataConfig", []):
         count = _download_channel(s3_client, channel, dirs["data"] / channel["ChannelName"])
         log(f"channel {channel['ChannelName']}: {count} files")
-    _fetch_code(s3_client, framework, root, dirs["code"], log)
-    write_configs(dirs["config"], request, hyperparameters)
+    write_configs(dirs["config"], request, sourcedir)
 
-    program = str(framework.get("sagemaker_program") or "")
-    if not program or not (dirs["code"] / program).is_file():
-        raise LocalTrainingError(f"sagemaker_program {program!r} is not in the extracted source dir")
-    args = to_cmd_args(user_hps)
-    env = training_environment(request, dirs, user_hps, framework, args, environ)
     metrics = MetricCollector(request["AlgorithmSpecification"].get("MetricDefinitions", []))
-    log(f"running: python {program} {' '.join(args)}")
+    command = [python, "-m", TOOLKIT_MODULE]
+    log(f"running the SageMaker training toolkit: {' '.join(command)} (SAGEMAKER_BASE_DIR={root})")
     started = _now()
+    # The code folder as working directory, as in SageMaker's image: the toolkit runs the
+    # program there, and stop_previous_program recognises a leftover by it.
     exit_code, timed_out = run_program(
-        [python, program, *args], dirs["code"], env, metrics, log,
+        command, dirs["code"], toolkit_environment(root, job, environ), metrics, log,
         request["StoppingCondition"]["MaxRuntimeInSeconds"], recording_pid(root, on_start),
     )
     ended = _now()
@@ -123,18 +120,13 @@ def run_local_training_job(
         data_archive = pack_model_dir(dirs["output_data"], root / "output.tar.gz")
         s3_client.upload_file(str(data_archive), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
 
-    result = completed_description(request, framework, created, started, ended, metrics.final(ended))
+    result = completed_description(request, created, started, ended, metrics.final(ended))
     result["LocalBackend"] = {"ArtifactSha256": artifact_sha256, "ExitCode": exit_code}
     write_record(request, s3_client, result)
     log(f"training job {job} completed in {result['TrainingTimeInSeconds']} s; "
         f"final metrics: {metrics.summary()}")
     return result
 
-
-# -- the toolkit's contract ------------------------------------------------------------
-
-
-# -- steps -----------------------------------------------------------------------------
 
 def _check_supported(request: Mapping[str, Any]) -> None:
     if int(request["ResourceConfig"].get("InstanceCount", 1)) != 1:
@@ -176,15 +168,25 @@ def _download_channel(s3_client: Any, channel: Mapping[str, Any], dest: Path) ->
     return count
 
 
-def _fetch_code(s3_client: Any, framework: Mapping[str, Any], root: Path, code_dir: Path, log: Log) -> None:
-    uri = str(framework.get("sagemaker_submit_directory") or "")
-    if not uri.startswith("s3://"):
-        raise LocalTrainingError(f"sagemaker_submit_directory must be an s3:// URI, got {uri!r}")
+def _fetch_code(s3_client: Any, request: Mapping[str, Any], archive: Path, sha256: str, log: Log) -> Path:
+    """The request's ``sourcedir.tar.gz``, downloaded to ``archive`` and verified there.
+
+    The copy that is checked is the copy that runs: hashing the S3 object and then
+    downloading it again would leave a window for a replacement.
+    """
+    uri = _submit_directory(request)
     bucket, key = split_s3_uri(uri)
-    archive = root / "sourcedir.tar.gz"
     s3_client.download_file(bucket, key, str(archive))
-    safe_extract(archive, code_dir)
-    log(f"source dir {uri} extracted to {code_dir}")
+    verify_sourcedir(archive, uri, sha256)
+    log(f"source dir {uri}: sha256 {sha256}, as package_code recorded")
+    return archive
+
+
+def _submit_directory(request: Mapping[str, Any]) -> str:
+    uri = hyperparameter(request, SUBMIT_DIRECTORY)
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise LocalTrainingError(f"{SUBMIT_DIRECTORY} must be an s3:// URI, got {uri!r}")
+    return uri
 
 
 def _failure_text(output_dir: Path) -> str:
@@ -196,6 +198,3 @@ def _failure_text(output_dir: Path) -> str:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# -- retry record ----------------------------------------------------------------------

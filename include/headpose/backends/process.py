@@ -1,7 +1,8 @@
-"""Supervising the training program: streamed output, metrics, the run-time limit, stopping.
+"""Supervising the training toolkit and its program: streamed output, metrics, the run-time limit, stopping.
 
-The program leads its own process group, so a stop reaches its children too; its pid is
-recorded in the job's folder so that a retry can stop one a killed task left behind.
+The toolkit leads its own process group, which the training program it starts (and
+that program's children) share, so a stop reaches all of them; its pid is recorded in
+the job's folder so that a retry can stop one a killed task left behind.
 """
 from __future__ import annotations
 

@@ -9,9 +9,14 @@ Layout (what SageMaker's TensorFlow toolkit extracts into ``/opt/ml/code``)::
 so ``python train.py`` imports ``headpose.training`` from the code folder and nothing
 else. The archive is packed by ``archive.pack_model_dir`` (sorted names, zeroed times
 and owners), so the same code always gives the same bytes and sha256.
+
+The sha256 that ``package_code`` records is the one the training code must have when it
+runs: whoever can write under the bucket's folder could otherwise replace the code
+between packaging and training (``verify_sourcedir``, ``verify_sourcedir_object``).
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,3 +61,39 @@ def package_code(s3_client: Any, sourcedir_uri: str, scratch: str | Path) -> dic
     s3_client.upload_file(str(path), bucket, key)
     path.unlink()
     return {"sourcedir_uri": sourcedir_uri, "sha256": sha256}
+
+
+class SourcedirMismatch(ValueError):
+    """The training code is not the code ``package_code`` recorded; it must not run."""
+
+    def __init__(self, uri: str, expected: str, actual: str):
+        super().__init__(
+            f"refusing to train with {uri}: its sha256 is {actual}, but package_code recorded "
+            f"{expected}. The object was replaced after packaging; package the code again "
+            "(clear package_code) or find out who wrote it."
+        )
+        self.uri, self.expected, self.actual = uri, expected, actual
+
+
+def verify_sourcedir(path: str | Path, uri: str, expected_sha256: str) -> Path:
+    """``path`` (the downloaded copy of ``uri``) if its sha256 is the recorded one."""
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise SourcedirMismatch(uri, expected_sha256, actual)
+    return Path(path)
+
+
+def verify_sourcedir_object(s3_client: Any, uri: str, expected_sha256: str) -> None:
+    """Stream the object at ``uri`` through sha256; ``SourcedirMismatch`` unless it is the recorded one.
+
+    For SageMaker, which downloads the code itself: nothing is kept here. A write after
+    this check, before SageMaker's download, is not caught (S3 cannot pin a version in
+    ``sagemaker_submit_directory``).
+    """
+    bucket, key = split_s3_uri(uri)
+    digest = hashlib.sha256()
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"]
+    for chunk in body.iter_chunks(chunk_size=1 << 20):
+        digest.update(chunk)
+    if digest.hexdigest() != expected_sha256:
+        raise SourcedirMismatch(uri, expected_sha256, digest.hexdigest())

@@ -190,6 +190,24 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "description": "Seed for weights, data order and the synthetic dataset.",
             "section": "Training",
         },
+        # -- training speed (planning.request.speed_hyperparameters) -- begin ----------
+        "mixed_precision": {
+            "default": "auto", "type": "string", "enum": ["auto", "on", "off"],
+            "title": "Mixed precision",
+            "description": "Train in mixed_float16 (float16 compute, float32 weights). 'auto': on "
+            "for SageMaker GPU instance types (ml.g*, ml.p*), off otherwise and with "
+            "backend=local. The exported and frozen model is float32 either way. On a CPU, "
+            "only with xla=on: without XLA, float16 runs tens of times slower there.",
+            "section": "Training",
+        },
+        "xla": {
+            "default": "auto", "type": "string", "enum": ["auto", "on", "off"],
+            "title": "XLA",
+            "description": "Compile the training step with XLA (jit_compile). 'auto': on for "
+            "SageMaker GPU instance types (ml.g*, ml.p*), off otherwise and with backend=local.",
+            "section": "Training",
+        },
+        # -- training speed -- end -----------------------------------------------------
         # -- SageMaker resources ------------------------------------------------------
         "instance_type": {
             "default": DEFAULT_INSTANCE_TYPE,

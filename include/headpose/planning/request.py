@@ -2,10 +2,14 @@
 
 The dict is exactly what ``SageMakerTrainingOperator(config=...)`` (and boto3's
 ``create_training_job``) takes. The ``sagemaker`` backend sends it to SageMaker; the
-``local`` backend (``headpose.backends.local``) honours the same fields on the worker.
-Hyperparameters follow the SageMaker TensorFlow training toolkit's script mode: every
+``local`` backend (``headpose.backends.local``) hands the same fields to the SageMaker
+training toolkit on the worker. Hyperparameters follow the toolkit's script mode: every
 value is a JSON string, ``sagemaker_*`` keys configure the toolkit, and the rest become
 ``--key value`` arguments of ``train.py``.
+
+On GPU instance types the request trains in mixed precision with XLA unless the run's
+``mixed_precision`` / ``xla`` parameters say ``off`` (``speed_hyperparameters``); the
+entry point exports a float32 model either way.
 
 ``RoleArn`` is the ``role_arn`` param; left empty for ``backend=sagemaker``, the ``train``
 task fills it from the AWS connection (``HeadposeTrainingOperator``), because only the
@@ -19,6 +23,7 @@ from typing import Any, Mapping
 
 from headpose.planning.layout import RunLayout, join_uri
 from headpose.training.entry import METRIC_REGEXES  # entry.py imports TF only inside functions
+from headpose.training.serving import DEFAULT_CHANNEL_ORDER
 
 TF_FRAMEWORK_VERSION = "2.21"
 TF_PY_VERSION = "py312"
@@ -40,6 +45,10 @@ MODEL_HYPERPARAMETERS = (
     "training_steps", "evaluation_steps", "batch_size", "resnet_size", "base_filters", "seed",
     "batch_norm_momentum",
 )
+# SageMaker's GPU instance families: G (g4dn, g5, g6, ...) and P (p3, p4d, p5, ...).
+GPU_INSTANCE_TYPE = re.compile(r"^ml\.[gp]\d")
+# What mixed precision means on those GPUs: float16 compute, float32 variables.
+MIXED_PRECISION_POLICY = "mixed_float16"
 
 
 def metric_definitions() -> list[dict[str, str]]:
@@ -85,6 +94,17 @@ def _hp(value: Any) -> str:
     return json.dumps(value)
 
 
+def hyperparameter(request: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """A request's hyperparameter decoded as the toolkit decodes it (not JSON: the string itself)."""
+    encoded = (request.get("HyperParameters") or {}).get(name)
+    if encoded is None:
+        return default
+    try:
+        return json.loads(encoded)
+    except (TypeError, ValueError):
+        return encoded
+
+
 def training_job_request(
     layout: RunLayout,
     params: Mapping[str, Any],
@@ -107,6 +127,8 @@ def training_job_request(
         "model_dir": _hp(f"{layout.output_path}/{job}/model"),
         **{name: _hp(params[name]) for name in MODEL_HYPERPARAMETERS},
         "decay_epochs": _hp(params["learning_rate_decay_epochs"]),
+        "channel_order": _hp(params.get("channel_order") or DEFAULT_CHANNEL_ORDER),
+        **speed_hyperparameters(params),
     }
     tags = [
         {"Key": "airflow-dag-id", "Value": _tag_value(dag_id)},
@@ -158,6 +180,31 @@ def training_job_request(
         hyperparameters["checkpoint_dir"] = _hp(CHECKPOINT_LOCAL_PATH)
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = int(params["max_wait_seconds"])
     return request
+
+
+def is_gpu_instance_type(instance_type: str) -> bool:
+    return bool(GPU_INSTANCE_TYPE.match(instance_type))
+
+
+def speed_switch(mode: str, params: Mapping[str, Any]) -> bool:
+    """Whether an ``"auto" | "on" | "off"`` parameter is on for this run.
+
+    ``auto`` is on where SageMaker trains on a GPU instance type; the local backend
+    trains on whatever the worker has, so there it stays off unless asked for.
+    """
+    if mode == "auto":
+        return params.get("backend") == "sagemaker" and is_gpu_instance_type(params["instance_type"])
+    return mode == "on"
+
+
+def speed_hyperparameters(params: Mapping[str, Any]) -> dict[str, str]:
+    """The entry point's ``dtype_policy`` and ``jit_compile`` from ``mixed_precision`` and ``xla``."""
+    mixed = speed_switch(params.get("mixed_precision", "auto"), params)
+    xla = speed_switch(params.get("xla", "auto"), params)
+    return {
+        "dtype_policy": _hp(MIXED_PRECISION_POLICY if mixed else "float32"),
+        "jit_compile": _hp(int(xla)),
+    }
 
 
 def checkpoint_uri(layout: RunLayout) -> str:

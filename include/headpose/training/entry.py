@@ -1,8 +1,9 @@
 """The training entry point, under SageMaker's script-mode contract.
 
-The SageMaker TensorFlow training toolkit (and the project's local backend, which
-honours the same contract) starts ``python train.py --<hyperparameter> <value> ...``
-with the code folder as working directory and these environment variables:
+The SageMaker training toolkit (in SageMaker's TensorFlow image, and on the project's
+local backend, which runs the same toolkit) starts
+``python train.py --<hyperparameter> <value> ...`` with the code folder as working
+directory and these environment variables:
 
 ``SM_CHANNEL_TRAINING``  folder with ``train-*.tfrecord`` (and ``eval-*`` unless an
                          eval channel is given)
@@ -16,6 +17,10 @@ Lines that a SageMaker ``MetricDefinitions`` regex reads (see ``METRIC_REGEXES``
 
     metric: step=100 train_loss=1.2345 train_accuracy=0.5000
     metric: eval_loss=0.3456 eval_accuracy=0.9100
+
+the precision in force, once, before training::
+
+    precision: dtype_policy=mixed_float16 jit_compile=True channel_order=bgr
 
 and a progress line every ``--log_every`` steps::
 
@@ -31,6 +36,9 @@ import time
 import traceback
 from pathlib import Path
 
+from headpose.training.serving import CHANNEL_ORDERS, DEFAULT_CHANNEL_ORDER
+
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 METRIC_REGEXES: dict[str, str] = {
     "train:loss": r"train_loss=([0-9.eE+-]+)",
     "train:accuracy": r"train_accuracy=([0-9.eE+-]+)",
@@ -68,8 +76,14 @@ def argument_parser() -> argparse.ArgumentParser:
         help="epochs at which the learning rate is divided by 10 (default 100,150,200)")
     add("--log_every", type=int, default=100, help="steps between progress and metric lines")
     add("--seed", type=int, default=0, help="random seed for weights and data order")
-    add("--mixed_precision", type=int, default=0, choices=(0, 1),
-        help="1 trains in mixed_float16 (for GPUs); 0 in float32 (default)")
+    add("--dtype_policy", default="float32", choices=DTYPE_POLICIES,
+        help="Keras dtype policy of training: mixed_float16 for GPUs with float16 tensor "
+        "cores, float32 (default) elsewhere; the export is float32 whatever this says")
+    add("--jit_compile", type=int, default=0, choices=(0, 1),
+        help="1 compiles the training step with XLA; 0 (default) does not")
+    add("--channel_order", default=DEFAULT_CHANNEL_ORDER, choices=CHANNEL_ORDERS,
+        help="channel order of the training images, recorded in the export for the "
+        f"consumers of the model (default {DEFAULT_CHANNEL_ORDER})")
     add("--model_dir", type=str, default=None,
         help="set by the SageMaker SDK to an S3 URI; ignored: the model goes to SM_MODEL_DIR")
     add("--train_dir", default=os.environ.get("SM_CHANNEL_TRAINING"),
@@ -156,8 +170,7 @@ def train(args: argparse.Namespace) -> dict:
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1, got {getattr(args, name)}")
     tf.keras.utils.set_random_seed(args.seed)
-    if args.mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    tf.keras.mixed_precision.set_global_policy(args.dtype_policy)
 
     train_paths = _shards(args.train_dir, "train")
     eval_paths = _shards(args.eval_dir or args.train_dir, "eval")
@@ -174,7 +187,12 @@ def train(args: argparse.Namespace) -> dict:
         optimizer=tf.keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        # Explicit: Keras' default ("auto") would turn XLA on wherever a GPU is visible.
+        jit_compile=bool(args.jit_compile),
     )
+    # What is in force, not what was asked: Keras drops XLA for a model it cannot compile.
+    log(f"precision: dtype_policy={net.dtype_policy.name} jit_compile={bool(net.jit_compile)} "
+        f"channel_order={args.channel_order}")
     done, callbacks = 0, []
     if args.checkpoint_dir:
         done, saver = resume_from_checkpoint(net, args.checkpoint_dir, args.checkpoint_every)
@@ -198,7 +216,9 @@ def train(args: argparse.Namespace) -> dict:
     log(f"evaluated in {time.monotonic() - started:.1f} s")
 
     started = time.monotonic()
-    export_path = export.export_saved_model(net, args.output_model_dir)
+    export_path = export.export_saved_model(
+        float32_twin(net, args, model), args.output_model_dir, args.channel_order
+    )
     log(f"exported SavedModel to {export_path} in {time.monotonic() - started:.1f} s")
     metrics = {
         "eval_loss": float(results["loss"]),
@@ -208,10 +228,33 @@ def train(args: argparse.Namespace) -> dict:
         "resnet_size": args.resnet_size,
         "base_filters": args.base_filters,
         "train_images": num_train,
+        "dtype_policy": args.dtype_policy,
+        "jit_compile": bool(args.jit_compile),
+        "channel_order": args.channel_order,
         "export_dir": str(export_path.relative_to(args.output_model_dir)),
     }
     _write_metrics(metrics, Path(args.output_model_dir))
     return metrics
+
+
+def float32_twin(net, args: argparse.Namespace, model_module):
+    """``net`` itself if it computes in float32, else the same weights in a float32 model.
+
+    The export must be a float32 graph whatever the training precision: edge runtimes
+    and the frozen graph's consumers expect float32 ops, and the parity checks compare
+    against float32. A mixed-precision model keeps its variables in float32 already, so
+    copying them into a model built under the float32 policy loses nothing.
+    """
+    import tensorflow as tf
+
+    if net.dtype_policy.compute_dtype == "float32":
+        return net
+    tf.keras.mixed_precision.set_global_policy("float32")
+    twin = model_module.build_resnet(
+        args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
+    )
+    twin.set_weights(net.get_weights())
+    return twin
 
 
 def _learning_rate(args, steps_per_epoch: int, model_module):

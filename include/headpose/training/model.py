@@ -14,7 +14,7 @@ from __future__ import annotations
 # JAX is installed. Training and export still run on the default TensorFlow backend.
 import keras
 
-from headpose.training import labels
+from headpose.training import labels, serving
 
 # resnet_size -> (bottleneck?, blocks per stage)
 RESNET_SIZES: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
@@ -24,7 +24,7 @@ RESNET_SIZES: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
     50: (True, (3, 4, 6, 3)),
 }
 INPUT_SHAPE = (84, 84, 3)
-OUTPUT_NAME = "softmax_tensor"
+OUTPUT_NAME = serving.SOFTMAX_NODE
 
 
 def build_resnet(
@@ -74,7 +74,7 @@ def build_resnet(
             y = conv(bn_relu(y, f"{name}_2"), filters, 3, name=f"{name}_conv2")
         return keras.layers.Add(name=f"{name}_add")([shortcut, y])
 
-    inputs = keras.Input(shape=input_shape, name="inputs", dtype="float32")
+    inputs = keras.Input(shape=input_shape, name=serving.INPUT_KEY, dtype="float32")
     x = conv(inputs, base_filters, 7, strides=2, name="stem_conv")
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, num_blocks in enumerate(stages):

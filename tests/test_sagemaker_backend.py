@@ -481,7 +481,7 @@ def test_clearing_train_after_a_failed_job_starts_exactly_one_new_job_and_a_seco
 
 
 def test_a_capacity_failure_is_retried_with_the_next_job_and_attempts_end_at_the_limit(aws, described):
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException
 
     capacity = "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type."
     request = aws["plan"]["training_request"]

@@ -63,7 +63,7 @@ from headpose_operators import (  # noqa: E402
     FreezeGraphOperator,
     HeadposeTrainingOperator,
 )
-from headpose_operators.notify import failure_notifier  # noqa: E402
+from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
 
 DAG_ID = "headpose_retraining"
 AWS_CONN_ID = "aws_default"
@@ -91,7 +91,8 @@ def _params() -> dict[str, Param]:
     params=_params(),
     # Timeouts and retries are per task: scheduling.task_args(<task_id>).
     default_args={"owner": scheduling.owner(), "on_failure_callback": failure_notifier()},
-    on_failure_callback=failure_notifier(),
+    # One alert per failed run (it also catches run timeouts); each task only logs its line.
+    on_failure_callback=run_alert(),
     tags=["headpose", "sagemaker", "tensorflow"],
     description="Retrains the head-pose ResNet, freezes, validates and publishes it for edge devices",
     doc_md=__doc__ + "\n#### In force\n" + load_profile().describe() + "\n",

@@ -272,3 +272,75 @@ def huge_member_tar_gz(name: str, declared: int) -> bytes:
     info.size = declared
     header = info.tobuf(format=tarfile.PAX_FORMAT)
     return gzip.compress(header + b"\0" * 1024)
+
+
+class OwnerCheckingRelay:
+    """A loopback relay to moto that checks ``x-amz-expected-bucket-owner`` the way S3 does.
+
+    moto ignores the header; S3 answers 403 AccessDenied when it names another account
+    than the bucket's owner. The relay plays that part for every request that carries it,
+    and records the request lines that carried none.
+    """
+
+    def __init__(self, upstream_port: int, owner: str):
+        self.upstream_port, self.owner = upstream_port, owner
+        self.unpinned: list[str] = []
+        self.refused: list[str] = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        request_start = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE) (\S+)")
+        try:
+            while data := client.recv(1 << 16):
+                start = request_start.match(data)
+                if start:
+                    line = start.group(0).decode()
+                    owner = re.search(rb"(?im)^x-amz-expected-bucket-owner:\s*(\S+)", data.split(b"\r\n\r\n")[0])
+                    if owner is None:
+                        self.unpinned.append(line)
+                    elif owner.group(1).decode() != self.owner:
+                        self.refused.append(line)
+                        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                                b"<Message>Access Denied</Message></Error>")
+                        client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                        break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (client, upstream):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()

@@ -57,7 +57,8 @@ def _publish(s3, job: str, manifest: dict, folder, verdicts: dict) -> dict:
     graph = {"uri": prefix + "frozen_model.pb", "sha256": manifest["frozen_model"]["sha256"]}
     return {"version": 3, "training_job_name": job, "published_at": "2025-02-01T03:30:00+00:00",
             "attempts": [job], "files": {"frozen_model.pb": graph},
-            "formats": pointer_formats(exported, verdicts), "channel_order": "rgb"}
+            "formats": pointer_formats(exported, verdicts),
+            "channel_order": next(iter(exported.values()))["metadata"]["preprocessing"]["channel_order"]}
 
 
 def _point(s3, record: dict | bytes) -> None:
@@ -248,9 +249,10 @@ def test_a_local_pointer_is_read_and_checked_like_a_published_one(published, tmp
     fetch = default_fetch(published["endpoint"])  # the record's files are still in S3
     assert load_model(fetch, read_record(read_local, str(path)), tmp_path / "c", "onnx").format == "onnx"
 
-    bgr = {**record, "channel_order": "bgr"}
-    with pytest.raises(EdgeClientError, match="expects RGB images, the pointer says the model was trained on BGR"):
-        load_model(fetch, bgr, tmp_path / "c", "onnx")
+    other = {"bgr": "rgb", "rgb": "bgr"}[record["channel_order"]]
+    with pytest.raises(EdgeClientError, match=f"expects {record['channel_order'].upper()} images, the pointer says "
+                       f"the model was trained on {other.upper()}"):
+        load_model(fetch, {**record, "channel_order": other}, tmp_path / "c", "onnx")
     hostile = json.loads(json.dumps(record))
     hostile["formats"]["openvino_fp32"]["files"]["../../escape.bin"] = hostile["formats"]["openvino_fp32"]["files"].pop("model.bin")
     with pytest.raises(EdgeClientError, match="names a file '../../escape.bin' that is not a plain file name"):

@@ -68,7 +68,7 @@ CHAMPION_JOB = "deeplens-TF-headpose-2024-06-03-03-00-00-000"
 CONF = {"backend": "local", "dataset_source": DATASET, **TINY_TRAINING}
 # Retries stay on, a second apart: `dags test` waits out retry delays for real.
 FAST_RETRIES = {"HEADPOSE_RETRY_DELAY_SECONDS": "1", "HEADPOSE_AWS_RETRIES": "1"}
-DOWNSTREAM_OF_FREEZE = ("validate_model", "upload_frozen_model", "publish")
+DOWNSTREAM_OF_FREEZE = ("export_edge_models", "validate_model", "upload_frozen_model", "publish")
 
 
 def logical(day: int, hour: int = 3) -> datetime:
@@ -173,29 +173,42 @@ def models(dataset, tmp_path_factory) -> dict:
         built[name] = pack_model_dir(base / name / "model", base / name / "model.tar.gz").read_bytes()
     frozen = freeze_model_archive(base / "good" / "model.tar.gz", base / "good" / "frozen", work_dir=base)
     built["good_frozen"] = frozen.pb_path.read_bytes()
+    built["good_frozen_json"] = frozen.json_path.read_bytes()
     return built
 
 
 def seed_champion(s3, bucket: str, models: dict) -> dict:
     """A bucket where the good model is published as an earlier run would have left it."""
-    from headpose.registry import promotion
+    from headpose.datasets.store import read_manifest
     from headpose.planning.layout import RunLayout
+    from headpose.registry import promotion
 
     s3.create_bucket(Bucket=bucket)
     layout = RunLayout.for_run(bucket, "headpose", CHAMPION_JOB, DATASET)
-    for uri, body in ((layout.frozen_model_uri, models["good_frozen"]), (layout.frozen_model_json_uri, b"{}"),
-                      (layout.report_uri, b"{}"), (layout.confusion_png_uri, b"\x89PNG")):
-        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=body)
+    files = {}
+    for name, body in (("frozen_model.pb", models["good_frozen"]), ("frozen_model.json", models["good_frozen_json"]),
+                       ("report.json", b"{}"), ("confusion_matrix.png", b"\x89PNG")):
+        s3.put_object(Bucket=bucket, Key=(layout.version_prefix + name).split("/", 3)[3], Body=body)
+        files[name] = {"uri": layout.version_prefix + name, "sha256": hashlib.sha256(body).hexdigest()}
+    _, manifest_sha256 = read_manifest(s3, DATASET)
     record = promotion.publish_record(
-        layout, hashlib.sha256(models["good_frozen"]).hexdigest(), {"accuracy": models["good_accuracy"]},
-        dataset=promotion.dataset_fingerprint(s3, DATASET),
+        layout, {"files": files, "formats": {}, "channel_order": "bgr"},
+        {"accuracy": models["good_accuracy"], "images": 93, "parity_max_abs_diff": 0.0},
+        dataset={"dataset_prefix": DATASET, "dataset_id": "tiny", "manifest_uri": DATASET + "manifest.json",
+                 "manifest_sha256": manifest_sha256, "channel_order": "bgr"},
     )
     promotion.publish_model(s3, layout, record)
     return published_state(s3, bucket)
 
 
 def failure_lines(output: str, task_id: str) -> list[str]:
-    return [line for line in output.splitlines() if "HEADPOSE FAILURE" in line and f"task={task_id} " in line]
+    """The failed task's own line (not the run's alert, which repeats it)."""
+    return [line for line in output.splitlines()
+            if "HEADPOSE FAILURE" in line and f"task={task_id} " in line and "HEADPOSE ALERT" not in line]
+
+
+def alerts(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "HEADPOSE ALERT" in line]
 
 
 def run_of(home: Path, when: datetime) -> tuple[str, str]:
@@ -299,12 +312,16 @@ def test_a_hostile_artifact_is_refused_and_nothing_is_published(case_name, batch
     assert exit_code != 0 and state == "failed", (state, states)
     assert states[task_id] == "failed", states
     assert try_numbers(home, run_id)[task_id] == 1  # refused, not retried: it would be refused again
-    assert all(states[t] == "upstream_failed" for t in DOWNSTREAM_OF_FREEZE if t != task_id), states
+    after = DOWNSTREAM_OF_FREEZE[DOWNSTREAM_OF_FREEZE.index(task_id) + 1:] if task_id in DOWNSTREAM_OF_FREEZE \
+        else DOWNSTREAM_OF_FREEZE
+    assert all(states[t] == "upstream_failed" for t in after), states
     assert states["cleanup"] == "success"
     lines = failure_lines(output, task_id)
     assert len(lines) == 1 and f"training_job_name={case.job}" in lines[0] and reason in lines[0], lines
+    # One alert for the failed run, naming the task that failed.
+    assert len(alerts(output)) == 1 and f"task={task_id} " in alerts(output)[0], alerts(output)
     assert published_state(s3, case.bucket) == batch["before"][case_name]
-    assert not [k for k in keys(s3, case.bucket, f"headpose/TFartifacts/{case.job}/") if "frozen_model" in k]
+    assert not [k for k in keys(s3, case.bucket, f"headpose/TFartifacts/{case.job}/output/") if "frozen_model" in k]
     # Nothing landed outside the run's workspace, and cleanup removed that.
     assert not list(home.rglob("escaped.txt")) and not Path("/tmp/headpose-absolute.txt").exists()
     assert not (home / "workspace" / case.job).exists()
@@ -349,7 +366,7 @@ def test_force_publish_promotes_it_and_the_pointer_records_everything(batch, s3,
     manifest = s3.get_object(Bucket=DATA_BUCKET, Key="headpose/datasets/tiny/manifest.json")["Body"].read()
     assert pointer["dataset"]["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
     latest = s3.get_object(Bucket=case.bucket, Key="headpose/published/latest/frozen_model.pb")["Body"].read()
-    assert hashlib.sha256(latest).hexdigest() == pointer["frozen_model_sha256"]
+    assert hashlib.sha256(latest).hexdigest() == pointer["files"]["frozen_model.pb"]["sha256"]
     with db(batch["home"]) as conn:  # an asset event for the promoted model only
         events = conn.execute("SELECT extra FROM asset_event").fetchall()
     assert [json.loads(e[0])["training_job_name"] for e in events] == [case.job]
@@ -509,7 +526,7 @@ def test_two_runs_at_once_keep_to_their_own_names_and_keys(s3, dataset, airflow_
     pointer = json.loads(s3.get_object(Bucket=bucket, Key="headpose/published/latest.json")["Body"].read())
     assert pointer["training_job_name"] in jobs
     latest = s3.get_object(Bucket=bucket, Key="headpose/published/latest/frozen_model.pb")["Body"].read()
-    assert hashlib.sha256(latest).hexdigest() == pointer["frozen_model_sha256"]
+    assert hashlib.sha256(latest).hexdigest() == pointer["files"]["frozen_model.pb"]["sha256"]
     for job in jobs:
         history = keys(s3, bucket, f"headpose/published/history/{job}.json")
         if history:

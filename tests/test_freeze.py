@@ -324,26 +324,40 @@ def test_cli_error_is_a_message_and_exit_code(frozen, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_operator_freezes_by_the_tutorials_names_and_reports_the_channel_order(frozen, tmp_path):
+def test_the_operator_freezes_by_the_tutorials_names_and_reports_the_channel_order(
+        frozen, tmp_path, s3_client, s3_endpoint, monkeypatch):
     import airflow_support  # noqa: F401  (a throw-away AIRFLOW_HOME before airflow is imported)
     from airflow.sdk.exceptions import AirflowFailException
     from headpose_operators import FreezeGraphOperator
     from headpose.planning.layout import file_sha256
+    from support import aws_env
+
+    for name, value in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HEADPOSE_WORKSPACE", str(tmp_path / "scratch"))
+    s3_client.create_bucket(Bucket="freeze")
+    s3_client.upload_file(str(frozen["archive"]), "freeze", "job/output/model.tar.gz")
 
     def operator(**kwargs):
         # Rendered templates are strings: "Const_1", "a,b", and "None" for an unset value.
+        arguments = {"artifact_sha256": file_sha256(frozen["archive"]), **kwargs}
         return FreezeGraphOperator(
-            task_id="freeze_graph", training_job_name="job", artifact_path=str(frozen["archive"]),
-            artifact_sha256=file_sha256(frozen["archive"]), output_dir=str(tmp_path / "work"),
-            input_node_names="Const_1", output_node_names="softmax_tensor", **kwargs,
+            task_id="freeze_graph", training_job_name="job", artifact_uri="s3://freeze/job/output/model.tar.gz",
+            output_prefix="s3://freeze/job/candidate/", input_node_names="Const_1",
+            output_node_names="softmax_tensor", **arguments,
         )
 
     assert "channel_order" in FreezeGraphOperator.template_fields
     xcom = operator(channel_order="None").execute({})
     assert xcom["input_node_names"] == ["Const_1"] and xcom["output_node_names"] == ["softmax_tensor"]
     assert xcom["channel_order"] == "bgr"  # what the export recorded
-    metadata = json.loads(Path(xcom["frozen_model_json_path"]).read_text())
+    body = s3_client.get_object(Bucket="freeze", Key="job/candidate/frozen_model.json")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == xcom["frozen_model_json_sha256"]
+    metadata = json.loads(body)
     assert metadata["inputs"][0]["tensor"] == "Const_1:0"
     assert metadata["preprocessing"]["channel_order"] == "bgr"
+    assert not list((tmp_path / "scratch").rglob("*.pb"))  # the scratch went with the try
     with pytest.raises(AirflowFailException, match="contradicts the SavedModel"):
         operator(channel_order="rgb").execute({})
+    with pytest.raises(AirflowFailException, match="recorded"):  # an artifact replaced after download_artifact
+        operator(artifact_sha256="0" * 64).execute({})

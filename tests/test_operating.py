@@ -105,9 +105,17 @@ class FakeTI:
     task_id = "download_artifact"
     dag_id = "headpose_retraining"
 
+    def __init__(self):
+        self.pushed: dict[str, str] = {}
+
     def xcom_pull(self, task_ids, key):
-        assert (task_ids, key) == ("plan_run", "training_job_name")
-        return "deeplens-TF-headpose-2025-03-01-03-00-00-000"
+        if key == "training_job_name":
+            assert task_ids == "plan_run"
+            return "deeplens-TF-headpose-2025-03-01-03-00-00-000"
+        return [self.pushed.get(key)]
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
 
 
 class FakeRun:
@@ -126,8 +134,8 @@ class RecordingNotifier:
         RecordingNotifier.sent.append(self.text.replace("{{ headpose_failure_line }}", context["headpose_failure_line"]))
 
 
-def failure_context(error: BaseException) -> dict:
-    return {"ti": FakeTI(), "dag_run": FakeRun(), "exception": error}
+def failure_context(error: BaseException, ti=None) -> dict:
+    return {"ti": ti or FakeTI(), "dag_run": FakeRun(), "exception": error}
 
 
 def test_the_failure_line_names_task_job_and_reason():
@@ -154,44 +162,71 @@ def test_the_dag_failure_line_uses_the_reason_when_there_is_no_exception():
     assert " task=download_artifact " in failure_line({"ti": ti, "reason": "task_failure"})
 
 
-def test_the_default_notifier_logs_one_line(capsys):
-    from headpose_operators.notify import failure_notifier
+def test_a_failed_task_logs_its_line_outside_the_collapsed_group_and_records_it(capsys):
+    from headpose_operators.notify import LINE_KEY, failure_notifier
 
-    notifier = failure_notifier({})
-    assert notifier.forward is None
-    notifier(failure_context(RuntimeError("boom")))
-    lines = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE FAILURE" in line]
-    assert len(lines) == 1 and "reason=RuntimeError: boom" in lines[0]
+    ti = FakeTI()
+    failure_notifier()(failure_context(RuntimeError("boom"), ti))
+    out = capsys.readouterr().out.splitlines()
+    lines = [n for n, line in enumerate(out) if "HEADPOSE FAILURE" in line]
+    assert len(lines) == 1 and "reason=RuntimeError: boom" in out[lines[0]]
+    # The line sits between a closed group and the next one: the log viewer shows it.
+    assert "::endgroup::" in out[lines[0] - 1] and "::group::" in out[lines[0] + 1]
+    assert ti.pushed[LINE_KEY] == out[lines[0]][out[lines[0]].index("HEADPOSE FAILURE"):].split(" [")[0]
 
 
-def test_another_notifier_is_plugged_in_by_name():
-    from headpose_operators.notify import failure_notifier
+def test_the_run_sends_one_alert_with_the_failed_tasks_line(dag, capsys):
+    from headpose_operators.notify import failure_notifier, run_alert
+
+    ti = FakeTI()
+    failure_notifier()(failure_context(RuntimeError("boom"), ti))
+    capsys.readouterr()
+    last = FakeTI()  # the run's last task instance (the teardown), which did not fail
+    last.state, last.pushed = "success", ti.pushed
+    run_alert({})({"ti": last, "dag": dag, "run_id": FakeRun.run_id, "reason": "task_failure"})
+    alerts = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE ALERT" in line]
+    assert len(alerts) == 1 and "task=download_artifact" in alerts[0] and "reason=RuntimeError: boom" in alerts[0]
+
+
+def test_a_timed_out_run_alerts_with_a_line_of_its_own(dag, capsys):
+    from headpose_operators.notify import run_alert
+
+    run_alert({})({"dag": dag, "run_id": "manual__x", "reason": "timed_out"})
+    alerts = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE ALERT" in line]
+    assert len(alerts) == 1 and "reason=run timed_out" in alerts[0]
+
+
+def test_another_notifier_is_plugged_in_by_name(dag):
+    from headpose_operators.notify import failure_notifier, run_alert
 
     RecordingNotifier.sent.clear()
-    notifier = failure_notifier({
+    ti = FakeTI()
+    failure_notifier()(failure_context(RuntimeError("boom"), ti))
+    alert = run_alert({
         "HEADPOSE_NOTIFIER": f"{__name__}.RecordingNotifier",
         "HEADPOSE_NOTIFIER_KWARGS": '{"text": "ALERT {{ headpose_failure_line }}"}',
     })
-    notifier(failure_context(RuntimeError("boom")))
-    assert RecordingNotifier.sent == [RecordingNotifier.sent[0]]
+    assert RecordingNotifier.sent == []  # the task's own callback sends nothing
+    alert({"ti": ti, "dag": dag, "run_id": FakeRun.run_id, "reason": "task_failure"})
+    assert len(RecordingNotifier.sent) == 1
     assert RecordingNotifier.sent[0].startswith("ALERT HEADPOSE FAILURE") and "task=download_artifact" in RecordingNotifier.sent[0]
 
 
-def test_a_notifier_that_cannot_send_does_not_raise(capsys):
-    from headpose_operators.notify import HeadposeFailureNotifier
+def test_a_notifier_that_cannot_send_does_not_raise(dag, capsys):
+    from headpose_operators.notify import HeadposeRunAlert
 
     def broken(context):
         raise OSError("slack is down")
 
-    HeadposeFailureNotifier(forward=broken)(failure_context(RuntimeError("boom")))
+    HeadposeRunAlert(forward=broken)({"dag": dag, "run_id": "r", "reason": "task_failure"})
     assert "could not send the failure line" in capsys.readouterr().out
 
 
-def test_every_task_and_the_dag_alert_on_failure(dag):
-    from headpose_operators.notify import HeadposeFailureNotifier
+def test_every_task_logs_its_failure_and_the_dag_alerts_once(dag):
+    from headpose_operators.notify import HeadposeFailureNotifier, HeadposeRunAlert
 
     callbacks = dag.on_failure_callback
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    assert any(isinstance(c, HeadposeFailureNotifier) for c in callbacks)
+    assert [type(c) for c in callbacks] == [HeadposeRunAlert]
     for task in dag.tasks:
-        assert any(isinstance(c, HeadposeFailureNotifier) for c in task.on_failure_callback), task.task_id
+        assert [type(c) for c in task.on_failure_callback] == [HeadposeFailureNotifier], task.task_id

@@ -253,7 +253,7 @@ def test_each_speed_switch_is_turned_on_or_off_by_its_own_parameter():
     assert _speed(**gpu, xla="off") == {"dtype_policy": "mixed_float16", "jit_compile": 0}
     assert _speed(backend="local", mixed_precision="on", xla="on") == {
         "dtype_policy": "mixed_float16", "jit_compile": 1}
-    from headpose.planning.params import RunParamsError
+    from headpose.planning.rules import RunParamsError
 
     with pytest.raises(RunParamsError, match="mixed_precision='yes'"):
         _speed(backend="local", mixed_precision="yes")

@@ -1,9 +1,16 @@
 """Failure alerts: one line naming the failed task, the training job and the reason.
 
-``failure_notifier()`` is what the DAG registers as its task and DAG
-``on_failure_callback``. The line is always logged (``HEADPOSE_NOTIFIER=log``, the
-default). To send it somewhere too, name any Airflow notifier class and its arguments;
-the line is in the template context as ``headpose_failure_line``::
+Two callbacks, one alert:
+
+* every task's ``on_failure_callback`` logs the ``HEADPOSE FAILURE`` line at the end of
+  the failed task's log - outside the collapsed "Post Execute" group, where the log
+  viewer shows it and its search finds it - and records it for the run;
+* the DAG's ``on_failure_callback`` sends the alert, once per failed run: the recorded
+  line of the task that failed, or, for a run that timed out, a line of its own.
+
+``HEADPOSE_NOTIFIER=log`` (the default) sends the alert to the log as a ``HEADPOSE ALERT``
+line. Any Airflow notifier class can send it instead, with its arguments; the line is in
+the template context as ``headpose_failure_line``::
 
     HEADPOSE_NOTIFIER=airflow.providers.slack.notifications.slack.SlackNotifier
     HEADPOSE_NOTIFIER_KWARGS='{"slack_conn_id": "slack", "channel": "#ml-ops",
@@ -64,16 +71,34 @@ def _job_name(ti: Any) -> str | None:
 
 
 class HeadposeFailureNotifier(BaseNotifier):
-    """Logs the failure line and hands it to an optional second notifier."""
+    """A task's failure: the line, visible at the end of its log, and recorded for the run's alert."""
+
+    def notify(self, context: Context) -> None:
+        line = failure_line(context)
+        # Airflow runs failure callbacks inside the collapsed "Post Execute" group of the
+        # task log. Closing it first puts the line where the log viewer shows it; the new
+        # group swallows what Airflow logs afterwards and the runner's own endgroup closes it.
+        self.log.info("::endgroup::")
+        self.log.error("%s", line)
+        self.log.info("::group::After the failure")
+        ti = context.get("ti")
+        try:
+            ti.xcom_push(key=LINE_KEY, value=line)
+        except Exception:  # the alert falls back to a line of its own
+            self.log.warning("could not record the failure line for the run's alert")
+
+
+class HeadposeRunAlert(BaseNotifier):
+    """A run's failure (a task's, or the run's timeout): one alert, to the log or a notifier."""
 
     def __init__(self, forward: BaseNotifier | None = None):
         super().__init__()
         self.forward = forward
 
     def notify(self, context: Context) -> None:
-        line = failure_line(context)
-        self.log.error("%s", line)
+        line = _recorded_line(context) or failure_line(context)
         if self.forward is None:
+            self.log.error("HEADPOSE ALERT %s", line)
             return
         try:
             self.forward({**context, LINE_KEY: line})
@@ -81,13 +106,31 @@ class HeadposeFailureNotifier(BaseNotifier):
             self.log.exception("the %s notifier could not send the failure line", type(self.forward).__name__)
 
 
-def failure_notifier(environ: dict[str, str] | None = None) -> HeadposeFailureNotifier:
-    """The notifier ``$HEADPOSE_NOTIFIER`` selects (``log``, or a notifier class path)."""
+def _recorded_line(context: Context) -> str | None:
+    """The line the failed task recorded, if a task failed (not when the run timed out)."""
+    ti, dag = context.get("ti"), context.get("dag")
+    if ti is None or dag is None:
+        return None
+    try:
+        lines = ti.xcom_pull(task_ids=list(dag.task_ids), key=LINE_KEY)
+    except Exception:
+        return None
+    found = [line for line in (lines or []) if line]
+    return found[0] if found else None
+
+
+def failure_notifier() -> HeadposeFailureNotifier:
+    """Every task's ``on_failure_callback``: the line in the task's log."""
+    return HeadposeFailureNotifier()
+
+
+def run_alert(environ: dict[str, str] | None = None) -> HeadposeRunAlert:
+    """The DAG's ``on_failure_callback``: the alert ``$HEADPOSE_NOTIFIER`` selects."""
     env = os.environ if environ is None else environ
     choice = env.get(NOTIFIER_ENV, "").strip() or "log"
     if choice == "log":
-        return HeadposeFailureNotifier()
+        return HeadposeRunAlert()
     module, _, name = choice.rpartition(".")
     forward_class = getattr(importlib.import_module(module), name)
     kwargs = json.loads(env.get(NOTIFIER_KWARGS_ENV) or "{}")
-    return HeadposeFailureNotifier(forward=forward_class(**kwargs))
+    return HeadposeRunAlert(forward=forward_class(**kwargs))

@@ -149,24 +149,28 @@ def test_the_tutorial_lambdas_preprocessing_reaches_the_validated_accuracy(learn
 import json
 import numpy as np, tensorflow as tf
 from headpose.training import shards
+fed, labels = [], []
+for images, classes in shards.dataset({[str(p) for p in shards]!r}, 64, training=False):
+    # A camera frame as OpenCV gives it: BGR uint8 (the shards hold BGR), larger than 84x84.
+    frames = tf.image.resize(tf.cast(tf.round(images * 255.0), tf.uint8), [252, 252], method="nearest")
+    # The Lambda: cv2.resize(frame, (84, 84)), then / 255, no colour conversion.
+    fed.append(tf.image.resize(tf.cast(frames, tf.float32), [84, 84], method="bilinear",
+                               antialias=False).numpy() / 255.0)
+    labels.append(classes.numpy())
 graph_def = tf.compat.v1.GraphDef()
 graph_def.ParseFromString(open({str(graph)!r}, "rb").read())
 correct = total = 0
 with tf.Graph().as_default() as graph:
     tf.compat.v1.import_graph_def(graph_def, name="")
     with tf.compat.v1.Session(graph=graph) as session:
-        for images, classes in shards.dataset({[str(p) for p in shards]!r}, 64, training=False):
-            # A camera frame as OpenCV gives it: BGR uint8 (the shards hold BGR), larger than 84x84.
-            frames = tf.image.resize(tf.cast(images * 255.0, tf.uint8), [252, 252], method="nearest")
-            # The Lambda: cv2.resize(frame, (84, 84)), then / 255, no colour conversion.
-            fed = tf.image.resize(tf.cast(frames, tf.float32), [84, 84], method="bilinear",
-                                  antialias=False).numpy() / 255.0
-            out = session.run("softmax_tensor:0", {{"inputs:0": fed}})
-            correct += int((out.argmax(axis=1) == classes.numpy()).sum()); total += len(out)
+        for batch, classes in zip(fed, labels):
+            out = session.run("softmax_tensor:0", {{"inputs:0": batch}})
+            correct += int((out.argmax(axis=1) == classes).sum()); total += len(out)
 print(json.dumps({{"accuracy": correct / total, "images": total}}))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    ran = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    ran = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
     answer = json.loads(ran.stdout.strip().splitlines()[-1])
     assert answer["images"] == pointer["metrics"]["images"]
     assert answer["accuracy"] >= pointer["metrics"]["accuracy"] - 0.03  # the validated figure, within resampling

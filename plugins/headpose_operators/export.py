@@ -82,6 +82,9 @@ class ExportEdgeModelsOperator(BaseOperator):
         self.expected_bucket_owner = expected_bucket_owner
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from headpose.artifacts.quiet_tensorflow import import_tensorflow
+
+        import_tensorflow(self.log.info)
         from headpose.artifacts.edge.transfer import EdgeExportRefused, export_from_s3
         from headpose_operators.s3 import s3_client as pinned_client
 

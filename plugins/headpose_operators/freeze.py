@@ -69,6 +69,9 @@ class FreezeGraphOperator(BaseOperator):
         self.expected_bucket_owner = expected_bucket_owner
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from headpose.artifacts.quiet_tensorflow import import_tensorflow
+
+        import_tensorflow(self.log.info)
         from headpose.artifacts.archive import ArchiveError, find_saved_model, safe_extract
         from headpose.artifacts.freeze import FreezeError, freeze_saved_model, node_names
         from headpose.planning.handoff import HandoffError, download_verified, upload_file

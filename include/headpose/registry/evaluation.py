@@ -36,6 +36,9 @@ def validate_candidate(
     Raises ``ModelRefused`` when the model breaks the graph contract or the gate refuses
     it (after uploading the evidence), and when the published pointer itself is broken.
     """
+    from headpose.artifacts.quiet_tensorflow import import_tensorflow
+
+    import_tensorflow(log)
     from headpose.artifacts.acceptance import ModelRefused, outcome_lines, validate_frozen_model
     from headpose.artifacts.archive import find_saved_model, safe_extract
     from headpose.datasets.evaluation_set import fetch_evaluation_set

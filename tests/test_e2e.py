@@ -200,3 +200,35 @@ def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alo
     assert f"headpose/TFartifacts/{job}/rejected/confusion_matrix.png" in keys
     assert not any(job in k and ("/output/frozen_model" in k or "published/" in k) for k in keys)
     assert published() == before
+
+
+def test_every_edge_format_is_published_and_runs_from_s3_in_its_own_runtime(learned, moto_server, tmp_path,
+                                                                            monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from headpose.artifacts.edge.export import DEFAULT_FORMATS
+    from headpose.artifacts.evaluate import load_frozen_graph
+    from headpose.datasets.rendering import generate_image
+    from headpose.edge.client import default_fetch, load_model
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    pointer, s3 = learned["pointer"], learned["s3"]
+    assert set(pointer["formats"]) == set(DEFAULT_FORMATS)
+    report = json.loads(_get(s3, pointer["files"]["report.json"]["uri"]))
+    assert all(report["formats"][name]["accepted"] for name in DEFAULT_FORMATS)  # the per-format table
+    rgb = generate_image(np.random.default_rng(7), 15, -60)  # a face the model has not seen
+    Image.fromarray(rgb).save(tmp_path / "face.png")
+    graph = tmp_path / "frozen_model.pb"
+    graph.write_bytes(_get(s3, pointer["files"]["frozen_model.pb"]["uri"]))
+    expected = int(load_frozen_graph(graph)(rgb[None, ..., ::-1].astype(np.float32) / 255.0).argmax())
+    fetch = default_fetch(moto_server.endpoint)
+    for name, entry in pointer["formats"].items():
+        model = load_model(fetch, pointer, tmp_path / "cache", name)  # downloaded, sha256-checked, opened
+        assert model.format == name and model.sha256 == entry["sha256"]
+        prediction = model.predict(tmp_path / "face.png")
+        if entry["precision"] == "float32":
+            assert prediction.class_index == expected, name
+        assert abs(sum(prediction.probabilities.values()) - 1) < 0.02, name

@@ -51,6 +51,7 @@ LISTEN_SETTINGS = {
 # What native processes set beyond the compose environment, and why each is needed.
 NATIVE_ONLY_ENV = {
     "AIRFLOW_HOME": "each container has /opt/airflow; here every stack has its own folder",
+    "HEADPOSE_WORKSPACE": "each container's scratch is its own; here every process gets its own folder",
     **{name: "the image's default under its AIRFLOW_HOME, translated" for name in IMAGE_DEFAULT_PATHS},
     "AIRFLOW__API__HOST": "the address the compose file publishes the api-server's port on",
     "AIRFLOW__API__PORT": "8080 may be taken on a shared machine",
@@ -187,6 +188,10 @@ class NativeLayout:
     def volume(self, name: str) -> Path:
         return self.base / "volumes" / name
 
+    def scratch(self, process: str) -> Path:
+        """One process's own scratch, as each container has its own filesystem."""
+        return self.base / "scratch" / process
+
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api}"
@@ -311,6 +316,8 @@ def _native_env(services: dict[str, Any], name: str, hostname: str, layout: Nati
     })
     if name == "flower":
         env.update(_listen_env(service, name, layout, variables))
+    if "HEADPOSE_WORKSPACE" in env:
+        env["HEADPOSE_WORKSPACE"] = str(layout.scratch(hostname))
     return env
 
 

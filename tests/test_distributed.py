@@ -45,8 +45,10 @@ from test_e2e import TINY_CONF
 
 pytestmark = pytest.mark.distributed
 
-# The tiny settings of the end-to-end test, in the bucket airflow-init created.
-CONF = {name: value for name, value in TINY_CONF.items() if name != "s3_bucket"}
+# The tiny settings of the end-to-end test, in the bucket airflow-init created; enough
+# synthetic rounds (4 + 2) that the render pool has work for both of its processes.
+CONF = {**{name: value for name, value in TINY_CONF.items() if name != "s3_bucket"},
+        "synthetic_train_per_pose": 4, "synthetic_eval_per_pose": 2}
 # (method, path, body, the logins FAB's roles allow it); every other login gets 403.
 # Only requests that change nothing: a dry-run clear, pausing the paused DAG.
 ACCESS = [
@@ -130,11 +132,35 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
     )["value"]
     s3 = stack.s3_client()
     pointer = json.loads(s3.get_object(Bucket=stack.bucket, Key="headpose/published/latest.json")["Body"].read())
-    assert pointer["training_job_name"] == job
+    assert pointer["training_job_name"] == job and set(pointer["formats"])
     graph = s3.head_object(Bucket=stack.bucket, Key="headpose/published/latest/frozen_model.pb")
     assert graph["ContentLength"] > 0
-    # cleanup ran on a worker and removed the run's folder from the shared workspace.
-    assert not (stack.layout.volume("workspace") / job).exists()
+    # Rendering ran in a pool of two processes inside a Celery prefork worker (a daemonic
+    # process, which may not start one itself).
+    assert "rendered 6 rounds of 93 poses in 2 processes" in task_log(stack, run_id, "stage_dataset")
+    # Each worker has its own scratch, and no worker kept anything of the run in it.
+    for worker in workers:
+        assert not (stack.layout.scratch(worker) / job).exists(), worker
+
+    # An operator clears validate_model after the run (and its teardown) ended: it runs again,
+    # on the other worker, from S3 alone, and the run ends green again.
+    first = {ti["task_id"]: ti["hostname"] for ti in task_instances}
+    api.call("POST", f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {
+        "dry_run": False, "task_ids": ["validate_model"], "dag_run_id": run_id, "only_failed": False,
+        "include_downstream": False, "reset_dag_runs": True, "run_on_latest_version": True})
+    api.set_paused(False)
+    try:
+        assert wait_for_run(api, stack, run_id) == "success", task_log_tails(stack, run_id)
+    finally:
+        api.set_paused(True)
+    rerun = {ti["task_id"]: ti for ti in api.task_instances(run_id)}["validate_model"]
+    assert rerun["try_number"] == 2 and rerun["state"] == "success"
+    assert rerun["hostname"] != first["validate_model"], (rerun["hostname"], first["validate_model"])
+
+
+def task_log(stack, run_id: str, task_id: str) -> str:
+    folder = stack.layout.volume("airflow-logs") / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
+    return "\n".join(log.read_text(errors="replace") for log in sorted(folder.rglob("*.log")))
 
 
 def test_each_login_may_do_what_its_role_allows_and_nothing_else(stack, api):

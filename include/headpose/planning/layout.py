@@ -261,6 +261,10 @@ def task_scratch(training_job_name: str, task_id: str) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        try:
+            parent.rmdir()  # the run's folder, once no other try of the run uses it on this worker
+        except OSError:
+            pass
 
 
 def remove_run_workspace(training_job_name: str) -> None:

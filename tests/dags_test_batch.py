@@ -5,8 +5,10 @@ function - but Airflow, the sagemaker SDK and TensorFlow are imported once for a
 them instead of once per run (about a minute each on a busy two-core machine).
 
 Usage: ``python dags_test_batch.py <runs.json>`` where the file holds
-``[{"name": ..., "logical_date": <ISO>, "conf": {...}}, ...]``. Each run's output is
-framed by ``BEGIN_RUN <name>`` and ``END_RUN <name> exit=<code>`` lines.
+``[{"name": ..., "logical_date": <ISO>, "conf": {...}}, ...]``, or entries
+``{"name": ..., "argv": [...]}`` for any other ``airflow`` command (``tasks test`` of one
+task of an existing run, as a person clearing it would have it run again). Each run's
+output is framed by ``BEGIN_RUN <name>`` and ``END_RUN <name> exit=<code>`` lines.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def main(spec_path: str) -> int:
     parser = cli_parser.get_parser()
     for run in runs:
         print(f"{BEGIN} {run['name']}", flush=True)
-        args = parser.parse_args(["dags", "test", DAG_ID, run["logical_date"], "-c", json.dumps(run["conf"])])
+        argv = run.get("argv") or ["dags", "test", DAG_ID, run["logical_date"], "-c", json.dumps(run["conf"])]
+        args = parser.parse_args(argv)
         try:
             args.func(args)
             code = 0

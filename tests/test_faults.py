@@ -533,3 +533,51 @@ def test_two_runs_at_once_keep_to_their_own_names_and_keys(s3, dataset, airflow_
             record = json.loads(s3.get_object(Bucket=bucket, Key=history[0])["Body"].read())
             assert record["training_job_name"] == job and job in record["frozen_model_uri"]
     assert not workspace.exists() or not any(workspace.iterdir())  # each cleanup removed its own folder
+
+
+# -- clearing: every task runs again alone, after the run failed and its teardown ran ---
+
+CLEARED = ("download_artifact", "freeze_graph", "export_edge_models", "validate_model", "upload_frozen_model",
+           "publish")
+
+
+def test_after_a_failed_run_each_task_cleared_runs_again_alone_and_publishes_a_consistent_model(
+        s3, models, moto_server, home):
+    """The endpoint goes away at publish's first write, so the run fails and its teardown
+    runs; then each task from download_artifact on is run again alone (``airflow tasks
+    test`` of the run: a fresh process with the run's XComs and no scratch of the first
+    try), in order, as a person clearing them one by one would have them run."""
+    from headpose.registry import pointer as pointers
+
+    bucket = "faults-cleared"
+    when = logical(60)
+    job = training_job_name(when)
+    seed_champion(s3, bucket, models)
+    place_training_result(s3, bucket, job, models["good"])
+    proxy = CuttingProxy(moto_server.port, r"^PUT /[^ ]*/published/history/")
+    failed = dags_test(home, proxy.endpoint, {**CONF, "s3_bucket": bucket, "force_publish": True}, "failed.log",
+                       logical_date=when, extra_env=FAST_RETRIES)
+    run_id, state = run_of(home, when)
+    assert proxy.cut.is_set() and failed.returncode != 0 and state == "failed"
+    states = task_states(home, run_id)
+    assert states["publish"] == "failed" and states["cleanup"] == "success", states
+    assert not (home / "workspace" / job).exists()  # the teardown removed the scratch
+
+    spec = home / "cleared.json"
+    spec.write_text(json.dumps([{"name": task_id, "argv": ["tasks", "test", DAG_ID, task_id, run_id]}
+                                for task_id in CLEARED]))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "dags_test_batch.py"), str(spec)],
+                            env=cli_env(home, s3.meta.endpoint_url, FAST_RETRIES), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=1800)
+    (home / "cleared.log").write_text(result.stdout)
+    outputs = split_output(result.stdout)
+    assert set(outputs) == set(CLEARED), f"see {home / 'cleared.log'}"
+    states = task_states(home, run_id)
+    assert all(states[task_id] == "success" for task_id in CLEARED), (states, f"see {home / 'cleared.log'}")
+    record, _ = pointers.read_pointer(s3, f"s3://{bucket}/headpose/published/latest.json")
+    assert record["training_job_name"] == job and record["previous"]["training_job_name"] == CHAMPION_JOB
+    assert pointers.verify_record_files(s3, record) == []
+    mirrored = {key.rsplit("published/latest/", 1)[1]: hashlib.sha256(
+        s3.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest()
+        for key in keys(s3, bucket, "headpose/published/latest/")}
+    assert mirrored == {name: entry["sha256"] for name, entry in pointers.mirror_files(record).items()}

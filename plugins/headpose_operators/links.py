@@ -58,3 +58,21 @@ class S3ModelArtifactLink(BaseAwsLink):
 
 
 TRAINING_LINKS = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink(), S3ModelArtifactLink())
+
+
+def persist_training_links(operator, context, request: dict, on_sagemaker: bool) -> None:
+    """Store the ``train`` task's links: the artifact always, the job and its logs on SageMaker."""
+    from headpose.planning.layout import join_uri, split_s3_uri
+
+    job = request["TrainingJobName"]
+    try:
+        where = {"context": context, "operator": operator, "region_name": operator.hook.conn_region_name,
+                 "aws_partition": operator.hook.conn_partition}
+        bucket, key = split_s3_uri(join_uri(request["OutputDataConfig"]["S3OutputPath"], f"{job}/output/model.tar.gz"))
+    except Exception as error:  # a link is a convenience: it must never fail the training
+        operator.log.warning("No console links for %s: %s", job, error)
+        return
+    S3ModelArtifactLink.persist(**where, bucket_name=bucket, key=key)
+    if on_sagemaker:  # no SageMaker job or CloudWatch log exists for a local run
+        SageMakerTrainingJobLink.persist(**where, job_name=job)
+        SageMakerTrainingLogsLink.persist(**where, job_name=job, log_group=TRAINING_LOG_GROUP)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import shutil
 import re
 import subprocess
 from pathlib import Path
@@ -36,13 +37,7 @@ from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOp
 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.providers.amazon.aws.utils import validate_execute_complete_event
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from headpose_operators.links import (
-    TRAINING_LOG_GROUP,
-    TRAINING_LINKS,
-    S3ModelArtifactLink,
-    SageMakerTrainingJobLink,
-    SageMakerTrainingLogsLink,
-)
+from headpose_operators.links import TRAINING_LINKS, persist_training_links
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -350,21 +345,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
                 "attempts": self._attempts or [description["TrainingJobName"]]}
 
     def _persist_links(self, context: Context) -> None:
-        from headpose.planning.layout import join_uri, split_s3_uri
-
-        job = self.config["TrainingJobName"]
-        try:
-            where = {"context": context, "operator": self, "region_name": self.hook.conn_region_name,
-                     "aws_partition": self.hook.conn_partition}
-            artifact = join_uri(self.config["OutputDataConfig"]["S3OutputPath"], f"{job}/output/model.tar.gz")
-            bucket, key = split_s3_uri(artifact)
-        except Exception as error:  # a link is a convenience: it must never fail the training
-            self.log.warning("No console links for %s: %s", job, error)
-            return
-        S3ModelArtifactLink.persist(**where, bucket_name=bucket, key=key)
-        if self.backend == "sagemaker":  # no SageMaker job or CloudWatch log exists for a local run
-            SageMakerTrainingJobLink.persist(**where, job_name=job)
-            SageMakerTrainingLogsLink.persist(**where, job_name=job, log_group=TRAINING_LOG_GROUP)
+        persist_training_links(self, context, self.config, self.backend == "sagemaker")
 
     # -- local ---------------------------------------------------------------------------
 
@@ -384,6 +365,10 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
             )
         except SourcedirMismatch as error:
             raise AirflowFailException(str(error)) from None
+        finally:
+            # The job's outputs are in S3 by now (or it failed): its root is scratch. A task
+            # killed before this leaves it to the next try (which empties it) or to cleanup.
+            shutil.rmtree(work_dir, ignore_errors=True)
         return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:

@@ -122,9 +122,9 @@ def training_job_request(
         "sagemaker_region": _hp(region),
         "sagemaker_job_name": _hp(job),
         "sagemaker_container_log_level": _hp(20),
-        # What the sagemaker SDK passes to TensorFlow scripts; the entry point ignores it
-        # and writes to SM_MODEL_DIR, which SageMaker uploads as model.tar.gz.
-        "model_dir": _hp(f"{layout.output_path}/{job}/model"),
+        # No model_dir, which the sagemaker SDK passes TensorFlow scripts: the entry point
+        # writes to SM_MODEL_DIR (uploaded as model.tar.gz), and with an S3 model_dir the
+        # TensorFlow image's framework module calls s3:GetBucketLocation at start.
         **{name: _hp(params[name]) for name in MODEL_HYPERPARAMETERS},
         "decay_epochs": _hp(params["learning_rate_decay_epochs"]),
         "channel_order": _hp(params.get("channel_order") or DEFAULT_CHANNEL_ORDER),

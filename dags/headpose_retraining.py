@@ -183,9 +183,11 @@ def headpose_retraining():
 
         try:
             with task_scratch(plan["training_job_name"], "validate_model") as scratch:
-                return validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print, edge)
+                outcome = validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print, edge)
         except ModelRefused as error:
             raise _fail(str(error)) from None
+        return {**outcome, "links": _links(plan, {"report": outcome["report_uri"],
+                                                   "confusion_matrix": outcome["confusion_png_uri"]})}
 
     @task(**scheduling.task_args("upload_frozen_model"))
     def upload_frozen_model(plan: dict, frozen: dict, report: dict, edge: dict) -> dict:
@@ -221,6 +223,8 @@ def headpose_retraining():
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None
+        summary["links"] = _links(plan, {"pointer": plan["published_pointer_uri"],
+                                         "model": summary.get("published_model_uri")})
         print(format_summary(summary))
         context["ti"].xcom_push(key="summary", value=summary)
         if not decision.promote:
@@ -311,6 +315,16 @@ def _s3_hook():
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     return S3Hook(aws_conn_id=AWS_CONN_ID)
+
+
+def _links(plan: dict, uris: dict) -> dict:
+    """Where the ops team opens those S3 objects (the store's endpoint, or the AWS console); logged."""
+    from headpose.planning.layout import object_urls
+
+    links = object_urls(uris, _s3_hook().conn_config.endpoint_url, plan["region"])
+    for name, url in links.items():
+        print(f"link {name}: {url}")
+    return links
 
 
 def _s3(plan: dict):

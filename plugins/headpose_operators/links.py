@@ -47,13 +47,16 @@ class SageMakerTrainingLogsLink(BaseAwsLink):
 
 
 class S3ModelArtifactLink(BaseAwsLink):
-    """``model.tar.gz`` of the run in the S3 console."""
+    """``model.tar.gz`` of the run: the store's own endpoint when the connection names one
+    (MinIO, moto), the S3 console otherwise."""
 
     name = "Model Artifact (S3)"
     key = "headpose_model_artifact"
     format_str = BASE_AWS_CONSOLE_LINK + "/s3/object/{bucket_name}?region={region_name}&prefix={key}"
 
     def format_link(self, **kwargs) -> str:
+        if kwargs.get("endpoint_url"):
+            return f"{kwargs['endpoint_url'].rstrip('/')}/{kwargs['bucket_name']}/{quote(kwargs.get('key', ''), safe='/')}"
         return super().format_link(**{**kwargs, "key": quote(kwargs.get("key", ""), safe="/")})
 
 
@@ -72,7 +75,8 @@ def persist_training_links(operator, context, request: dict, on_sagemaker: bool)
     except Exception as error:  # a link is a convenience: it must never fail the training
         operator.log.warning("No console links for %s: %s", job, error)
         return
-    S3ModelArtifactLink.persist(**where, bucket_name=bucket, key=key)
+    S3ModelArtifactLink.persist(**where, bucket_name=bucket, key=key,
+                                endpoint_url=operator.hook.conn_config.endpoint_url or "")
     if on_sagemaker:  # no SageMaker job or CloudWatch log exists for a local run
         SageMakerTrainingJobLink.persist(**where, job_name=job)
         SageMakerTrainingLogsLink.persist(**where, job_name=job, log_group=TRAINING_LOG_GROUP)

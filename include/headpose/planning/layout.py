@@ -124,6 +124,22 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def object_url(uri: str, endpoint_url: str | None = None, region: str = "us-east-1") -> str:
+    """Where a person opens an S3 object: the store's own endpoint when the connection names one
+    (MinIO, moto), the AWS console otherwise."""
+    from urllib.parse import quote
+
+    bucket, key = split_s3_uri(uri)
+    if endpoint_url:
+        return f"{endpoint_url.rstrip('/')}/{bucket}/{quote(key, safe='/')}"
+    return f"https://console.aws.amazon.com/s3/object/{bucket}?region={region}&prefix={quote(key, safe='/')}"
+
+
+def object_urls(uris: Mapping[str, str | None], endpoint_url: str | None, region: str) -> dict[str, str]:
+    """``{name: url}`` of the given ``{name: s3 uri}`` (a missing URI is left out)."""
+    return {name: object_url(uri, endpoint_url, region) for name, uri in uris.items() if uri}
+
+
 def join_uri(prefix: str, name: str) -> str:
     return prefix.rstrip("/") + "/" + name.lstrip("/")
 

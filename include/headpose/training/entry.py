@@ -213,6 +213,8 @@ def train(args: argparse.Namespace) -> dict:
     eval_data = eval_data.take(args.evaluation_steps)
     results = net.evaluate(eval_data, verbose=0, return_dict=True)
     log(f"metric: eval_loss={results['loss']:.4f} eval_accuracy={results['accuracy']:.4f}")
+    log(f"(eval_accuracy is a quick check on at most {args.evaluation_steps} batches; validate_model's "
+        "accuracy on the whole evaluation set is the figure that gates publishing)")
     log(f"evaluated in {time.monotonic() - started:.1f} s")
 
     started = time.monotonic()

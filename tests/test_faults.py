@@ -278,7 +278,15 @@ CASES = [
     Case("forced", logical(21), "faults-forced", with_artifact(lambda m: m["poor"]), {"force_publish": True}),
     Case("training crash", logical(22), "faults-crash", lambda s3, m, case: seed_champion(s3, case.bucket, m),
          {"dataset_source": CORRUPT_DATASET}),
+    # Refused by plan_run: a SageMaker run with no role anywhere (the connection has none).
+    Case("role-less sagemaker", logical(23), "faults-roleless", lambda s3, m, case: _empty_bucket(s3, case.bucket),
+         {"backend": "sagemaker", "role_arn": None}),
 ]
+
+
+def _empty_bucket(s3, bucket: str) -> dict:
+    s3.create_bucket(Bucket=bucket)
+    return {}
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 
@@ -581,3 +589,17 @@ def test_after_a_failed_run_each_task_cleared_runs_again_alone_and_publishes_a_c
         s3.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest()
         for key in keys(s3, bucket, "headpose/published/latest/")}
     assert mirrored == {name: entry["sha256"] for name, entry in pointers.mirror_files(record).items()}
+
+
+
+def test_a_sagemaker_run_without_a_role_is_refused_by_plan_run_before_anything_is_written(batch, s3):
+    case = CASES_BY_NAME["role-less sagemaker"]
+    output, exit_code = batch["outputs"][case.name]
+    run_id, state = run_of(batch["home"], case.when)
+    states = task_states(batch["home"], run_id)
+    assert exit_code != 0 and state == "failed" and states["plan_run"] == "failed", states
+    assert try_numbers(batch["home"], run_id)["plan_run"] == 1  # refused, not retried
+    assert all(states[t] == "upstream_failed" for t in ("stage_dataset", "package_code", "train")), states
+    lines = failure_lines(output, "plan_run")
+    assert len(lines) == 1 and "needs the SageMaker execution role" in lines[0], lines
+    assert keys(s3, case.bucket) == []  # 0 objects written

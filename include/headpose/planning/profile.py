@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
-# Training images/s of the entry point on the CPU of the machines this project is built
-# on (2 cores, AVX-512), at 64 base filters and batch 64 (bench/bench_local_throughput.py).
-# A deployment's own workers override them with local_images_per_second.
-MEASURED_IMAGES_PER_SECOND = {"10": 340.0, "18": 130.0, "34": 70.0, "50": 30.0}
+# Training images/s of the entry point's model on the 2-core CPU this project is built on,
+# at 64 base filters and batch 64 (bench/bench_local_throughput.py, 2026-12-01, with other
+# work on the machine: bench/recorded/local_throughput-cpu-2026-12-01.json). A deployment's
+# own workers override them with local_images_per_second.
+MEASURED_IMAGES_PER_SECOND = {"10": 185.0, "18": 96.0, "34": 25.0, "50": 25.0}
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluation_set": {

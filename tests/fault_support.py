@@ -27,6 +27,15 @@ from typing import Any, Iterable
 import psutil
 
 
+def loopback_listener() -> tuple[socket.socket, int]:
+    """A listening socket on a free loopback port, and the port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener, listener.getsockname()[1]
+
+
 class CuttingProxy:
     """A loopback TCP relay to ``upstream_port`` that goes away at the first request matching ``trigger``."""
 
@@ -37,12 +46,8 @@ class CuttingProxy:
         self.relayed: list[bytes] = []  # request lines seen, for the test's messages
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
+        self._listener, self.port = loopback_listener()
         self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -286,11 +291,7 @@ class OwnerCheckingRelay:
         self.upstream_port, self.owner = upstream_port, owner
         self.unpinned: list[str] = []
         self.refused: list[str] = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
+        self._listener, self.port = loopback_listener()
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property

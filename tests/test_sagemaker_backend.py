@@ -499,3 +499,25 @@ def test_a_capacity_failure_is_retried_with_the_next_job_and_attempts_end_at_the
     with pytest.raises(AirflowFailException, match="the run has used its 2 training job"):
         last.execute({"ti": RecordingTaskInstance(try_number=3)})
     stubber.assert_no_pending_responses()
+
+
+def test_the_log_printed_before_a_deferral_is_not_printed_again_when_the_task_resumes(aws, described, capfd):
+    """What the job logged is printed before deferring; on resuming, only what followed."""
+    logs = _client("logs", aws["endpoint"])
+    group, stream = "/aws/sagemaker/TrainingJobs", f"{JOB}/algo-1-1715000000"
+    logs.create_log_group(logGroupName=group)
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": now, "message": "progress: step=1/2 before the deferral"}])
+    operator = _operator(aws["plan"]["training_request"], print_log=True)
+    description = described("InProgress")
+    capfd.readouterr()
+    positions = operator._print_logs(JOB, description)
+    printed = "".join(capfd.readouterr())
+    assert "before the deferral" in printed and stream in positions
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": now + 5, "message": "metric: eval_accuracy=0.91 after it"}])
+    operator._print_logs(JOB, described("Completed"), json.loads(json.dumps(positions)))  # via the trigger's kwargs
+    printed = "".join(capfd.readouterr())
+    assert "after it" in printed and "before the deferral" not in printed

@@ -98,7 +98,9 @@ def _save(pictures, folder) -> list:
 def _frozen_classes(models, pictures) -> list[int]:
     from headpose.artifacts.evaluate import load_frozen_graph
 
-    batch = np.stack(pictures).astype(np.float32) / 255.0  # the shards' RGB order and scale
+    batch = np.stack(pictures).astype(np.float32) / 255.0  # the shards' scale; the pictures are RGB
+    if models["metadata"]["preprocessing"]["channel_order"] == "bgr":
+        batch = batch[..., ::-1]  # the order the model was trained in, which the client must match
     return load_frozen_graph(models["frozen"])(batch).argmax(axis=1).tolist()
 
 

@@ -230,3 +230,15 @@ def test_every_task_logs_its_failure_and_the_dag_alerts_once(dag):
     assert [type(c) for c in callbacks] == [HeadposeRunAlert]
     for task in dag.tasks:
         assert [type(c) for c in task.on_failure_callback] == [HeadposeFailureNotifier], task.task_id
+
+
+def test_the_alert_is_sent_with_the_serialized_dag_that_dags_test_hands_to_callbacks(dag, capsys):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from headpose_operators.notify import run_alert
+
+    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert not hasattr(serialized, "get_template_env")  # what broke BaseNotifier's rendering
+    run_alert({})({"dag": serialized, "run_id": "manual__x", "reason": "task_failure"})
+    alerts = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE ALERT" in line]
+    assert len(alerts) == 1 and "run=manual__x" in alerts[0]

@@ -95,6 +95,15 @@ class HeadposeRunAlert(BaseNotifier):
         super().__init__()
         self.forward = forward
 
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Nothing to render: the alert has no templates of its own.
+
+        ``BaseNotifier`` builds a Jinja environment from ``dag.get_template_env`` first, which
+        the serialized DAG that ``airflow dags test`` hands to DAG callbacks does not have:
+        the alert would fail there before sending anything. A forwarded notifier still
+        renders its own templates, with the failure line in the context.
+        """
+
     def notify(self, context: Context) -> None:
         line = _recorded_line(context) or failure_line(context)
         if self.forward is None:

@@ -10,6 +10,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote, unquote
 
 from native_compose import ROOT
 from native_stack import NativeStack, api_token
@@ -64,6 +65,47 @@ class Api:
 
     def run_ids(self) -> set[str]:
         return {run["dag_run_id"] for run in self.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")["dag_runs"]}
+
+    def xcom_path(self, run_id: str, task_id: str, key: str) -> str:
+        return f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+
+    def xcom(self, run_id: str, task_id: str, key: str):
+        return self.call("GET", self.xcom_path(run_id, task_id, key))["value"]
+
+
+def run_to_end(api: Api, stack: NativeStack, conf: dict) -> tuple[str, str]:
+    """``(run_id, final state)`` of one run triggered through the API; the DAG is unpaused
+    only while it runs, so nothing else starts meanwhile."""
+    api.set_paused(False)
+    try:
+        run_id = api.call("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+        stack.say(f"triggered {run_id}")
+        return run_id, wait_for_run(api, stack, run_id)
+    finally:
+        api.set_paused(True)
+
+
+def accepted_run(api: Api, stack: NativeStack, conf: dict) -> str:
+    """A run whose ``validate_model`` accepted its model and recorded its links: an earlier
+    one (the module's run test leaves one), else a new run with ``conf``."""
+    for run in api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?state=success")["dag_runs"]:
+        if api.status("GET", api.xcom_path(run["dag_run_id"], "validate_model", "links")) == 200:
+            return run["dag_run_id"]
+    run_id, state = run_to_end(api, stack, conf)
+    assert state == "success", task_log_tails(stack, run_id)
+    return run_id
+
+
+def stored_object(stack: NativeStack, address: str) -> bytes:
+    """The object an ``s3://`` URI, or a URL at the stack's S3 endpoint, names; read with the
+    bucket's credentials (the bucket is private: an anonymous GET is refused)."""
+    if address.startswith("s3://"):
+        bucket, _, key = address.removeprefix("s3://").partition("/")
+    else:
+        endpoint = stack.layout.object_store.rstrip("/") + "/"
+        assert address.startswith(endpoint), f"{address} is not at the stack's S3 endpoint {endpoint}"
+        bucket, _, key = unquote(address.removeprefix(endpoint)).partition("/")
+    return stack.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def wait_for_run(api: Api, stack: NativeStack, run_id: str) -> str:
@@ -180,3 +222,65 @@ def check_field(form, name: str, spec: dict) -> None:
     else:
         shown = "" if default is None else str(default)  # a null default is an empty box
         assert row.locator(f'input[name="element_{name}"]').input_value() == shown, name
+
+
+def ui_path(run_id: str, task_id: str | None = None, tab: str | None = None) -> str:
+    """The UI's page of a run, or of one of its task instances (``tab``: ``xcom``...; none is its log)."""
+    path = f"/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    if task_id:
+        path += f"/tasks/{task_id}"
+    return f"{path}/{tab}" if tab else path
+
+
+def task_row(page, task_id: str):
+    """The row of one task instance in the run page's table."""
+    return page.locator("tbody tr").filter(has=page.get_by_role("link", name=task_id, exact=True))
+
+
+def ui_state(state: str) -> str:
+    """How the UI labels a task instance state: ``upstream_failed`` -> ``Upstream Failed``."""
+    return state.replace("_", " ").title()
+
+
+def search_log(page, text: str):
+    """Types ``text`` into the log viewer's search box; returns its match count (``1 of 1``)."""
+    page.get_by_placeholder("Search logs...").fill(text)
+    return page.get_by_text(re.compile(r"^(\d+ of \d+|No matches)$"))
+
+
+def wrap_log(page) -> None:
+    """Turns on the log viewer's line wrapping, so a long line shows whole."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Log Settings").click()
+    page.get_by_role("menuitem", name="Wrap").click()
+    expect(page.get_by_role("menu")).to_be_hidden()  # closed, not fading over the log
+
+
+def xcom_link(page, key: str, name: str):
+    """The link the XCom view shows for ``name`` inside the JSON value of ``key``, unfolded:
+    its first segment (the editor wraps a long URL over several lines, one link)."""
+    from playwright.sync_api import expect
+
+    row = page.locator("tbody tr").filter(has=page.get_by_role("cell", name=key, exact=True))
+    expect(row).to_have_count(1)
+    page.get_by_role("button", name="Expand all extra JSON").click()
+    return row.locator(".view-line").filter(has_text=f'"{name}":').locator(".detected-link").first
+
+
+def follow_link(page, link):
+    """Ctrl+clicks a link of the UI's JSON editor (how it opens one): ``(tab, url, HTTP status)``."""
+    # By position: the editor redraws a link under the pointer once Control is down, which
+    # detaches the element a locator click would wait on.
+    box = link.bounding_box()
+    with page.context.expect_page() as opened:
+        page.keyboard.down("Control")
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.keyboard.up("Control")
+    tab = opened.value
+    tab.wait_for_load_state()
+    # An error status leaves the tab on Chromium's own error page; the navigation's timing
+    # entry still has where it went and what it got.
+    url, status = tab.evaluate(
+        "() => { const n = performance.getEntriesByType('navigation')[0]; return [n.name, n.responseStatus]; }")
+    return tab, url, status

@@ -13,6 +13,9 @@ Flower (the compose file's ``flower`` profile).
   password.
 * Closed dashboards: Flower answers only with its .env login, and the api-server and
   Flower listen on loopback only, as the compose file publishes them.
+* After a run whose model is refused, an operator sees in the UI which task failed, finds
+  the ``HEADPOSE FAILURE`` line on screen in its log (and with the log's search), and the
+  report links of an accepted run in its XCom; the refused report the line names is in S3.
 * The trigger form in headless Chromium: every parameter shows with its title,
   description and default; a submitted form with a changed ``training_steps`` creates a
   run with that value.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import shutil
 import socket
@@ -38,8 +42,9 @@ import pytest
 from native_compose import INIT_SERVICE, ROOT, WORKER_SERVICE
 from native_stack import NativeStack, api_token, caller_env
 from stack_support import (
-    ARTIFACTS, DAG_ID, Api, browser_page, check_field, field, log_in, new_run, new_runs, open_trigger_form,
-    task_log_tails, wait_for_run,
+    ARTIFACTS, DAG_ID, Api, accepted_run, browser_page, check_field, field, follow_link, log_in, new_run, new_runs,
+    open_trigger_form, run_to_end, search_log, stored_object, task_log_tails, task_row, ui_path, ui_state,
+    wait_for_run, wrap_log, xcom_link,
 )
 from test_e2e import TINY_CONF
 
@@ -161,6 +166,58 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
 def task_log(stack, run_id: str, task_id: str) -> str:
     folder = stack.layout.volume("airflow-logs") / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
     return "\n".join(log.read_text(errors="replace") for log in sorted(folder.rglob("*.log")))
+
+
+@pytest.mark.browser
+def test_an_operator_sees_why_a_run_failed_and_reaches_the_report(stack, api):
+    accepted = accepted_run(api, stack, CONF)  # the run test's, when it ran first
+    started = time.monotonic()
+    run_id, state = run_to_end(api, stack, {**CONF, "min_accuracy": 1})  # refused after training
+    states = {ti["task_id"]: ti["state"] for ti in api.task_instances(run_id)}
+    assert (state, states["validate_model"], states["cleanup"]) == ("failed", "failed", "success"), states
+    assert states["upload_frozen_model"] == states["publish"] == "upstream_failed", states
+    job = api.xcom(run_id, "plan_run", "training_job_name")
+    browsing = time.monotonic()
+    with browser_page(ARTIFACTS / "ui-failure.png") as page:
+        from playwright.sync_api import expect
+
+        log_in(page, stack, "operator", ui_path(run_id))
+        for task_id in ("validate_model", "upload_frozen_model", "publish", "cleanup"):
+            expect(task_row(page, task_id)).to_contain_text(ui_state(states[task_id]))
+        page.screenshot(path=str(ARTIFACTS / "failed-run.png"))
+
+        page.goto(stack.api_url + ui_path(run_id, "validate_model"))  # its log, as it opens
+        line = page.get_by_text("HEADPOSE FAILURE")
+        expect(line).to_have_count(1)
+        expect(line).to_be_visible()  # outside every collapsed group...
+        expect(line).to_be_in_viewport()  # ... and on screen without scrolling
+        expect(line).to_contain_text(f"run={run_id} task=validate_model training_job_name={job} reason=")
+        message = line.inner_text()
+        # The search also finds (and opens) a line inside a collapsed group: it comes second.
+        expect(search_log(page, "HEADPOSE FAILURE")).to_have_text("1 of 1")
+        wrap_log(page)
+        page.screenshot(path=str(ARTIFACTS / "failed-task-log.png"))
+
+        links = api.xcom(accepted, "validate_model", "links")
+        page.goto(stack.api_url + ui_path(accepted, "validate_model", "xcom"))
+        link = xcom_link(page, "links", "report")
+        link.hover()
+        expect(page.get_by_text("Follow link")).to_be_visible()  # the editor offers it as a link
+        page.screenshot(path=str(ARTIFACTS / "report-link.png"))
+        tab, url, status = follow_link(page, link)
+        tab.screenshot(path=str(ARTIFACTS / "report-link-opened.png"))
+    stack.say(f"failed run {browsing - started:.0f}s, browser {time.monotonic() - browsing:.0f}s; "
+              f"the report link opened in the browser: HTTP {status}")
+    assert url == links["report"]
+    assert json.loads(stored_object(stack, url))["accepted"] is True
+
+    # The failure line names the refused model's evidence, kept under rejected/.
+    evidence = re.search(r"Report: (s3://\S+/rejected/report\.json), confusion matrix: (s3://\S+\.png)", message)
+    assert evidence and f"/TFartifacts/{job}/rejected/" in evidence[1], message
+    report = json.loads(stored_object(stack, evidence[1]))
+    assert report["accepted"] is False and report["problems"], report
+    assert any("below min_accuracy 1.0000" in problem for problem in report["problems"]), report["problems"]
+    assert stored_object(stack, evidence[2]).startswith(b"\x89PNG"), evidence[2]
 
 
 def test_each_login_may_do_what_its_role_allows_and_nothing_else(stack, api):

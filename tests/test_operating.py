@@ -150,6 +150,19 @@ def test_the_failure_line_names_task_job_and_reason():
     assert "\n" not in line
 
 
+def test_a_refusal_keeps_the_reasons_it_lists_on_the_line():
+    from headpose.planning.rules import RunParamsError
+    from headpose_operators.notify import failure_line
+
+    error = RunParamsError("invalid run parameters:\n  - backend sagemaker needs the SageMaker execution role\n"
+                           "  - epochs must be at least 1\nTraceback (most recent call last):")
+    line = failure_line(failure_context(error))
+    assert line.endswith(
+        "reason=RunParamsError: invalid run parameters: - backend sagemaker needs the SageMaker execution role"
+        " - epochs must be at least 1"
+    ), line
+
+
 def test_the_dag_failure_line_uses_the_reason_when_there_is_no_exception():
     from headpose_operators.notify import failure_line
 
@@ -186,6 +199,19 @@ def test_the_run_sends_one_alert_with_the_failed_tasks_line(dag, capsys):
     run_alert({})({"ti": last, "dag": dag, "run_id": FakeRun.run_id, "reason": "task_failure"})
     alerts = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE ALERT" in line]
     assert len(alerts) == 1 and "task=download_artifact" in alerts[0] and "reason=RuntimeError: boom" in alerts[0]
+
+
+def test_without_xcom_the_alert_still_names_the_task_that_failed(dag, capsys):
+    class NoXComTI(FakeTI):  # what `airflow dags test` hands DAG callbacks: no supervisor to ask
+        def xcom_pull(self, task_ids, key):
+            raise ImportError("cannot import name 'SUPERVISOR_COMMS'")
+
+    from headpose_operators.notify import run_alert
+
+    run_alert({})({"ti": NoXComTI(), "dag": dag, "run_id": FakeRun.run_id, "reason": "task_failure"})
+    alerts = [line for line in capsys.readouterr().out.splitlines() if "HEADPOSE ALERT" in line]
+    assert len(alerts) == 1 and "task=download_artifact " in alerts[0]
+    assert "reason=run task_failure (the task's log has the error)" in alerts[0]
 
 
 def test_a_timed_out_run_alerts_with_a_line_of_its_own(dag, capsys):

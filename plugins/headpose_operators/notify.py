@@ -46,11 +46,14 @@ def failure_line(context: Context) -> str:
     run_id = getattr(dag_run, "run_id", None) or context.get("run_id") or "-"
     reason = context.get("exception")
     if reason is None:  # the DAG's callback: the run failed ("task_failure") or timed out
-        reason = f"run {context.get('reason') or 'failed'}"
-        if str(getattr(ti, "state", "")) not in ("failed", "TaskInstanceState.FAILED"):
-            task_id = "-"  # the run's last task instance, not necessarily the one that failed
-    # The first line of the error says what broke; tracebacks belong in the task log.
-    text = (str(reason).strip().splitlines() or [""])[0]
+        why = context.get("reason") or "failed"
+        # For "task_failure" Airflow hands the callback the task instance that failed last
+        # (its model there carries no state); for a timeout, whichever ran last.
+        state = str(getattr(ti, "state", None) or "failed").rsplit(".", 1)[-1].lower()
+        if why != "task_failure" or state != "failed":
+            task_id = "-"
+        reason = f"run {why} (the task's log has the error)" if task_id != "-" else f"run {why}"
+    text = _summary(str(reason))
     if isinstance(reason, BaseException):
         text = f"{type(reason).__name__}: {text}"
     if len(text) > _MAX_REASON:
@@ -59,6 +62,22 @@ def failure_line(context: Context) -> str:
         f"HEADPOSE FAILURE dag={getattr(dag, 'dag_id', None) or getattr(ti, 'dag_id', '-')} "
         f"run={run_id} task={task_id} training_job_name={_job_name(ti) or '-'} reason={text}"
     )
+
+
+def _summary(message: str) -> str:
+    """The error's first line, with the reasons it lists, on one line.
+
+    A refusal such as ``invalid run parameters:`` lists its reasons as ``- ...`` lines after
+    it; the alert needs them. Anything else after the first line (a traceback, details)
+    stays in the task log.
+    """
+    first, *rest = message.strip().splitlines() or [""]
+    items = []
+    for line in rest:
+        if not line.strip().startswith("- "):
+            break
+        items.append(line.strip())
+    return " ".join([first.strip(), *items])
 
 
 def _job_name(ti: Any) -> str | None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from edge_support import tiny_edge_models
+from support import ROOT
 from headpose.artifacts.edge.converter import EdgeFormatError
 from headpose.artifacts.edge.export import DEFAULT_FORMATS, export_edge_models, representative_images
 from headpose.artifacts.edge.litert import LiteRTConverter
@@ -66,8 +70,11 @@ def test_float32_formats_match_tensorflow_where_the_softmax_is_not_saturated(mod
 
 def test_edge_models_json_describes_every_file_as_its_runtime_sees_it(models):
     import onnxruntime
-    import openvino
     from ai_edge_litert.interpreter import Interpreter
+
+    from headpose.edge.runtimes import import_openvino
+
+    openvino = import_openvino()
 
     manifest, folder, frozen = models["manifest"], models["edge_dir"], models["metadata"]
     assert manifest["frozen_model"]["sha256"] == _sha256(models["frozen"])
@@ -229,3 +236,38 @@ def test_bad_representative_images_refuse_int8_only(models, tmp_path):
 ])
 def test_tolerances_are_the_designs(precision, images, correct, reference, diff, accepted):
     assert verdict(precision, images, correct, reference, diff)[0] is accepted
+
+
+# Counts the processes OpenVINO's converter forks (its telemetry sends from one) while the
+# project's converter runs; a fresh process, so this is OpenVINO's first import there.
+_CONVERT_IN_A_FRESH_PROCESS = """
+import multiprocessing, sys
+from pathlib import Path
+forks = []
+start = multiprocessing.Process.start
+multiprocessing.Process.start = lambda self: (forks.append(self), start(self))[1]
+import json
+from headpose.artifacts.edge.converter import frozen_source
+from headpose.artifacts.edge.openvino import OpenVINOConverter
+source = frozen_source(sys.argv[1], json.loads(Path(sys.argv[2]).read_text()))
+OpenVINOConverter().convert(source, sys.argv[3])
+print("forks", len(forks))
+"""
+
+
+def test_openvino_conversion_sends_no_telemetry_and_forks_nothing(models, tmp_path):
+    """Outside CI, with no opt-out file, OpenVINO's converter would report to Google Analytics
+    from processes forked off the task (a fork of a threaded TF process can deadlock, and
+    the task then never exits): the project's converter leaves that telemetry out."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT / "include"), env.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-c", _CONVERT_IN_A_FRESH_PROCESS, str(models["frozen"]), str(models["frozen_json"]),
+         str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "forks 0" in result.stdout, result.stdout
+    assert (tmp_path / "model.xml").is_file()
+    assert not (home / "intel").exists()  # no client id, no usage statistics

@@ -16,6 +16,7 @@ more threads: ``--threads`` on the command line.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -34,6 +35,24 @@ RUNTIMES = {
 Runner = Callable[["np.ndarray"], "np.ndarray"]
 # runtime -> intra-op threads when none are asked for (None: the runtime's own default)
 DEFAULT_THREADS: dict[str, int | None] = {"onnxruntime": 1, "litert": 1, "openvino": None}
+
+
+def import_openvino():
+    """``openvino``, with its usage telemetry left out: import it through here, first.
+
+    OpenVINO's converter reports each conversion to Google Analytics from a process forked
+    off the caller (``openvino_telemetry``, on unless ``~/intel/openvino_telemetry`` opts
+    out). Forked from a task process with TensorFlow's threads running, that child can
+    deadlock on a lock some thread held, and the task process then waits for it at exit:
+    an Airflow task that never ends. Workers and devices have no business phoning home
+    anyway. OpenVINO falls back to its own no-op stub when the package cannot be imported,
+    so it is kept out of ``sys.modules`` before OpenVINO's first import in the process.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: the import raises ImportError
+    import openvino
+
+    return openvino
 
 
 def runtime_available(runtime: str) -> bool:
@@ -126,8 +145,7 @@ class OpenVINORunner:
     """OpenVINO on the CPU with the format's ``runtime_settings`` (its precision hint)."""
 
     def __init__(self, metadata: Mapping[str, Any], path: Path, threads: int | None):
-        import openvino
-
+        openvino = import_openvino()
         settings = dict(metadata.get("runtime_settings") or {})
         if threads:
             settings["INFERENCE_NUM_THREADS"] = threads

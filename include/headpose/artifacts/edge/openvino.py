@@ -27,6 +27,7 @@ from headpose.artifacts.edge.converter import (
     require_probabilities,
     tensor_entry,
 )
+from headpose.edge.runtimes import import_openvino
 
 PRECISION_HINTS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -44,8 +45,7 @@ class OpenVINOConverter(EdgeConverter):
         self.stem = "model" if weights == "float32" else "model_fp16"
 
     def _convert(self, source: FrozenSource, scratch: Path) -> dict[str, Path]:
-        import openvino
-
+        openvino = import_openvino()  # without the converter's telemetry
         model = openvino.convert_model(str(source.pb_path))
         xml = scratch / f"{self.stem}.xml"
         openvino.save_model(model, str(xml), compress_to_fp16=self.precision == "float16")
@@ -53,8 +53,8 @@ class OpenVINOConverter(EdgeConverter):
 
     def _validate_output(self, written: dict[str, Path], source: FrozenSource) -> dict[str, Any]:
         import numpy as np
-        import openvino
 
+        openvino = import_openvino()
         core = openvino.Core()
         model = core.read_model(str(written[f"{self.stem}.xml"]), str(written[f"{self.stem}.bin"]))
         if len(model.inputs) != 1 or len(model.outputs) != 1:

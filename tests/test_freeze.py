@@ -253,6 +253,14 @@ def test_wrong_input_node_lists_placeholders(frozen, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_output_that_is_not_one_score_per_class_is_refused(tmp_path):
+    saved_model = export_saved_model(build_resnet(10, base_filters=4, num_classes=5), tmp_path / "five")
+    with pytest.raises(FreezeError, match=r"has 5 scores per image; the class map has 9 head-pose classes"):
+        freeze_saved_model(saved_model, tmp_path / "frozen")
+    assert not (tmp_path / "frozen" / "frozen_model.pb").exists()
+
+
+@pytest.mark.slow
 def test_unknown_signature(frozen, tmp_path):
     with pytest.raises(FreezeError, match="serving_default"):
         freeze_saved_model(frozen["saved_model"], tmp_path, signature_key="predict")

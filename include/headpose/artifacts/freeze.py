@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from headpose.artifacts.archive import SAVED_MODEL_FILE, find_saved_model, safe_extract
-from headpose.artifacts.graph_names import GraphNameError, name_inputs, name_outputs, rename_outputs
+from headpose.artifacts.graph_names import (
+    GraphNameError, check_class_outputs, name_inputs, name_outputs, rename_outputs,
+)
 from headpose.artifacts.graph_passes import conv_add_to_bias_add, grappler_fold_constants
 from headpose.artifacts.metadata import build_metadata
 from headpose.planning.layout import FROZEN_MODEL_FILE, FROZEN_MODEL_JSON_FILE
@@ -119,6 +121,7 @@ def freeze_saved_model(
     try:
         graph_def, input_keys = name_inputs(graph_def, function, converted, input_names)
         outputs, output_keys = name_outputs(graph_def, function, converted, output_names)
+        check_class_outputs(function, output_keys)
         graph_def = rename_outputs(graph_def, outputs)
     except GraphNameError as error:
         raise FreezeError(str(error)) from None

@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING, Sequence
 
 from headpose.artifacts.graph_passes import DT_FLOAT, node_of, split_tensor
+from headpose.training.labels import NUM_CLASSES
 from headpose.training.serving import NODE_ALIASES, signature_key_for
 
 if TYPE_CHECKING:
@@ -70,6 +71,24 @@ def name_outputs(graph_def, function, converted, requested: Sequence[str]):
                 f"candidates: {_output_candidates(graph_def, keys)}"
             )
     return resolved, signature
+
+
+def check_class_outputs(function, signature_keys: dict[str, str | None]) -> None:
+    """Refuse an output whose last axis is not one score per head-pose class.
+
+    The frozen model's metadata maps output index i to class i of the 3 x 3 grid; a graph
+    with another width would reach validation, the edge converters and devices with
+    labels that do not belong to its outputs.
+    """
+    for name, key in signature_keys.items():
+        spec = function.structured_outputs.get(key) if key else None
+        shape = getattr(spec, "shape", None)
+        width = shape[-1] if shape is not None and shape.rank else None
+        if width is not None and width != NUM_CLASSES:
+            raise GraphNameError(
+                f"output {name!r} (signature output {key!r}) has {width} scores per image; "
+                f"the class map has {NUM_CLASSES} head-pose classes"
+            )
 
 
 def _output_candidates(graph_def, signature_keys: Sequence[str]) -> list[str]:

@@ -175,6 +175,19 @@ def test_a_staged_dataset_carries_its_figures_and_is_rechecked_by_etag(bucket, t
         staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
 
 
+def test_a_shard_the_manifest_does_not_name_is_refused_even_after_validation(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+
+    prefix = f"s3://{BUCKET}/stray/"
+    staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+    # The channel hands training every shard under the prefix; one dropped in beside the
+    # validated ones (its ETag is in no record) would be trained on unchecked.
+    _, key_prefix = split_s3_uri(prefix)
+    bucket.put_object(Bucket=BUCKET, Key=key_prefix + "train-00099.tfrecord", Body=b"\x00garbage" * 64)
+    with pytest.raises(DatasetError, match=r"train-00099.tfrecord under the prefix is not in manifest.json"):
+        staging.check_dataset_prefix(bucket, prefix, print, scratch_root=tmp_path)
+
+
 def test_a_dataset_in_the_other_channel_order_is_refused(bucket, tmp_path):
     from headpose.datasets.store import DatasetError
     from headpose.datasets.synthetic import prima_poses

@@ -33,6 +33,7 @@ from headpose.datasets.store import (
 )
 from headpose.datasets.validation import (
     DatasetInvalid,
+    listed_shard_files,
     problems_of,
     still_valid,
     summary_line,
@@ -211,6 +212,15 @@ def _reused(
     missing = [f"{split}-*{SHARD_SUFFIX}" for split in SPLITS if not listing[split]]
     if missing:
         raise DatasetError(f"dataset prefix {prefix_uri} has no {', no '.join(missing)}")
+    unlisted = sorted(set(shard_etags(listing)) - listed_shard_files(manifest))
+    if unlisted:
+        # The training channel is an S3Prefix: the job gets every shard under the prefix
+        # and reads them all, so a shard the manifest does not name would train unvalidated.
+        raise DatasetError(
+            f"dataset {prefix_uri} is refused (training was not started): {', '.join(unlisted)} "
+            f"under the prefix {'is' if len(unlisted) == 1 else 'are'} not in {MANIFEST_FILE}; "
+            "training reads every shard there. Remove them or add them to the manifest."
+        )
     if still_valid(manifest, shard_etags(listing)):
         figures = manifest["validation"]["splits"]
         log(f"dataset validation: unchanged since it was validated (every shard's ETag matches): {summary_line(figures)}")

@@ -158,6 +158,15 @@ def summary_line(figures: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
+def listed_shard_files(manifest: Mapping[str, Any]) -> set[str]:
+    """The file names of every shard the manifest lists (none for a split it lacks)."""
+    return {
+        shard["file"] for split in SPLITS
+        for shard in ((manifest.get("splits") or {}).get(split) or {}).get("shards") or []
+        if isinstance(shard, Mapping) and "file" in shard
+    }
+
+
 def _listed_shards(manifest: Mapping[str, Any], split: str) -> list[dict]:
     try:
         return list(manifest["splits"][split]["shards"])

@@ -267,7 +267,7 @@ HOSTILE = {
     "corrupt saved_model.pb": (lambda m: tar_gz([file_member(SAVED_MODEL, b"\x08\x96\x01 not a protobuf")]),
                                "freeze_graph", "cannot load the SavedModel"),
     "input node missing": (lambda m: m["wrong_input"], "freeze_graph", "'inputs'"),
-    "output of the wrong shape": (lambda m: m["five_classes"], "validate_model", "graph contract"),
+    "output of the wrong shape": (lambda m: m["five_classes"], "freeze_graph", "5 scores per image"),
 }
 
 CASES = [
@@ -276,7 +276,7 @@ CASES = [
 ] + [
     Case("challenger worse", logical(20), "faults-champion", with_artifact(lambda m: m["poor"])),
     Case("forced", logical(21), "faults-forced", with_artifact(lambda m: m["poor"]), {"force_publish": True}),
-    Case("training crash", logical(22), "faults-crash", lambda s3, m, case: seed_champion(s3, case.bucket, m),
+    Case("corrupt dataset", logical(22), "faults-crash", lambda s3, m, case: seed_champion(s3, case.bucket, m),
          {"dataset_source": CORRUPT_DATASET}),
     # Refused by plan_run: a SageMaker run with no role anywhere (the connection has none).
     Case("role-less sagemaker", logical(23), "faults-roleless", lambda s3, m, case: _empty_bucket(s3, case.bucket),
@@ -348,6 +348,7 @@ def test_a_less_accurate_model_is_not_published_and_the_run_says_why(batch, s3, 
     assert summary["accuracy_after"] == pytest.approx(models["poor_accuracy"])
     assert summary["previous_training_job_name"] == CHAMPION_JOB
     assert "run summary: " + case.job in output and "kept the published model" in output
+    assert "train execution_timeout: 5 days, 1:00:00" in output  # max_run_seconds + 1 h, set per run
     # The model, its metrics and confusion matrix stay beside the artifact, unpublished.
     report = json.loads(s3.get_object(
         Bucket=case.bucket, Key=f"headpose/TFartifacts/{case.job}/output/report.json")["Body"].read())
@@ -397,23 +398,25 @@ def test_rollback_puts_the_previous_model_back(batch, s3, models):
     assert latest == models["good_frozen"]
 
 
-def test_a_crashing_training_program_fails_train_with_its_reason(batch, s3):
-    case = CASES_BY_NAME["training crash"]
+def test_a_corrupt_dataset_is_refused_before_training_and_nothing_trains(batch, s3):
+    # Its training shard would crash the training program (DataLossError) after the job
+    # started; stage_dataset checks it against the manifest first. (A crash inside the
+    # program, and its reason as train's error, is test_local_backend's.)
+    case = CASES_BY_NAME["corrupt dataset"]
     output, exit_code = batch["outputs"][case.name]
     run_id, state = run_of(batch["home"], case.when)
     states = task_states(batch["home"], run_id)
     assert exit_code != 0 and state == "failed"
-    assert states["train"] == "failed"
-    assert try_numbers(batch["home"], run_id)["train"] == 2  # retried once, crashed again
-    for task_id in ("download_artifact", "freeze_graph", *DOWNSTREAM_OF_FREEZE):
+    assert states["stage_dataset"] == "failed", states
+    assert try_numbers(batch["home"], run_id)["stage_dataset"] == 1  # refused, not retried
+    for task_id in ("train", "download_artifact", "freeze_graph", *DOWNSTREAM_OF_FREEZE):
         assert states[task_id] == "upstream_failed", states
-    assert "train execution_timeout: 5 days, 1:00:00" in output  # max_run_seconds + 1 h, set per run
-    # The program's own failure reason (its output/failure file) is the task's error.
-    lines = failure_lines(output, "train")
+    lines = failure_lines(output, "stage_dataset")
     assert len(lines) == 1 and f"training_job_name={case.job}" in lines[0]
-    assert "DataLossError" in lines[0] and "corrupted record" in lines[0], lines[0]
+    assert "training was not started" in lines[0] and "train shard train-00000.tfrecord has sha256" in lines[0]
+    assert len(alerts(output)) == 1 and "task=stage_dataset " in alerts(output)[0]
     assert published_state(s3, case.bucket) == batch["before"][case.name]
-    assert not keys(s3, case.bucket, f"headpose/TFartifacts/{case.job}/output/model.tar.gz")
+    assert not keys(s3, case.bucket, f"headpose/TFartifacts/{case.job}/")
 
 
 # -- faults while a run is running -------------------------------------------------------
@@ -539,7 +542,7 @@ def test_two_runs_at_once_keep_to_their_own_names_and_keys(s3, dataset, airflow_
         history = keys(s3, bucket, f"headpose/published/history/{job}.json")
         if history:
             record = json.loads(s3.get_object(Bucket=bucket, Key=history[0])["Body"].read())
-            assert record["training_job_name"] == job and job in record["frozen_model_uri"]
+            assert record["training_job_name"] == job and job in record["files"]["frozen_model.pb"]["uri"]
     assert not workspace.exists() or not any(workspace.iterdir())  # each cleanup removed its own folder
 
 

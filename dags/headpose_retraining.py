@@ -185,6 +185,8 @@ def headpose_retraining():
             with task_scratch(plan["training_job_name"], "validate_model") as scratch:
                 outcome = validate_candidate(_s3(plan), plan, dataset, artifact, frozen, scratch, print, edge)
         except ModelRefused as error:
+            if error.evidence:  # the refused model's report and matrix, one click from the UI
+                get_current_context()["ti"].xcom_push(key="links", value=_links(plan, error.evidence))
             raise _fail(str(error)) from None
         return {**outcome, "links": _links(plan, {"report": outcome["report_uri"],
                                                    "confusion_matrix": outcome["confusion_png_uri"]})}
@@ -318,10 +320,10 @@ def _s3_hook():
 
 
 def _links(plan: dict, uris: dict) -> dict:
-    """Where the ops team opens those S3 objects (the store's endpoint, or the AWS console); logged."""
-    from headpose.planning.layout import object_urls
+    """Where the ops team opens those S3 objects from the UI (``object_links``); logged."""
+    from headpose_operators.s3 import object_links
 
-    links = object_urls(uris, _s3_hook().conn_config.endpoint_url, plan["region"])
+    links = object_links(AWS_CONN_ID, uris, plan["region"])
     for name, url in links.items():
         print(f"link {name}: {url}")
     return links

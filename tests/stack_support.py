@@ -97,14 +97,14 @@ def accepted_run(api: Api, stack: NativeStack, conf: dict) -> str:
 
 
 def stored_object(stack: NativeStack, address: str) -> bytes:
-    """The object an ``s3://`` URI, or a URL at the stack's S3 endpoint, names; read with the
-    bucket's credentials (the bucket is private: an anonymous GET is refused)."""
+    """The object an ``s3://`` URI, or a (presigned) URL at the stack's S3 endpoint, names;
+    read with the bucket's credentials, whatever the URL's signature says."""
     if address.startswith("s3://"):
         bucket, _, key = address.removeprefix("s3://").partition("/")
     else:
         endpoint = stack.layout.object_store.rstrip("/") + "/"
         assert address.startswith(endpoint), f"{address} is not at the stack's S3 endpoint {endpoint}"
-        bucket, _, key = unquote(address.removeprefix(endpoint)).partition("/")
+        bucket, _, key = unquote(address.removeprefix(endpoint).split("?", 1)[0]).partition("/")
     return stack.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 

@@ -208,8 +208,10 @@ def test_an_operator_sees_why_a_run_failed_and_reaches_the_report(stack, api):
         tab.screenshot(path=str(ARTIFACTS / "report-link-opened.png"))
     stack.say(f"failed run {browsing - started:.0f}s, browser {time.monotonic() - browsing:.0f}s; "
               f"the report link opened in the browser: HTTP {status}")
-    assert url == links["report"]
+    assert url == links["report"] and status == 200  # presigned: the browser sends no credentials
     assert json.loads(stored_object(stack, url))["accepted"] is True
+    with urllib.request.urlopen(api.xcom(run_id, "validate_model", "links")["report"]) as refused:
+        assert json.loads(refused.read())["accepted"] is False  # the refused model's, one click away
 
     # The failure line names the refused model's evidence, kept under rejected/.
     evidence = re.search(r"Report: (s3://\S+/rejected/report\.json), confusion matrix: (s3://\S+\.png)", message)

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -98,6 +99,21 @@ def test_the_model_learns_through_the_whole_path(learned):
     assert learned["pointer"]["metrics"]["accuracy"] == report["accuracy"]
     assert "validate_model's gate: accuracy" in learned["output"]
     assert "progress: step=300/300" in learned["output"]  # training output reached the task log
+
+
+def test_a_successful_run_logs_no_errors_and_its_train_links_fit_a_local_job(learned):
+    # An ERROR line in a green run sends the ops team looking for a fault that is not there.
+    errors = [line for line in learned["output"].splitlines() if "[error" in line]
+    assert errors == []
+    with _db(learned["home"]) as db:
+        links = dict(db.execute("SELECT key, value FROM xcom WHERE dag_id = ? AND task_id = 'train' AND key LIKE "
+                                "'_link_%'", (DAG_ID,)).fetchall())
+    # At moto's endpoint, presigned: it opens with no credentials, as from a browser.
+    with urllib.request.urlopen(json.loads(links["_link_S3ModelArtifactLink"])) as opened:
+        assert opened.read() == _get(learned["s3"], f"s3://{BUCKET}/headpose/TFartifacts/{learned['job']}/output/model.tar.gz")
+    # No SageMaker job or CloudWatch log exists for a local run: those links are blank.
+    assert json.loads(links["_link_SageMakerTrainingJobLink"]) == ""
+    assert json.loads(links["_link_SageMakerTrainingLogsLink"]) == ""
 
 
 def test_the_pointer_names_the_runs_immutable_version_and_the_mirror_equals_it(learned):
@@ -196,6 +212,9 @@ def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alo
     assert "is below min_accuracy 1.0000" in output and f"Report: {rejected}" in output
     report = json.loads(_get(s3, rejected))
     assert report["accepted"] is False and report["problems"]
+    # The UI's way to it: a link in validate_model's XCom, written before the task failed.
+    with urllib.request.urlopen(_xcom(home, "validate_model", "links", run_id=run_id)["report"]) as opened:
+        assert json.loads(opened.read()) == report
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert f"headpose/TFartifacts/{job}/rejected/confusion_matrix.png" in keys
     assert not any(job in k and ("/output/frozen_model" in k or "published/" in k) for k in keys)

@@ -18,3 +18,34 @@ def s3_client(aws_conn_id: str, expected_bucket_owner: str | None = None, **hook
     from headpose.planning.handoff import pin_bucket_owner
 
     return pin_bucket_owner(S3Hook(aws_conn_id=aws_conn_id, **hook_kwargs).get_conn(), expected_bucket_owner)
+
+
+# SigV4's longest validity: a link in the UI opens its object for a week after the run.
+PRESIGNED_SECONDS = 7 * 24 * 3600
+
+
+def object_links(aws_conn_id: str, uris: dict[str, str | None], region: str) -> dict[str, str]:
+    """``{name: url}`` where a person opens each ``s3://`` object from the UI.
+
+    At a store with its own endpoint (MinIO, moto) a presigned GET URL: the buckets are
+    private, so a plain object URL answers 403 to a browser, which sends no credentials.
+    On AWS the S3 console, which signs the person in itself. A missing URI is left out.
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from headpose.planning.layout import object_urls, split_s3_uri
+
+    hook = S3Hook(aws_conn_id=aws_conn_id)
+    if not hook.conn_config.endpoint_url:
+        return object_urls(uris, None, region)
+    from botocore.config import Config
+
+    # SigV4 explicitly: botocore may presign in the deprecated SigV2 at a custom endpoint.
+    client = S3Hook(aws_conn_id=aws_conn_id, config=Config(signature_version="s3v4")).get_conn()
+    links = {}
+    for name, uri in uris.items():
+        if uri:
+            bucket, key = split_s3_uri(uri)
+            links[name] = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_SECONDS)
+    return links

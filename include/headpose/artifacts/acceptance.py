@@ -24,7 +24,15 @@ MAX_PARITY_ABS_DIFF = 1e-4
 
 
 class ModelRefused(RuntimeError):
-    """The new model must not be published; the message says why. Retrying cannot help."""
+    """The new model must not be published; the message says why. Retrying cannot help.
+
+    ``evidence``: ``{"report": uri, "confusion_matrix": uri}`` of the refused model's
+    report where one was written (not for a graph that cannot even be scored).
+    """
+
+    def __init__(self, message: str, evidence: dict[str, str] | None = None):
+        super().__init__(message)
+        self.evidence = dict(evidence or {})
 
 
 def lowest_recall(per_class: Sequence[Mapping[str, Any]]) -> tuple[float | None, str | None]:

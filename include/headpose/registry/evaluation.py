@@ -88,9 +88,11 @@ def validate_candidate(
         "confusion_png_sha256": upload_file(s3_client, outcome.pop("confusion_png_path"), where + CONFUSION_PNG_FILE),
     }
     if not outcome["accepted"]:
+        # Where the evidence is comes first: the failure line keeps the start of a long message.
         raise ModelRefused(
-            "the frozen model is not published: " + "; ".join(outcome["problems"])
-            + f". Report: {uploaded['report_uri']}, confusion matrix: {uploaded['confusion_png_uri']}"
+            f"the frozen model is not published. Report: {uploaded['report_uri']}, confusion matrix: "
+            f"{uploaded['confusion_png_uri']}. Why: " + "; ".join(outcome["problems"]),
+            evidence={"report": uploaded["report_uri"], "confusion_matrix": uploaded["confusion_png_uri"]},
         )
     return {**outcome, **uploaded, "training_job_name": layout.training_job_name}
 

@@ -108,6 +108,16 @@ def stored_object(stack: NativeStack, address: str) -> bytes:
     return stack.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def same_link(opened: str, given: str) -> bool:
+    """Whether the browser opened the URL it was given: the same address and query values
+    (the UI's editor may re-encode them, e.g. ``%2F`` as ``/``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    a, b = urlsplit(opened), urlsplit(given)
+    return (a.scheme, a.netloc, unquote(a.path)) == (b.scheme, b.netloc, unquote(b.path)) \
+        and parse_qs(a.query) == parse_qs(b.query)
+
+
 def wait_for_run(api: Api, stack: NativeStack, run_id: str) -> str:
     """The run's final state; prints each task's state as it changes."""
     seen: dict[str, str] = {}

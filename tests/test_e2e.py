@@ -212,9 +212,15 @@ def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alo
     assert "is below min_accuracy 1.0000" in output and f"Report: {rejected}" in output
     report = json.loads(_get(s3, rejected))
     assert report["accepted"] is False and report["problems"]
+    stored = s3.head_object(Bucket=BUCKET, Key=f"headpose/TFartifacts/{job}/rejected/report.json")
+    assert stored["ContentType"] == "application/json"  # the S3 console's Open shows it too
     # The UI's way to it: a link in validate_model's XCom, written before the task failed.
-    with urllib.request.urlopen(_xcom(home, "validate_model", "links", run_id=run_id)["report"]) as opened:
+    links = _xcom(home, "validate_model", "links", run_id=run_id)
+    with urllib.request.urlopen(links["report"]) as opened:
         assert json.loads(opened.read()) == report
+        assert opened.headers["Content-Type"] == "application/json"  # shown in the tab, not downloaded
+    with urllib.request.urlopen(links["confusion_matrix"]) as opened:
+        assert opened.headers["Content-Type"] == "image/png" and opened.read().startswith(b"\x89PNG")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert f"headpose/TFartifacts/{job}/rejected/confusion_matrix.png" in keys
     assert not any(job in k and ("/output/frozen_model" in k or "published/" in k) for k in keys)

@@ -33,6 +33,7 @@ def object_links(aws_conn_id: str, uris: dict[str, str | None], region: str) -> 
     """
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from headpose.planning.handoff import viewable_type
     from headpose.planning.layout import object_urls, split_s3_uri
 
     hook = S3Hook(aws_conn_id=aws_conn_id)
@@ -46,6 +47,8 @@ def object_links(aws_conn_id: str, uris: dict[str, str | None], region: str) -> 
     for name, uri in uris.items():
         if uri:
             bucket, key = split_s3_uri(uri)
-            links[name] = client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_SECONDS)
+            params = {"Bucket": bucket, "Key": key}
+            if viewable_type(key):  # shown in the tab, also for an object stored without its type
+                params["ResponseContentType"] = viewable_type(key)
+            links[name] = client.generate_presigned_url("get_object", Params=params, ExpiresIn=PRESIGNED_SECONDS)
     return links

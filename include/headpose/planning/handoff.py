@@ -47,11 +47,22 @@ def download_verified(s3_client: Any, uri: str, dest: str | Path, sha256: str | 
     return target
 
 
+# Documents a person opens from a link: S3 stores everything else as binary/octet-stream,
+# which a browser downloads (and a new tab for it closes) instead of showing.
+VIEWABLE_TYPES = {".json": "application/json", ".png": "image/png", ".txt": "text/plain"}
+
+
+def viewable_type(key: str) -> str | None:
+    """The ``Content-Type`` a browser shows ``key`` with, for the documents people open."""
+    return VIEWABLE_TYPES.get(Path(key).suffix.lower())
+
+
 def upload_file(s3_client: Any, path: str | Path, uri: str) -> str:
     """Upload ``path`` to ``uri`` (boto3's transfer manager); returns the file's sha256."""
     bucket, key = split_s3_uri(uri)
     sha256 = file_sha256(path)
-    s3_client.upload_file(str(path), bucket, key)
+    content_type = viewable_type(key)
+    s3_client.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type} if content_type else None)
     return sha256
 
 

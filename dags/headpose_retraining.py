@@ -262,7 +262,7 @@ def headpose_retraining():
         expected_bucket_owner=plan["expected_bucket_owner"],
         aws_conn_id=AWS_CONN_ID,
         print_log=True,
-        check_interval=30,
+        check_interval=scheduling.training_poll_seconds(),
         doc_md="Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
         "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`, after checking "
         "that `sourcedir.tar.gz` is still the code `package_code` packed. A retry never starts a second "

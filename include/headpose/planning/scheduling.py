@@ -11,6 +11,9 @@ value everywhere), not by editing the DAG:
 ``HEADPOSE_DAGRUN_TIMEOUT_HOURS``     a run still going after this fails (default 192 = 8 days:
                                       the 7-day spot wait ceiling plus every other task)
 ``HEADPOSE_OWNER``                    the team the UI shows as the DAG's owner (default ml-platform)
+``HEADPOSE_TRAINING_POLL_SECONDS``    how often ``train`` asks SageMaker for its job's status, and
+                                      the provider's trigger when it defers (default 30); a store
+                                      whose jobs end at once (moto) sets it low
 
 Environment rather than an Airflow Variable: it is read at every DAG parse, and a
 Variable lookup there is a metadata-database query per parse.
@@ -28,6 +31,8 @@ OWNER_ENV = "HEADPOSE_OWNER"
 DEFAULT_OWNER = "ml-platform"
 DEFAULT_SCHEDULE = "@weekly"
 DISABLED = ("none", "off", "manual")
+TRAINING_POLL_ENV = "HEADPOSE_TRAINING_POLL_SECONDS"
+DEFAULT_TRAINING_POLL_SECONDS = 30
 
 # The train task's timeout at parse time, before the run's request is known: the default
 # spot wait ceiling (max_wait_seconds, 7 days). ``train_timeout`` sets the run's own.
@@ -93,6 +98,16 @@ def schedule(environ: Mapping[str, str] | None = None) -> str | None:
 def owner(environ: Mapping[str, str] | None = None) -> str:
     """The team shown as the DAG's owner in the UI (``$HEADPOSE_OWNER``, default ml-platform)."""
     return _env(environ).get(OWNER_ENV, "").strip() or DEFAULT_OWNER
+
+
+def training_poll_seconds(environ: Mapping[str, str] | None = None) -> int:
+    """Seconds between two status requests of ``train`` (its ``check_interval``).
+
+    30 is the provider's own default: a training job takes minutes to hours, so polling
+    faster only costs API calls. moto finishes a job at once, and then every run would
+    wait one whole interval for nothing.
+    """
+    return int(_number(_env(environ), TRAINING_POLL_ENV, DEFAULT_TRAINING_POLL_SECONDS, minimum=1))
 
 
 def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:

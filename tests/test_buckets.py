@@ -11,7 +11,8 @@ import pytest
 from fault_support import OwnerCheckingRelay, keys
 from headpose.datasets import settings as dataset_settings, staging
 from headpose.datasets.store import DatasetError
-from headpose.planning.handoff import download_verified, pin_bucket_owner, upload_file
+from headpose.planning.handoff import download_verified, upload_file
+from headpose.planning.s3_calls import pin_bucket_owner
 
 BUCKET = "owned-bucket"
 OWNER = "123456789012"  # moto's account: it owns every bucket it creates

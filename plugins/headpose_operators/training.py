@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import datetime
 import math
-import shutil
 import re
 import subprocess
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from botocore.exceptions import ClientError
@@ -43,6 +41,7 @@ from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.providers.amazon.aws.utils import validate_execute_complete_event
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from headpose_operators.links import TRAINING_LINKS, persist_training_links
+from headpose_operators.local_training import LocalTrainingMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class HeadposeTrainingOperator(SageMakerTrainingOperator):
+class HeadposeTrainingOperator(LocalTrainingMixin, SageMakerTrainingOperator):
     """Run a SageMaker training request on SageMaker or on this worker; never twice.
 
     :param config: the CreateTrainingJob request (templated; usually an XComArg). An
@@ -116,7 +115,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self.source_sha256s = source_sha256s
         self._attempts: list[str] = []
         self._status_polls_given = max_status_polls is not None
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen | None = None  # the local backend's program
 
     def pre_execute(self, context: Context) -> None:
         """Times the task by its own request's ``StoppingCondition``.
@@ -398,38 +397,3 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def _persist_links(self, context: Context) -> None:
         persist_training_links(self, context, self.config, self.backend == "sagemaker")
-
-    # -- local ---------------------------------------------------------------------------
-
-    def _execute_local(self) -> dict:
-        from headpose.backends.local import run_local_training_job
-        from headpose.backends.sourcedir import SourcedirMismatch
-        from headpose.planning.layout import run_workspace
-
-        job = self.config["TrainingJobName"]
-        work_dir = Path(self.local_work_dir) if self.local_work_dir else run_workspace(job) / "local-training"
-        expected = self._expected_sha256()
-        self.log.info("Running training job %s with the local backend in %s", job, work_dir)
-        try:
-            description = run_local_training_job(
-                self.config, self._s3_client(), work_dir, self.log.info,
-                sourcedir_sha256=expected, on_start=self._remember_process,
-            )
-        except SourcedirMismatch as error:
-            raise AirflowFailException(str(error)) from None
-        finally:
-            # The job's outputs are in S3 by now (or it failed): its root is scratch. A task
-            # killed before this leaves it to the next try (which empties it) or to cleanup.
-            shutil.rmtree(work_dir, ignore_errors=True)
-        return self._result(serialize(description))
-
-    def _remember_process(self, process: subprocess.Popen) -> None:
-        self._process = process
-
-    def on_kill(self) -> None:
-        if self._process is not None:
-            from headpose.backends.process import stop_process
-
-            self.log.info("Stopping the local training process %s", self._process.pid)
-            stop_process(self._process)
-        super().on_kill()

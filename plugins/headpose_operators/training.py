@@ -146,7 +146,7 @@ class HeadposeTrainingOperator(LocalTrainingMixin, SageMakerTrainingOperator):
         descriptions = self._attempt_descriptions(first)
         ti = context["ti"]
         fresh = is_fresh_try(getattr(ti, "try_number", 1), getattr(ti, "max_tries", self.retries), self.retries)
-        decision = next_attempt(descriptions, first, fresh_try=fresh, max_attempts=self._max_training_attempts())
+        decision = next_attempt(descriptions, first, fresh_try=fresh, max_training_attempts=self._max_training_attempts())
         job = decision.training_job_name
         self.log.info("Training job %s: %s -> %s", job, decision.reason, decision.step.value)
         self._attempts = [d["TrainingJobName"] for d in descriptions]

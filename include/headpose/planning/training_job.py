@@ -178,7 +178,7 @@ class AttemptStep:
 
 
 def next_attempt(
-    descriptions: Sequence[Mapping[str, Any]], first_job: str, *, fresh_try: bool, max_attempts: int,
+    descriptions: Sequence[Mapping[str, Any]], first_job: str, *, fresh_try: bool, max_training_attempts: int,
 ) -> AttemptStep:
     """What ``train`` does given the run's jobs so far (``descriptions`` of attempt 1, 2, ...).
 
@@ -196,8 +196,8 @@ def next_attempt(
     if step is not Step.FAIL:
         return AttemptStep(step, name, f"{name} is {latest.get('TrainingJobStatus')}")
     why = f"{name} is {latest.get('TrainingJobStatus')}: {latest.get('FailureReason') or 'no FailureReason'}"
-    if number >= max_attempts:
-        return AttemptStep(Step.FAIL, name, f"{why}; the run has used its {max_attempts} training job(s)")
+    if number >= max_training_attempts:
+        return AttemptStep(Step.FAIL, name, f"{why}; the run has used its {max_training_attempts} training job(s)")
     if fresh_try:
         return AttemptStep(Step.CREATE, attempt_job_name(first_job, number + 1), f"{why}; train was cleared")
     if is_transient_failure(latest):

@@ -258,8 +258,11 @@ def headpose_retraining():
         config=plan["training_request"],
         backend="{{ params.backend }}",
         sourcedir_sha256=code["sha256"],
+        source_sha256s=code["files"],
+        manifest_sha256=dataset["manifest_sha256"],
         max_training_attempts="{{ ti.xcom_pull(task_ids='plan_run', key='run_params')['max_training_attempts'] }}",
         expected_bucket_owner=plan["expected_bucket_owner"],
+        kms_key_id=plan["kms_key_id"],
         aws_conn_id=AWS_CONN_ID,
         print_log=True,
         check_interval=scheduling.training_poll_seconds(),
@@ -284,6 +287,7 @@ def headpose_retraining():
         channel_order=dataset["channel_order"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
+        kms_key_id=plan["kms_key_id"],
         multiple_outputs=True,  # export_edge_models takes single keys of its result
         doc_md="Safely extracts `model.tar.gz` (no `..`, absolute paths, links out, oversized "
         "members), finds its one `export/*/<ts>` SavedModel and freezes it into `frozen_model.pb` "
@@ -301,6 +305,7 @@ def headpose_retraining():
         output_prefix="{{ ti.xcom_pull(task_ids='download_artifact', key='candidate_prefix') }}edge/",
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
+        kms_key_id=plan["kms_key_id"],
         doc_md="Converts the frozen graph to ONNX, LiteRT (float32 and full-integer int8, calibrated on "
         "training images) and OpenVINO IR (FP32, FP16, and a bf16 runtime hint) in the run's `candidate/edge/` "
         "prefix. A format that does not convert is listed with its reason; `validate_model` then judges the "
@@ -330,10 +335,11 @@ def _links(plan: dict, uris: dict) -> dict:
 
 
 def _s3(plan: dict):
-    """The run's S3 client: the connection's, pinned to the bucket owner plan_run resolved."""
+    """The run's S3 client: the connection's, pinned to the bucket owner plan_run resolved, writing
+    with the deployment's KMS key."""
     from headpose_operators.s3 import s3_client
 
-    return s3_client(AWS_CONN_ID, plan.get("expected_bucket_owner"))
+    return s3_client(AWS_CONN_ID, plan.get("expected_bucket_owner"), plan.get("kms_key_id"))
 
 
 def _fail(message: str):

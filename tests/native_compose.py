@@ -68,7 +68,8 @@ NATIVE_ONLY_ENV = {
 }
 # Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
 # the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none"}
+# The test stack's own .env lines: it runs the embedded demo's defaults on purpose.
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true"}
 ADDRESS_RE = re.compile(r"(?<=[/@])(%s)(?::(\d+))?(?=[/\"'\s]|$)" % "|".join(map(re.escape, CONTAINER_PORTS)))
 VARIABLE_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 

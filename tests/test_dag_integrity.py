@@ -48,11 +48,12 @@ def test_templated_fields_of_the_custom_operators():
     from headpose_operators import ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator
 
     assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
-            "output_node_names", "channel_order", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
-    assert {"config", "backend", "sourcedir_sha256", "max_training_attempts", "expected_bucket_owner"} <= set(
-        HeadposeTrainingOperator.template_fields)
+            "output_node_names", "channel_order", "expected_bucket_owner", "kms_key_id"} <= set(
+        FreezeGraphOperator.template_fields)
+    assert {"config", "backend", "sourcedir_sha256", "max_training_attempts", "expected_bucket_owner", "kms_key_id",
+            "manifest_sha256", "source_sha256s"} <= set(HeadposeTrainingOperator.template_fields)
     assert {"frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
-            "dataset_prefix", "output_prefix", "formats"} <= set(ExportEdgeModelsOperator.template_fields)
+            "dataset_prefix", "output_prefix", "formats", "kms_key_id"} <= set(ExportEdgeModelsOperator.template_fields)
 
 
 def test_importing_the_dag_loads_no_tensorflow_numpy_or_sagemaker():

@@ -61,16 +61,17 @@ def test_every_templated_argument_renders():
         frozen_model_uri="{{ params.output }}frozen_model.pb", frozen_model_sha256="{{ params.sha }}",
         frozen_model_json_uri="{{ params.output }}frozen_model.json", frozen_model_json_sha256="{{ params.sha }}",
         dataset_prefix="{{ params.dataset }}", output_prefix="{{ params.output }}edge/",
-        formats="{{ params.formats }}", expected_bucket_owner="{{ params.owner }}",
+        formats="{{ params.formats }}", expected_bucket_owner="{{ params.owner }}", kms_key_id="{{ params.key }}",
     )
     operator.render_template_fields({"params": {"output": OUTPUT, "sha": "ab" * 32, "dataset": DATASET,
-                                                "formats": "onnx,litert_int8", "owner": "123456789012"}})
+                                                "formats": "onnx,litert_int8", "owner": "123456789012",
+                                                "key": "arn:aws:kms:us-east-1:123456789012:key/k"}})
     rendered = {field: getattr(operator, field) for field in operator.template_fields}
     assert rendered == {
         "frozen_model_uri": OUTPUT + "frozen_model.pb", "frozen_model_sha256": "ab" * 32,
         "frozen_model_json_uri": OUTPUT + "frozen_model.json", "frozen_model_json_sha256": "ab" * 32,
         "dataset_prefix": DATASET, "output_prefix": EDGE, "formats": "onnx,litert_int8",
-        "expected_bucket_owner": "123456789012",
+        "expected_bucket_owner": "123456789012", "kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/k",
     }
 
 

@@ -46,6 +46,9 @@ MAX_JOB_LIFETIME_SECONDS = 2_592_000
 MAX_BASE_JOB_NAME = 36
 BASE_JOB_NAME_PATTERN = TRAINING_JOB_NAME_PATTERN.replace("{0,62}", "{0,%d}" % (MAX_BASE_JOB_NAME - 1))
 CHANNEL_ORDERS = ("bgr", "rgb")
+# Training jobs one run may start (the run parameter max_training_attempts); not to be
+# confused with the status polls of one job's deferred wait (the operator's max_status_polls).
+DEFAULT_MAX_TRAINING_ATTEMPTS = 3
 
 
 def default_bucket(environ: Mapping[str, str] | None = None) -> str | None:
@@ -292,7 +295,7 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "section": "Acceptance",
         },
         "max_training_attempts": {
-            "default": 3, "type": "integer", "minimum": 1, "maximum": 9,
+            "default": DEFAULT_MAX_TRAINING_ATTEMPTS, "type": "integer", "minimum": 1, "maximum": 9,
             "title": "Training jobs per run",
             "description": "backend=sagemaker: how many jobs (<job>, <job>-2, ...) one run may start "
             "when one fails for lack of capacity or an internal error, or when train is cleared "

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from headpose.datasets.settings import GENERATOR_VERSION, prima_settings, synthetic_settings
+from headpose.planning.governed import deployment_problems, governed_request
 from headpose.planning.layout import (
     RunLayout,
     dataset_id,
@@ -61,6 +62,9 @@ def plan_run(
     """
     profile = load_profile(environ)
     params = validate_run_params(raw_params, profile.settings, connection_role=connection_role, environ=environ)
+    refused = deployment_problems(profile.settings, params, region)
+    if refused:
+        raise RunParamsError("invalid deployment settings:\n  - " + "\n  - ".join(refused))
     job = training_job_name(logical_time, params["base_job_name"])
     dataset_prefix, dataset_settings = dataset_plan(params)
     layout = RunLayout.for_run(params["s3_bucket"], params["headpose_folder"], job, dataset_prefix)
@@ -72,6 +76,7 @@ def plan_run(
             f"in {region}: {error}"
         ) from error
     request = training_job_request(layout, params, image, region=region, dag_id=dag_id, run_id=run_id)
+    request = governed_request(request, profile.settings, layout.sourcedir_uri)
     if not request["RoleArn"]:  # backend=sagemaker without role_arn: the connection's (rules checked it)
         request["RoleArn"] = connection_role
     too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout)
@@ -82,6 +87,7 @@ def plan_run(
         "run_params": params,
         "deployment": profile.settings.to_dict(),
         "expected_bucket_owner": profile.settings.expected_bucket_owner or connection_owner,
+        "kms_key_id": profile.settings.kms_key_id,
         "profile": profile.describe(),
         "region": region,
         "dataset_settings": dataset_settings,

@@ -15,6 +15,17 @@ allowed to trigger must not change and which no trigger's conf may carry:
 ``publish_latest_mirror``    also copy the published files to ``published/latest/`` for devices
                              that cannot read ``latest.json`` (default true)
 
+and, for a governed AWS account (``planning.governed`` puts them into the request):
+
+``vpc_subnets``, ``vpc_security_groups``  the training job's ``VpcConfig`` (both or neither)
+``kms_key_id``               KMS key ARN for the job's output and volume, and SSE-KMS on every
+                             S3 write the pipeline makes
+``inter_container_encryption``  ``EnableInterContainerTrafficEncryption``
+``network_isolation``        ``EnableNetworkIsolation``; the code then reaches the job as an
+                             input channel
+``object_lock_days``         published version files kept in S3 Object Lock governance mode
+                             this many days, where the bucket has Object Lock (0: off)
+
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
 unknown key or a value its schema refuses is a DAG import error naming the variable, the
@@ -55,6 +66,27 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "boolean",
         "description": "true or false",
     },
+    "vpc_subnets": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 16, "uniqueItems": True,
+        "items": {"type": "string", "pattern": r"^subnet-[0-9a-f]{8,17}$"},
+        "description": "1-16 subnet ids (subnet-0123456789abcdef0) the training job runs in",
+    },
+    "vpc_security_groups": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 5, "uniqueItems": True,
+        "items": {"type": "string", "pattern": r"^sg-[0-9a-f]{8,17}$"},
+        "description": "1-5 security group ids (sg-0123456789abcdef0) of the training job",
+    },
+    "kms_key_id": {
+        "type": ["string", "null"],
+        "pattern": r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$",
+        "description": "a KMS key ARN (arn:aws:kms:<region>:<account>:key/<uuid>): the IAM policies name it",
+    },
+    "inter_container_encryption": {"type": "boolean", "description": "true or false"},
+    "network_isolation": {"type": "boolean", "description": "true or false"},
+    "object_lock_days": {
+        "type": "integer", "minimum": 0, "maximum": 36500,
+        "description": "days (0-36500; 0: no Object Lock)",
+    },
 }
 
 
@@ -70,6 +102,12 @@ class DeploymentSettings:
     expected_bucket_owner: str | None = None
     local_images_per_second: dict[str, float] = field(default_factory=lambda: dict(MEASURED_IMAGES_PER_SECOND))
     publish_latest_mirror: bool = True
+    vpc_subnets: list[str] | None = None
+    vpc_security_groups: list[str] | None = None
+    kms_key_id: str | None = None
+    inter_container_encryption: bool = False
+    network_isolation: bool = False
+    object_lock_days: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -97,6 +97,11 @@ def argument_parser() -> argparse.ArgumentParser:
         "syncs /opt/ml/checkpoints for managed spot training); unset: no checkpoints")
     add("--checkpoint_every", type=int, default=500,
         help="steps between checkpoints when --checkpoint_dir is set (default 500)")
+    add("--manifest_sha256", default=None,
+        help="sha256 of the training channel's manifest.json; with it, the manifest and every shard "
+        "are verified before the first step (training.integrity)")
+    add("--source_sha256s", default=None,
+        help="JSON object {file: sha256} of this code; with it, every file is verified before the first step")
     return parser
 
 
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argument_parser().parse_args(argv)
     try:
         _check_cluster()
+        _verify_inputs(args)
         metrics = train(args)
     except Exception as error:  # every failure must reach the job's FailureReason
         reason = f"{type(error).__name__}: {error}"
@@ -128,6 +134,16 @@ def _check_cluster() -> None:
         raise TrainingError(
             f"instance_count must be 1: this entry point trains on one host, got hosts {hosts}"
         )
+
+
+def _verify_inputs(args: argparse.Namespace) -> None:
+    """The code and the data are the ones recorded (``training.integrity``), or an ``IntegrityError``."""
+    from headpose.training import integrity
+
+    files = integrity.verify_sources(args.source_sha256s)
+    shards = integrity.verify_dataset(args.manifest_sha256, args.train_dir, args.eval_dir)
+    log(f"integrity: {files} source files and {shards} shards match their recorded sha256"
+        + ("" if files and shards else " (a check without its recorded sha256s was skipped)"))
 
 
 def _write_failure(reason: str) -> None:

@@ -14,6 +14,8 @@ here only after ``import_openvino`` has kept the telemetry package out.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,11 +52,14 @@ class OpenVINOInt8Converter(OpenVINOConverter):
         import nncf  # after import_openvino: without its telemetry
 
         model = openvino.convert_model(str(source.pb_path))
-        quantized = nncf.quantize(
-            model, nncf.Dataset(self._calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
-            target_device=nncf.TargetDevice.CPU, subset_size=len(self._calibration),
-            fast_bias_correction=SETTINGS["fast_bias_correction"],
-        )
+        # NNCF draws its progress bars on stdout, which is the caller's (a benchmark's JSON):
+        # they go to stderr with the other diagnostics.
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize(
+                model, nncf.Dataset(self._calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
+                target_device=nncf.TargetDevice.CPU, subset_size=len(self._calibration),
+                fast_bias_correction=SETTINGS["fast_bias_correction"],
+            )
         xml = scratch / f"{self.stem}.xml"
         openvino.save_model(quantized, str(xml), compress_to_fp16=False)
         return {xml.name: xml, f"{self.stem}.bin": xml.with_suffix(".bin")}

@@ -23,7 +23,10 @@ ResNet-10 with 8), random weights with trained-like batch-norm statistics (as in
 5. a profile of the int8 formats (``--no-profile`` skips it): OpenVINO's and ONNX
    Runtime's per-layer time at batch 1, the int8 IR's best sustained rate on this CPU,
    and from it the floor under a batch-1 call (``bench/_edge_profile.py``). ``cpu_flags``
-   records the instruction sets the kernels chose from.
+   records the instruction sets the kernels chose from;
+6. the OpenVINO formats and TensorFlow again in a child process with oneDNN held to
+   ``AVX2`` and to ``AVX512_CORE`` (``--isa``; ``bench/_edge_isa.py``): the figures of
+   CPUs without VNNI, measured on this one.
 
 Runtime settings: every format at 1, 2 and all threads (``--threads``, default the CPUs
 this process may use; labels ``<format>_<n>t``), OpenVINO formats under both performance
@@ -46,7 +49,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import INCLUDE, emit, progress, ratio_of_pairs, spread, versions  # noqa: E402
+from _common import (  # noqa: E402
+    INCLUDE, PYTHON, child_env, cpu_flags, emit, progress, ratio_of_pairs, run_json_child, spread, versions,
+)
 
 sys.path.insert(0, str(INCLUDE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -281,6 +286,12 @@ def bench_model(label: str, resnet_size: int, base_filters: int, images, args, s
     if args.profile:
         tf_ms = spread([t * 1e3 for t in times[BASELINE]["mean"][1]])["median"]
         result["profile"] = profile(exported.manifest, folder / "edge", images, args.threads, tf_ms)
+    for isa in filter(None, args.isa.split(",")):
+        progress(f"{label}: the OpenVINO formats with oneDNN held to {isa}")
+        result.setdefault("older_cpus", {})[isa] = run_json_child(
+            [PYTHON, str(Path(__file__).resolve().parent / "_edge_isa.py"), str(folder / "edge"),
+             str(frozen.pb_path), str(args.reps), str(args.threads)],
+            child_env(ONEDNN_MAX_CPU_ISA=isa))
     return result
 
 
@@ -324,21 +335,6 @@ def targets(formats: dict, key: str = "speedup_over_tensorflow") -> dict:
     }
 
 
-def cpu_flags() -> dict:
-    """The /proc/cpuinfo flags that decide which int8 and bf16 kernels the runtimes pick."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "amx_tile", "amx_int8", "amx_bf16")
-    return {flag: flag in flags for flag in wanted}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: resnet50, demo")
@@ -348,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="'all threads' (default: the CPUs this process may use); every format also "
                              "runs at 1 and 2")
+    parser.add_argument("--isa", default="AVX2,AVX512_CORE",
+                        help="also run the OpenVINO formats with oneDNN held to each of these instruction "
+                             "sets (ONEDNN_MAX_CPU_ISA), as on older CPUs; empty: skip (default AVX2,AVX512_CORE)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the int8 formats' per-layer profile and the sustained-rate floor")
     parser.add_argument("--fit-epochs", type=int, default=0,

@@ -26,7 +26,7 @@ ResNet-10 with 8), random weights with trained-like batch-norm statistics (as in
    records the instruction sets the kernels chose from;
 6. the OpenVINO formats and TensorFlow again in a child process with oneDNN held to
    ``AVX2`` and to ``AVX512_CORE`` (``--isa``; ``bench/_edge_isa.py``): the figures of
-   CPUs without VNNI, measured on this one.
+   CPUs without VNNI, measured on this one, beside the same child uncapped (``ALL``).
 
 Runtime settings: every format at 1, 2 and all threads (``--threads``, default the CPUs
 this process may use; labels ``<format>_<n>t``), OpenVINO formats under both performance
@@ -344,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="'all threads' (default: the CPUs this process may use); every format also "
                              "runs at 1 and 2")
-    parser.add_argument("--isa", default="AVX2,AVX512_CORE",
+    parser.add_argument("--isa", default="AVX2,AVX512_CORE,ALL",
                         help="also run the OpenVINO formats with oneDNN held to each of these instruction "
-                             "sets (ONEDNN_MAX_CPU_ISA), as on older CPUs; empty: skip (default AVX2,AVX512_CORE)")
+                             "sets (ONEDNN_MAX_CPU_ISA), as on older CPUs, and with ALL (no cap: the same "
+                             "measurement on this CPU); empty: skip (default AVX2,AVX512_CORE,ALL)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the int8 formats' per-layer profile and the sustained-rate floor")
     parser.add_argument("--fit-epochs", type=int, default=0,

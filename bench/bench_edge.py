@@ -313,7 +313,7 @@ def profile(manifest: dict, folder: Path, images, cpus: int, tf_ms: float) -> di
     }
     height, width = ov["preprocessing"]["image_size"]
     gmac = _edge_profile.macs(xml, height, width) / 1e9
-    found["bounds"] = _edge_profile.bounds(found, gmac, tf_ms, FASTEST_TARGET)
+    found["bounds"] = _edge_profile.bounds(found, gmac, tf_ms, FASTEST_TARGET, cpus)
     return found
 
 

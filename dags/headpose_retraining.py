@@ -306,9 +306,10 @@ def headpose_retraining():
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
         kms_key_id=plan["kms_key_id"],
-        doc_md="Converts the frozen graph to ONNX, LiteRT (float32 and full-integer int8, calibrated on "
-        "training images) and OpenVINO IR (FP32, FP16, and a bf16 runtime hint) in the run's `candidate/edge/` "
-        "prefix. A format that does not convert is listed with its reason; `validate_model` then judges the "
+        doc_md="Converts the frozen graph to ONNX (float32, and static int8 QDQ), LiteRT (float32 and "
+        "full-integer int8) and OpenVINO IR (FP32, FP16, a bf16 runtime hint, and NNCF int8) in the run's "
+        "`candidate/edge/` prefix; the int8 formats are calibrated on training images. A format that does not "
+        "convert is listed with its reason; `validate_model` then judges the "
         "others in their own runtimes.",
         **scheduling.task_args("export_edge_models"),
     )

@@ -1,7 +1,7 @@
 """``ExportEdgeModelsOperator``: the frozen graph in S3 -> its edge formats in S3.
 
 A thin shell over ``headpose.artifacts.edge.transfer.export_from_s3`` (download and
-verify the inputs, convert to ONNX, LiteRT and OpenVINO IR, upload). The converters and
+verify the inputs, convert to ONNX, LiteRT and OpenVINO IR, float and int8, upload). The converters and
 TensorFlow are imported in ``execute`` only, so a DAG file using this operator stays
 light to parse. Nothing is shared with other tasks through the disk: inputs come from
 S3 by URI and sha256, outputs go to ``output_prefix``, scratch is removed at the end.
@@ -33,7 +33,7 @@ class ExportEdgeModelsOperator(BaseOperator):
     :param frozen_model_json_uri: ``s3://`` URI of ``frozen_model.json`` (templated).
     :param frozen_model_json_sha256: its sha256, checked when given (templated).
     :param dataset_prefix: ``s3://`` dataset prefix; a few ``train-*.tfrecord`` shards
-        calibrate the int8 model (templated).
+        calibrate the int8 formats (templated).
     :param output_prefix: ``s3://`` prefix the formats and ``edge_models.json`` are
         uploaded under (templated).
     :param formats: format names, a list or ``"a,b"`` (templated); default every format.

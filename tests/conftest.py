@@ -1,4 +1,5 @@
-"""Shared fixtures: the import path, a real moto server on loopback, a migrated Airflow DB."""
+"""Shared fixtures: the import path, a real moto server on loopback, a migrated Airflow DB,
+and the slow shared work (the native stack) that starts in the background with the test loop."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,58 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tests of that refusal remove this). Subprocess runs get their own environment (cli_env).
 os.environ.setdefault("HEADPOSE_S3_BUCKET", "headpose-tests")
 
+from background import Background  # noqa: E402
 from support import MotoServer  # noqa: E402
+
+BACKGROUND = Background(ROOT / "test-artifacts" / "background")
+# Fixtures made in the background: fixture name -> (work name, "module:start function").
+# Their tests run after every other test, so that the work is done (or nearly) by then.
+SHARED_WORK = {
+    "native_stack": ("native-stack", "stack_support:start_native_stack"),
+}
+
+
+def _shared_work_of(item: pytest.Item) -> list[str]:
+    return [name for name in SHARED_WORK if name in item.fixturenames]
+
+
+def _start_function(fixture: str):
+    import importlib
+
+    module, function = SHARED_WORK[fixture][1].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k have deselected
+def pytest_collection_modifyitems(config, items):
+    # Stable: within each stage the modules keep their order.
+    items.sort(key=lambda item: len(_shared_work_of(item)) and 1 + list(SHARED_WORK).index(_shared_work_of(item)[0]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session):
+    if not session.config.option.collectonly:
+        for fixture in sorted({name for item in session.items for name in _shared_work_of(item)}):
+            BACKGROUND.start(SHARED_WORK[fixture][0], _start_function(fixture))
+    yield
+
+
+def pytest_sessionfinish(session):
+    BACKGROUND.close()
+
+
+@pytest.fixture(scope="session")
+def native_stack():
+    """docker-compose.yaml's topology as native processes (tests/native_stack.py), one per session."""
+    return BACKGROUND.result(SHARED_WORK["native_stack"][0], _start_function("native_stack"))
+
+
+@pytest.fixture(scope="session")
+def stack_api(native_stack):
+    """The stack's REST API as its admin."""
+    from stack_support import Api
+
+    return Api(native_stack.api_url, *native_stack.login("admin"))
 
 
 @pytest.fixture(scope="session")

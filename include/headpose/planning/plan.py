@@ -19,8 +19,9 @@ from headpose.planning.layout import (
     training_job_name,
 )
 from headpose.planning.profile import load_profile
+from headpose.planning.release_settings import approval_time_problems, release_problems
 from headpose.planning.rules import RunParamsError, validate_run_params
-from headpose.planning.scheduling import run_time_problems
+from headpose.planning.scheduling import run_time_problems, train_timeout
 from headpose.planning.request import image_uri_for_backend, training_job_request
 
 ImageResolver = Callable[[str, str, str], str]
@@ -62,7 +63,7 @@ def plan_run(
     """
     profile = load_profile(environ)
     params = validate_run_params(raw_params, profile.settings, connection_role=connection_role, environ=environ)
-    refused = deployment_problems(profile.settings, params, region)
+    refused = deployment_problems(profile.settings, params, region) + release_problems(profile.settings)
     if refused:
         raise RunParamsError("invalid deployment settings:\n  - " + "\n  - ".join(refused))
     job = training_job_name(logical_time, params["base_job_name"])
@@ -79,7 +80,8 @@ def plan_run(
     request = governed_request(request, profile.settings, layout.sourcedir_uri)
     if not request["RoleArn"]:  # backend=sagemaker without role_arn: the connection's (rules checked it)
         request["RoleArn"] = connection_role
-    too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout)
+    too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout) + approval_time_problems(
+        profile.settings, train_timeout(request["StoppingCondition"]), dagrun_timeout)
     if too_long:
         raise RunParamsError("invalid run parameters: " + "; ".join(too_long))
     return {

@@ -26,6 +26,16 @@ and, for a governed AWS account (``planning.governed`` puts them into the reques
 ``object_lock_days``         published version files kept in S3 Object Lock governance mode
                              this many days, where the bucket has Object Lock (0: off)
 
+and release governance (``planning.release_settings``; the approval task and the Model Registry):
+
+``release_approval``         ``none`` (publish what beats the champion) or ``required`` (a person
+                             approves it in the Airflow UI or API first)
+``approvers``                Airflow user names who may answer; none: every user allowed to edit
+                             Human-in-the-loop details
+``approval_timeout``         how long a request waits (``<n>s|m|h|d``); unanswered is a rejection
+``model_package_group``      SageMaker Model Registry group every accepted version is registered
+                             in (default ``headpose``; empty: no Model Registry)
+
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
 unknown key or a value its schema refuses is a DAG import error naming the variable, the
@@ -44,6 +54,11 @@ PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
 # work on the machine: bench/recorded/local_throughput-cpu-2026-12-01.json). A deployment's
 # own workers override them with local_images_per_second.
 MEASURED_IMAGES_PER_SECOND = {"10": 185.0, "18": 96.0, "34": 25.0, "50": 25.0}
+RELEASE_APPROVALS = ("none", "required")
+APPROVAL_TIMEOUT_PATTERN = r"^[1-9][0-9]{0,6}(s|m|h|d)$"
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Shorter waits cannot be answered: the scheduler sweeps for timed-out requests every 15 s.
+MIN_APPROVAL_SECONDS = 60
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluation_set": {
@@ -87,7 +102,30 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "integer", "minimum": 0, "maximum": 36500,
         "description": "days (0-36500; 0: no Object Lock)",
     },
+    "release_approval": {
+        "type": "string", "enum": list(RELEASE_APPROVALS),
+        "description": "'none' or 'required'",
+    },
+    "approvers": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 100, "uniqueItems": True,
+        "items": {"type": "string", "minLength": 1, "maxLength": 256},
+        "description": "Airflow user names, e.g. [\"alice\", \"bob\"]",
+    },
+    "approval_timeout": {
+        "type": "string", "pattern": APPROVAL_TIMEOUT_PATTERN,
+        "description": "a duration such as 3d, 12h, 90m or 600s (at least 1 minute)",
+    },
+    "model_package_group": {
+        "type": "string", "pattern": r"^([a-zA-Z0-9](-*[a-zA-Z0-9]){0,62})?$",
+        "description": "a SageMaker model package group name (letters, digits, hyphens; at most 63), "
+        "or '' for no Model Registry",
+    },
 }
+
+
+def approval_seconds(duration: str) -> int:
+    """``3d`` -> 259200: an ``approval_timeout`` in seconds."""
+    return int(duration[:-1]) * _SECONDS_PER_UNIT[duration[-1]]
 
 
 class ProfileError(ValueError):
@@ -108,6 +146,14 @@ class DeploymentSettings:
     inter_container_encryption: bool = False
     network_isolation: bool = False
     object_lock_days: int = 0
+    release_approval: str = "none"
+    approvers: list[str] | None = None
+    approval_timeout: str = "3d"
+    model_package_group: str = "headpose"
+
+    @property
+    def approval_timeout_seconds(self) -> int:
+        return approval_seconds(self.approval_timeout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,8 +7,8 @@ evaluation set against the published model and publishes it for edge devices - o
 per step:
 
 `plan_run` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
-`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `publish` ->
-`cleanup`
+`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` ->
+`approve_release` -> `publish` (and `record_release`) -> `cleanup`
 
 * **plan_run** checks every parameter and rule across them (nothing is written before),
   derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
@@ -22,9 +22,17 @@ per step:
   same images - the pinned evaluation set when the deployment names one; below
   `min_accuracy` or `min_class_recall` it fails, and its report lands under the run's
   `rejected/` prefix.
-* **publish** promotes the new model only if it compares fairly and its accuracy is at least
-  the champion's minus `promotion_margin` (or `force_publish` is set); otherwise it is
-  **skipped** (the run stays green, the reason is in its log and XCom `summary`).
+* **approve_release** asks a person (the UI's *Required Actions*, or the REST API) to approve
+  the new model, only where the deployment sets `release_approval=required` and only when
+  `publish` would promote it. Reject, or no answer within `approval_timeout`, skips `publish`.
+* **publish** promotes the new model only if it compares fairly and, paired with the champion
+  on the same images, passes `promotion_rule` (default: not significantly worse, nor below
+  `promotion_margin`), or `force_publish` is set; otherwise it is **skipped** (the run stays
+  green, the reason is in its log and XCom `summary`). The version's package in SageMaker's
+  Model Registry follows (`Approved` / `Rejected`).
+* **record_release** runs whatever happened: it keeps the answer with the version's evidence
+  (`approval.json`), marks a refused version `Rejected` in the Model Registry, and ends a
+  refused run's log with its summary (who refused, when, why; nothing published changed).
 
 #### Operating
 * Tasks hand files to each other through S3 (names, URIs and sha256s in XCom), so any task
@@ -33,14 +41,16 @@ per step:
   time, no catch-up. A scheduled run uses the deployment profile (`$HEADPOSE_RUN_DEFAULTS`).
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
-* Every run's summary (job, accuracy before/after, billable seconds, where the model went)
-  is in the log of **publish** and its XCom `summary`.
-* Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`.
+* Every run's summary (job, accuracy before/after, the paired comparison, the approval,
+  billable seconds, where the model went) is in the log of **publish** and its XCom `summary`
+  (of **record_release** for a refused release).
+* Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`
+  (the pointer, then the mirror and the Model Registry).
 """
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from airflow.sdk import Asset, Param, chain, dag, get_current_context, task, teardown
@@ -62,7 +72,9 @@ from headpose_operators import (  # noqa: E402
     ExportEdgeModelsOperator,
     FreezeGraphOperator,
     HeadposeTrainingOperator,
+    ReleaseApprovalOperator,
 )
+from headpose_operators.approval import APPROVAL_KEY  # noqa: E402
 from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
 
 DAG_ID = "headpose_retraining"
@@ -189,6 +201,7 @@ def headpose_retraining():
                 get_current_context()["ti"].xcom_push(key="links", value=_links(plan, error.evidence))
             raise _fail(str(error)) from None
         return {**outcome, "links": _links(plan, {"report": outcome["report_uri"],
+                                                   "report_page": outcome["report_html_uri"],
                                                    "confusion_matrix": outcome["confusion_png_uri"]})}
 
     @task(**scheduling.task_args("upload_frozen_model"))
@@ -207,21 +220,26 @@ def headpose_retraining():
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
-        """Promotes the new version if it compares fairly and is at least as accurate as the
-        published one (minus `promotion_margin`), or `force_publish` is set: history record,
-        then the `published/latest.json` pointer (conditional on the pointer it was compared
-        with), then the `published/latest/` mirror. Otherwise this task is **skipped** and
-        nothing under `published/` changes. Either way the log and XCom `summary` hold the
-        run summary: job, accuracy before/after, billable seconds, where the model went."""
+        """Promotes the new version if it compares fairly and passes `promotion_rule` against the
+        published one on the same images (or `force_publish` is set) and, where required, a person
+        approved it: history record, then the `published/latest.json` pointer (conditional on the
+        pointer it was compared with), then the `published/latest/` mirror, then the version's
+        package in SageMaker's Model Registry. Otherwise this task is **skipped** and nothing under
+        `published/` changes. Either way the log and XCom `summary` hold the run summary: job,
+        accuracy before/after, the comparison, billable seconds, where the model went."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
-        from headpose.registry.promotion import format_summary, publish_run
+        from headpose.registry.promotion import publish_run
+        from headpose.registry.summary import format_summary
+        from headpose_operators.sagemaker import model_registry
 
         context = get_current_context()
         try:
             decision, summary = publish_run(
                 _s3(plan), plan, training, dataset, report, version, dag_id=DAG_ID, run_id=context["dag_run"].run_id,
+                approval=context["ti"].xcom_pull(task_ids="approve_release", key=APPROVAL_KEY),
+                model_registry=model_registry(AWS_CONN_ID, plan),
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None
@@ -236,6 +254,30 @@ def headpose_retraining():
         context["outlet_events"][PUBLISHED_MODEL].extra = {
             "uri": plan["published_pointer_uri"], "training_job_name": summary["training_job_name"],
         }
+        return summary
+
+    @task(trigger_rule="all_done", **scheduling.task_args("record_release"))
+    def record_release() -> dict | None:
+        """Runs whatever happened: keeps the answer with the version's evidence (`approval.json`),
+        marks a refused version `Rejected` in the Model Registry, and ends a refused run with its
+        summary (who, when, why; nothing under `published/` changed). Beside `publish`, not after
+        it, so that a failed run stays failed."""
+        from headpose.registry.release import record_release as record
+        from headpose.registry.summary import format_summary
+        from headpose_operators.sagemaker import model_registry
+
+        ti = get_current_context()["ti"]
+        approval = ti.xcom_pull(task_ids="approve_release", key=APPROVAL_KEY)
+        if approval is None:
+            print("no release decision to record: approve_release did not finish (an earlier task's log says why)")
+            return None
+        plan = ti.xcom_pull(task_ids="plan_run")
+        summary = record(_s3(plan), plan, ti.xcom_pull(task_ids="train"), ti.xcom_pull(task_ids="stage_dataset"),
+                         ti.xcom_pull(task_ids="validate_model"), ti.xcom_pull(task_ids="upload_frozen_model"),
+                         approval, model_registry(AWS_CONN_ID, plan))
+        if summary:
+            print(format_summary(summary))
+            ti.xcom_push(key="summary", value=summary)
         return summary
 
     @teardown
@@ -315,8 +357,22 @@ def headpose_retraining():
     )
     report = validate_model(plan, dataset, artifact, freeze.output, edge.output)
     version = upload_frozen_model(plan, freeze.output, report, edge.output)
+    approve = ReleaseApprovalOperator(
+        task_id="approve_release",
+        plan=plan, training=train.output, dataset=dataset, report=report, version=version,
+        aws_conn_id=AWS_CONN_ID,
+        # The run's plan sets the wait in force; this is the profile's at parse time.
+        response_timeout=timedelta(seconds=load_profile().settings.approval_timeout_seconds),
+        doc_md="Asks a person (the UI's *Required Actions*, or the REST API) to approve the new model where "
+        "`release_approval=required` and `publish` would promote it. Reject, or no answer within "
+        "`approval_timeout`: `publish` is skipped and nothing under `published/` changes.",
+        **scheduling.task_args("approve_release"),
+    )
     published = publish(plan, train.output, dataset, report, version)
-    chain(plan, dataset, code, train, artifact, freeze, edge, report, version, published, cleanup())
+    recorded = record_release()
+    chain(plan, dataset, code, train, artifact, freeze, edge, report, version, approve, published)
+    approve >> recorded
+    [published, recorded] >> cleanup()
 
 
 def _s3_hook():

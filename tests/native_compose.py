@@ -9,6 +9,7 @@ what a container gets for free (its own ports, hostname and ``AIRFLOW_HOME``).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -58,6 +59,7 @@ NATIVE_ONLY_ENV = {
     "AIRFLOW__CELERY__FLOWER_HOST": "the address the compose file publishes Flower's port on",
     "AIRFLOW__CELERY__FLOWER_PORT": "5555 may be taken",
     "AIRFLOW__API__WORKERS": "one uvicorn worker: the test machine has 2 cores",
+    "AIRFLOW__API__BASE_URL": "the api-server's address here, which approval requests link to",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": "8974 may be taken",
     "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": "8794 may be taken",
     "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "two workers on one host need two log ports",
@@ -69,7 +71,14 @@ NATIVE_ONLY_ENV = {
 # Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
 # the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
 # The test stack's own .env lines: it runs the embedded demo's defaults on purpose.
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true"}
+# Its profile asks for a release approval, as a governed deployment's does, from .env.example's
+# operator only, with a deadline short enough for tests/test_approval.py to wait for.
+TEST_APPROVER = "operator"
+TEST_APPROVAL_TIMEOUT_SECONDS = 90
+TEST_PROFILE = {"release_approval": "required", "approvers": [TEST_APPROVER],
+                "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s"}
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true",
+            "HEADPOSE_RUN_DEFAULTS": json.dumps(TEST_PROFILE)}
 ADDRESS_RE = re.compile(r"(?<=[/@])(%s)(?::(\d+))?(?=[/\"'\s]|$)" % "|".join(map(re.escape, CONTAINER_PORTS)))
 VARIABLE_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -309,6 +318,7 @@ def _native_env(services: dict[str, Any], name: str, hostname: str, layout: Nati
         "AIRFLOW_HOME": str(layout.home),
         **_listen_env(services["airflow-apiserver"], "airflow-apiserver", layout, variables),
         "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__BASE_URL": layout.api_url,
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(layout.scheduler_health),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(layout.trigger_log),
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "airflow_local_settings.native_hostname",

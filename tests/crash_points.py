@@ -18,7 +18,10 @@ new process, as when a person clears the task or Airflow retries it) and checks 
 
 The starting state is built once per operation and restored between scenarios from a
 snapshot of its bucket (only the objects that changed are written back), so a scenario
-costs the operation's own calls and a few more, not a rebuilt bucket.
+costs the operation's own calls and a few more, not a rebuilt bucket. State the snapshot
+cannot hold - SageMaker's Model Registry in moto, which has no export - is rebuilt by the
+operation's ``reset`` before each scenario: a fresh model package group with the packages
+the starting state has (a few calls), so no scenario sees another's packages.
 """
 from __future__ import annotations
 
@@ -182,6 +185,8 @@ class Operation:
     ``(bucket, context)``; ``run(clients, context)`` is the operation as its task calls it;
     ``check(store, context, rerun)`` lists what is inconsistent (empty: nothing), ``rerun``
     saying whether the clean re-run has happened. ``clients()`` makes a client set.
+    ``reset(clients, context)``, when given, rebuilds before every run what the bucket's
+    snapshot does not hold (it may change ``context``), outside the fault injection.
     """
 
     name: str
@@ -190,6 +195,7 @@ class Operation:
     run: Callable[[dict[str, Any], Any], Any]
     check: Callable[[Store, Any, bool], list[str]]
     must_call: str  # the call the operation is about (its pointer write, say): the enumeration must reach it
+    reset: Callable[[dict[str, Any], Any], None] | None = None
 
 
 @dataclass
@@ -212,6 +218,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
     saved = snapshot(s3, bucket)
     known = {item.etag: item.sha256 for item in saved.values()}
 
+    if operation.reset:
+        operation.reset(clients, context)
     counter = FaultInjector(clients.values())
     try:
         operation.run(clients, context)
@@ -231,6 +239,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
     for at, mode in itertools.product(range(1, len(report.calls) + 1), modes):
         where = f"{mode} at call {at} ({report.calls[at - 1]})"
         restore(s3, bucket, saved)
+        if operation.reset:
+            operation.reset(clients, context)
         injector = FaultInjector(faulted.values(), at, mode)
         try:
             operation.run(faulted, context)

@@ -74,7 +74,7 @@ NATIVE_ONLY_ENV = {
 # Its profile asks for a release approval, as a governed deployment's does, from .env.example's
 # operator only, with a deadline short enough for tests/test_approval.py to wait for.
 TEST_APPROVER = "operator"
-TEST_APPROVAL_TIMEOUT_SECONDS = 90
+TEST_APPROVAL_TIMEOUT_SECONDS = 75
 TEST_PROFILE = {"release_approval": "required", "approvers": [TEST_APPROVER],
                 "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s"}
 TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true",

@@ -306,3 +306,12 @@ def test_the_stack_refuses_to_start_without_a_profile_unless_env_asks_for_the_de
     assert said is refused, result.stderr
     assert ("migrating the metadata database" in result.stdout) is not refused
     assert native_compose.TEST_ENV["HEADPOSE_ALLOW_DEMO_DEFAULTS"] == "true"  # the test stack runs the demo on purpose
+
+
+def test_the_test_stacks_profile_requires_an_approval_from_its_operator(variables):
+    from headpose.planning.profile import PROFILE_ENV, load_profile
+
+    settings = load_profile({PROFILE_ENV: variables["HEADPOSE_RUN_DEFAULTS"]}).settings  # a valid profile
+    assert settings.release_approval == "required"
+    assert settings.approvers == [native_compose.env_example_names()["AIRFLOW_OPERATOR_USER"]]
+    assert settings.approval_timeout_seconds == native_compose.TEST_APPROVAL_TIMEOUT_SECONDS

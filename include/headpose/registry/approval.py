@@ -108,8 +108,9 @@ def request_body(
               for name, f in sorted(formats.items())] or ["| none | - | - |"]
     lines += [
         "",
-        f"Dataset: `{dataset.get('dataset_id')}` ({dataset.get('source')}; {dataset.get('train_count')} training, "
-        f"{dataset.get('eval_count')} evaluation images) at `{dataset.get('dataset_prefix')}`.",
+        f"Dataset: `{dataset.get('dataset_id')}` ({dataset.get('source')}"
+        + (f"; {dataset['train_count']} training, {dataset.get('eval_count')} evaluation images"
+           if dataset.get("train_count") else "") + f") at `{dataset.get('dataset_prefix')}`.",
         f"Training: {description.get('BillableTimeInSeconds')} billable seconds "
         f"({description.get('TrainingTimeInSeconds')} s of training, {plan['run_params']['backend']} backend).",
         "",

@@ -31,7 +31,7 @@ def run_summary(
         "previous_training_job_name": champion.get("training_job_name"),
         "evaluation_set": (report.get("evaluation_set") or {}).get("id"),
         "comparison": report.get("comparison"),
-        "approval": approval_summary(approval),
+        "approval": {**approval_summary(approval), "reason": (approval or {}).get("reason")},
         "formats": sorted(name for name, f in (report.get("formats") or {}).items() if f.get("accepted")),
         "billable_time_in_seconds": training.get("BillableTimeInSeconds"),
         "training_time_in_seconds": training.get("TrainingTimeInSeconds"),
@@ -61,8 +61,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary.get("comparison"):
         lines.append(f"  paired comparison: {describe(summary['comparison'])}")
     if approval.get("required"):
-        lines.append(f"  approval: {approval.get('decision')} by {approval.get('by') or '-'} at "
-                     f"{approval.get('at') or '-'}" + (f": {approval['comment']}" if approval.get("comment") else ""))
+        lines.append(f"  approval: {approval.get('reason') or approval.get('decision')}")
     return "\n".join(lines + [
         f"  decision: {'promoted' if summary['promoted'] else 'kept the published model'} - {summary['reason']}",
         f"  edge formats: {', '.join(summary.get('formats') or []) or 'none'}",

@@ -25,14 +25,12 @@ per step:
 * **approve_release** asks a person (the UI's *Required Actions*, or the REST API) to approve
   the new model, only where the deployment sets `release_approval=required` and only when
   `publish` would promote it. Reject, or no answer within `approval_timeout`, skips `publish`.
-* **publish** promotes the new model only if it compares fairly and, paired with the champion
-  on the same images, passes `promotion_rule` (default: not significantly worse, nor below
-  `promotion_margin`), or `force_publish` is set; otherwise it is **skipped** (the run stays
-  green, the reason is in its log and XCom `summary`). The version's package in SageMaker's
-  Model Registry follows (`Approved` / `Rejected`).
-* **record_release** runs whatever happened: it keeps the answer with the version's evidence
-  (`approval.json`), marks a refused version `Rejected` in the Model Registry, and ends a
-  refused run's log with its summary (who refused, when, why; nothing published changed).
+* **publish** promotes the new model only if, paired with the champion on the same images, it
+  passes `promotion_rule` (default: not significantly worse, nor below `promotion_margin`), or
+  `force_publish` is set; otherwise it is **skipped** (the run stays green, the reason is in its
+  log and XCom `summary`). SageMaker's Model Registry follows the pointer.
+* **record_release** runs whatever happened: keeps the answer with the version's evidence and
+  ends a refused run with its summary (who, when, why; nothing published changed).
 
 #### Operating
 * Tasks hand files to each other through S3 (names, URIs and sha256s in XCom), so any task
@@ -69,10 +67,7 @@ from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
 from headpose.planning.profile import load_profile  # noqa: E402
 from headpose_operators import (  # noqa: E402
-    ExportEdgeModelsOperator,
-    FreezeGraphOperator,
-    HeadposeTrainingOperator,
-    ReleaseApprovalOperator,
+    ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator, ReleaseApprovalOperator,
 )
 from headpose_operators.approval import APPROVAL_KEY  # noqa: E402
 from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
@@ -220,13 +215,12 @@ def headpose_retraining():
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
-        """Promotes the new version if it compares fairly and passes `promotion_rule` against the
-        published one on the same images (or `force_publish` is set) and, where required, a person
-        approved it: history record, then the `published/latest.json` pointer (conditional on the
-        pointer it was compared with), then the `published/latest/` mirror, then the version's
-        package in SageMaker's Model Registry. Otherwise this task is **skipped** and nothing under
-        `published/` changes. Either way the log and XCom `summary` hold the run summary: job,
-        accuracy before/after, the comparison, billable seconds, where the model went."""
+        """Promotes the new version if it passes `promotion_rule` against the published one on the
+        same images (or `force_publish` is set) and, where required, a person approved it: history
+        record, then the `published/latest.json` pointer (conditional on the pointer it was compared
+        with), the `published/latest/` mirror, the version's package in the Model Registry.
+        Otherwise this task is **skipped** and nothing under `published/` changes. Either way the
+        log and XCom `summary` hold the run summary."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
@@ -258,10 +252,9 @@ def headpose_retraining():
 
     @task(trigger_rule="all_done", **scheduling.task_args("record_release"))
     def record_release() -> dict | None:
-        """Runs whatever happened: keeps the answer with the version's evidence (`approval.json`),
-        marks a refused version `Rejected` in the Model Registry, and ends a refused run with its
-        summary (who, when, why; nothing under `published/` changed). Beside `publish`, not after
-        it, so that a failed run stays failed."""
+        """Runs whatever happened: keeps the answer with the version's evidence (`approval.json`), marks
+        a refused version `Rejected` in the Model Registry, ends a refused run with its summary. Beside
+        `publish`, not after it, so that a failed run stays failed."""
         from headpose.registry.release import record_release as record
         from headpose.registry.summary import format_summary
         from headpose_operators.sagemaker import model_registry
@@ -272,9 +265,8 @@ def headpose_retraining():
             print("no release decision to record: approve_release did not finish (an earlier task's log says why)")
             return None
         plan = ti.xcom_pull(task_ids="plan_run")
-        summary = record(_s3(plan), plan, ti.xcom_pull(task_ids="train"), ti.xcom_pull(task_ids="stage_dataset"),
-                         ti.xcom_pull(task_ids="validate_model"), ti.xcom_pull(task_ids="upload_frozen_model"),
-                         approval, model_registry(AWS_CONN_ID, plan))
+        inputs = (ti.xcom_pull(task_ids=t) for t in ("train", "stage_dataset", "validate_model", "upload_frozen_model"))
+        summary = record(_s3(plan), plan, *inputs, approval, model_registry(AWS_CONN_ID, plan))
         if summary:
             print(format_summary(summary))
             ti.xcom_push(key="summary", value=summary)
@@ -363,9 +355,8 @@ def headpose_retraining():
         aws_conn_id=AWS_CONN_ID,
         # The run's plan sets the wait in force; this is the profile's at parse time.
         response_timeout=timedelta(seconds=load_profile().settings.approval_timeout_seconds),
-        doc_md="Asks a person (the UI's *Required Actions*, or the REST API) to approve the new model where "
-        "`release_approval=required` and `publish` would promote it. Reject, or no answer within "
-        "`approval_timeout`: `publish` is skipped and nothing under `published/` changes.",
+        doc_md="Asks a person (the UI's *Required Actions*, or the REST API) to approve the new model where the "
+        "deployment requires it and `publish` would promote it; Reject or no answer in time skips `publish`.",
         **scheduling.task_args("approve_release"),
     )
     published = publish(plan, train.output, dataset, report, version)

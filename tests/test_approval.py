@@ -22,6 +22,7 @@ Screenshots: ``test-artifacts/approval-*.png``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import datetime
@@ -84,19 +85,15 @@ def prebuilt(native_stack, stack_api):
 def _candidate(s3, plan: dict[str, Any]):
     """``test_crash_points.candidate`` for this plan, with what the approver's page shows and its links."""
     built = candidate(s3, plan["bucket"], 0, plan=plan)
-    prefix = plan["candidate_prefix"]
-    bucket, key = split_s3_uri(prefix + "report.html")
+    bucket, folder = split_s3_uri(plan["candidate_prefix"])
     page = b"<!doctype html><title>report</title><h1>%s</h1>" % plan["training_job_name"].encode()
-    s3.put_object(Bucket=bucket, Key=key, Body=page, ContentType="text/html")
-    import hashlib
-
-    built.report.update(
-        report_html_uri=prefix + "report.html", report_html_sha256=hashlib.sha256(page).hexdigest(),
-        per_class_recall=RECALL, links={
-            name: s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": prefix + file},
-                                            ExpiresIn=3600)
-            for name, file in (("report_page", "report.html"), ("confusion_matrix", "confusion_matrix.png"),
-                               ("report", "report.json"))})
+    s3.put_object(Bucket=bucket, Key=folder + "report.html", Body=page, ContentType="text/html")
+    links = {name: s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": folder + file},
+                                             ExpiresIn=3600)
+             for name, file in (("report_page", "report.html"), ("confusion_matrix", "confusion_matrix.png"),
+                                ("report", "report.json"))}
+    built.report.update(report_html_uri=plan["candidate_prefix"] + "report.html",
+                        report_html_sha256=hashlib.sha256(page).hexdigest(), per_class_recall=RECALL, links=links)
     # As validate_model leaves it when it scored a published model on the same images (that model
     # is described, not published: this folder's published/ stays empty until the approval).
     built.report["champion"] = {"present": True, "training_job_name": "deeplens-TF-headpose-2025-01-06-03-00-00-000",
@@ -215,7 +212,7 @@ def test_a_rejection_in_the_ui_publishes_nothing_and_keeps_who_when_and_why(nati
         expect(page.get_by_text(f"Release {plan['training_job_name']} to the devices?")).to_be_visible()
         expect(page.get_by_text("-0.100 (worst)")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "approval-request.png"), full_page=True)  # what an approver sees
-        report = page.context.new_page()  # the page's link opens the report (presigned: no credentials needed)
+        report = page.context.browser.new_page()  # its link opens the report: presigned, no login needed
         report.goto(page.get_by_role("link", name="Report", exact=True).get_attribute("href"))
         expect(report.get_by_role("heading", name=plan["training_job_name"])).to_be_visible()
         report.close()

@@ -281,5 +281,10 @@ def test_the_registry_command(s3, s3_endpoint):
     done = cli("rollback", "--to", first.training_job_name)
     assert done.returncode == 0, done.stderr
     assert json.loads(cli("show").stdout)["training_job_name"] == first.training_job_name
+    # ... and SageMaker's Model Registry after the pointer (moto serves it at the same endpoint).
+    from release_support import packages, sagemaker
+
+    statuses = {prefix: p["ModelApprovalStatus"] for prefix, p in packages(sagemaker(s3_endpoint)).items()}
+    assert statuses == {first.version_prefix: "Approved", second.version_prefix: "Rejected"}
     refused = cli("rollback", "--to", "deeplens-TF-headpose-1999-01-01-00-00-00-000")
     assert refused.returncode == 1 and "never published" in refused.stderr

@@ -197,7 +197,11 @@ def test_only_the_named_approver_may_answer_and_no_answer_is_a_rejection(native_
     assert f"no answer within {TEST_APPROVAL_TIMEOUT_SECONDS}s (a timeout is a rejection)" in summary["reason"]
     answers = stored(native_stack, plan["version_prefix"] + "approval.json")["answers"]
     assert [(a["decision"], a["by"], a["timed_out"]) for a in answers] == [("rejected", None, True)]
-    assert answers[0]["request_link"] == f"{native_stack.api_url}{request_page(run_id)}?map_index=-1"
+    link = f"{native_stack.api_url}{request_page(run_id)}?map_index=-1"
+    assert answers[0]["request_link"] == link
+    logs = native_stack.layout.volume("airflow-logs") / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={APPROVAL_TASK}"
+    assert f"HEADPOSE APPROVAL REQUEST" in (text := "".join(p.read_text() for p in logs.rglob("*.log")))
+    assert f"answer at {link}" in text  # the line $HEADPOSE_NOTIFIER sends (the stack's: the log)
     assert published(native_stack, plan) == []
     assert package_status(native_stack, plan)["ModelApprovalStatus"] == "Rejected"
 

@@ -20,7 +20,10 @@ from headpose.registry.rollback import rollback
 from release_support import (
     CHAMPION_RECALL, IMAGE, answered, governed_candidate, model_registry, packages, sagemaker, status_of,
 )
+from support import ROOT
 from test_crash_points import champion_of, published, upload
+
+ARTIFACTS = ROOT / "test-artifacts"
 
 REQUIRED = {"release_approval": "required", "approvers": ["alice"], "approval_timeout": "3d"}
 _buckets = itertools.count()
@@ -109,6 +112,8 @@ def test_an_approval_publishes_and_the_record_names_the_approver_and_the_compari
     assert "difference +0.3978" in pointer["promotion"]["reason"]
     package = packages(sm)[run.plan["version_prefix"]]
     assert package["ModelApprovalStatus"] == "Approved" and pointer["model_package"]["arn"] == package["ModelPackageArn"]
+    ARTIFACTS.mkdir(exist_ok=True)  # one version's Model Registry record, as DescribeModelPackage gives it
+    (ARTIFACTS / "model-package.json").write_text(json.dumps(package, indent=2, default=str) + "\n")
     history_bucket, history_key = split_s3_uri(run.plan["history_record_uri"])
     history = s3.get_object(Bucket=history_bucket, Key=history_key)["Body"].read()
     metadata = package["CustomerMetadataProperties"]
@@ -245,3 +250,32 @@ def test_the_operator_asks_nobody_where_the_deployment_does_not_require_it(appro
     result = operator.execute({"ti": ti, "task": operator})
     assert result == ti.xcoms["approval"] and result["decision"] == "not_required" and not result["asked"]
     assert packages(sm) == {}  # model_package_group '' turns the Model Registry off
+
+
+class Recorded:
+    """A notifier as $HEADPOSE_NOTIFIER names one (any BaseNotifier class); keeps what it was sent."""
+
+    sent: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def __call__(self, context: dict) -> None:
+        Recorded.sent.append({**self.kwargs, "line": context["headpose_line"]})
+
+
+def test_the_request_goes_to_the_notifier_with_the_page_where_it_is_answered(approve_release, monkeypatch):
+    from headpose_operators.notify import ReleaseRequestNotifier
+
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com")
+    monkeypatch.setenv("HEADPOSE_NOTIFIER", f"{__name__}.Recorded")
+    monkeypatch.setenv("HEADPOSE_NOTIFIER_KWARGS", '{"channel": "#ml-ops"}')
+    ti = TaskInstance({"training_job_name": "job-b"})
+    ti.dag_id, ti.run_id, ti.task_id = "headpose_retraining", "manual__2025-03-08", "approve_release"
+    Recorded.sent.clear()
+    ReleaseRequestNotifier().notify({"ti": ti, "task_instance": ti, "task": approve_release})
+    [sent] = Recorded.sent
+    assert sent["channel"] == "#ml-ops"
+    assert sent["line"].startswith("HEADPOSE APPROVAL REQUEST dag=headpose_retraining run=manual__2025-03-08 "
+                                   "training_job_name=job-b answer at https://airflow.example.com/dags/"
+                                   "headpose_retraining/runs/manual__2025-03-08/tasks/approve_release/required_actions")

@@ -303,6 +303,7 @@ def headpose_retraining():
         frozen_model_json_sha256=freeze.output["frozen_model_json_sha256"],
         dataset_prefix=dataset["dataset_prefix"],
         output_prefix="{{ ti.xcom_pull(task_ids='download_artifact', key='candidate_prefix') }}edge/",
+        formats=plan["edge_formats"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
         kms_key_id=plan["kms_key_id"],

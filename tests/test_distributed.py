@@ -43,14 +43,13 @@ from stack_support import (
     open_trigger_form, run_to_end, same_link, search_log, stored_object, task_log_tails, task_row, ui_path, ui_state,
     wait_for_run, wrap_log, xcom_link,
 )
-from test_e2e import TINY_CONF
+from dag_batch import TINY_CONF
 
 pytestmark = pytest.mark.distributed
 
 # The tiny settings of the end-to-end test, in the bucket airflow-init created; enough
 # synthetic rounds (4 + 2) that the render pool has work for both of its processes.
-CONF = {**{name: value for name, value in TINY_CONF.items() if name != "s3_bucket"},
-        "synthetic_train_per_pose": 4, "synthetic_eval_per_pose": 2}
+CONF = {**TINY_CONF, "synthetic_train_per_pose": 4, "synthetic_eval_per_pose": 2}
 # (method, path, body, the logins FAB's roles allow it); every other login gets 403.
 # Only requests that change nothing: a dry-run clear, pausing the paused DAG.
 ACCESS = [

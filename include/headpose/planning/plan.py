@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
+from headpose.artifacts.edge.export import DEFAULT_FORMATS
 from headpose.datasets.settings import GENERATOR_VERSION, prima_settings, synthetic_settings
 from headpose.planning.governed import deployment_problems, governed_request
 from headpose.planning.layout import (
@@ -93,6 +94,8 @@ def plan_run(
         "dataset_settings": dataset_settings,
         "workspace_dir": str(run_workspace(job)),
         "training_request": request,
+        # What export_edge_models converts: the deployment's formats, else every one.
+        "edge_formats": list(profile.settings.edge_formats or DEFAULT_FORMATS),
         # bucket, folder and every URI, one XCom key each; RunLayout.from_dict(plan) rebuilds it.
         **layout.to_dict(),
     }

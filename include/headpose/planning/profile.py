@@ -14,6 +14,8 @@ allowed to trigger must not change and which no trigger's conf may carry:
                              base filters, for refusing a local run that cannot finish in time
 ``publish_latest_mirror``    also copy the published files to ``published/latest/`` for devices
                              that cannot read ``latest.json`` (default true)
+``edge_formats``             the edge formats this deployment's devices run (default: every
+                             one); converting ResNet-50 to all of them takes minutes
 
 and, for a governed AWS account (``planning.governed`` puts them into the request):
 
@@ -87,6 +89,10 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "integer", "minimum": 0, "maximum": 36500,
         "description": "days (0-36500; 0: no Object Lock)",
     },
+    "edge_formats": {
+        "type": "array", "items": {"type": "string"}, "minItems": 1,
+        "description": 'edge format names, e.g. ["openvino_int8", "onnx"]',
+    },
 }
 
 
@@ -108,6 +114,7 @@ class DeploymentSettings:
     inter_container_encryption: bool = False
     network_isolation: bool = False
     object_lock_days: int = 0
+    edge_formats: list[str] | None = None  # None: every format
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +180,13 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
             problems.append(f"{name}={value!r}: {_rule(error, schema)}")
             continue
         target[name] = value
+    if "edge_formats" in settings:
+        from headpose.artifacts.edge.export import requested_formats  # light: converters import lazily
+
+        try:
+            requested_formats(settings["edge_formats"])
+        except ValueError as error:
+            problems.append(f"edge_formats={settings['edge_formats']!r}: {error}")
     if problems:
         raise ProfileError(f"${PROFILE_ENV} is refused:\n  - " + "\n  - ".join(problems))
     if "local_images_per_second" in settings:

@@ -233,3 +233,55 @@ def test_the_watchers_trigger_turns_an_upload_into_an_event_and_ignores_s3s_test
     payload = asyncio.run(asyncio.wait_for(first_event(), timeout=60))
     assert [u["uri"] for u in payload["uploads"]] == [PREFIX + "new.tar.gz"]
     assert sqs.receive_message(QueueUrl=QUEUE, WaitTimeSeconds=0).get("Messages") is None  # received and deleted
+
+
+# -- the operators: a scheduled run on unchanged data ------------------------------------
+
+class _TaskInstance:
+    """The ``ti`` of a task's context: the XComs the operators push and pull."""
+
+    def __init__(self, pulled=None):
+        self.pushed, self.pulled = {}, pulled or {}
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+    def xcom_pull(self, task_ids):
+        return self.pulled.get(task_ids)
+
+
+def _context(run_id, ti):
+    from types import SimpleNamespace
+
+    return {"dag_run": SimpleNamespace(dag_id="headpose_retraining", run_id=run_id),
+            "dag": SimpleNamespace(dagrun_timeout=timedelta(hours=192)), "ti": ti}
+
+
+def test_a_scheduled_run_on_unchanged_data_trains_nothing_and_says_why(s3, s3_endpoint, monkeypatch):
+    """The logic of the dags-test batch's scheduled tick, at operator level: tick 1 claims and
+    settles, tick 2 on the same data is skipped with the reason in its summary."""
+    from airflow.sdk.exceptions import AirflowSkipException
+    from headpose_operators import ClaimDataVersionOperator, RecordDataVersionOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        {"conn_type": "aws", "login": "testing", "password": "testing",
+         "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}))
+    s3.put_object(Bucket=BUCKET, Key="headpose/datasets/set-1/manifest.json", Body=b'{"splits": {}}')
+    conf = {"dataset_source": f"s3://{BUCKET}/headpose/datasets/set-1/"}
+    first, second = (_plan(conf, run_type="scheduled", environ={}, day=day) for day in (0, 7))
+    claim_ti = _TaskInstance()
+    claimed = ClaimDataVersionOperator(task_id="claim_data_version", plan=first).execute(_context("tick-1", claim_ti))
+    assert claimed["claimed"] and claimed["source_uri"].endswith("set-1/manifest.json")
+    # Tick 1 trained and validate_model refused its model.
+    s3.put_object(Bucket=BUCKET, Key=f"headpose/TFartifacts/{first['training_job_name']}/rejected/report.json", Body=b"{}")
+    recorded = RecordDataVersionOperator(task_id="record_data_version", plan=first, claimed=claimed).execute(
+        _context("tick-1", _TaskInstance({"train": {"attempts": [first["training_job_name"]]}})))
+    assert recorded["status"] == "refused"
+    ti = _TaskInstance()
+    with pytest.raises(AirflowSkipException, match="nothing trained: data version .* was trained by run tick-1"):
+        ClaimDataVersionOperator(task_id="claim_data_version", plan=second).execute(_context("tick-2", ti))
+    assert ti.pushed["summary"]["decision"] == "not trained" and ti.pushed["summary"]["started_by"] == "the schedule"
+    # A person's run in this schedule-only deployment trains as asked, claiming nothing.
+    manual = _plan(conf, environ={}, day=8)
+    assert ClaimDataVersionOperator(task_id="claim_data_version", plan=manual).execute(
+        _context("manual-1", _TaskInstance())) == {"claimed": False}

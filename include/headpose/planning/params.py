@@ -309,6 +309,14 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "one (it must still pass min_accuracy and parity).",
             "section": "Acceptance",
         },
+        "force_retrain": {
+            "default": False, "type": "boolean",
+            "title": "Force retrain",
+            "description": "Train even if a model was already trained on this data version (the same "
+            "data with the same dataset and training settings, published or refused); without it such "
+            "a run trains nothing and says so. Scheduled and data-started runs never set it.",
+            "section": "Acceptance",
+        },
         # -- synthetic dataset --------------------------------------------------------
         "prima_archive_uri": {
             "default": None, "type": ["string", "null"],

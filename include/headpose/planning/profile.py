@@ -28,6 +28,14 @@ and, for a governed AWS account (``planning.governed`` puts them into the reques
 ``object_lock_days``         published version files kept in S3 Object Lock governance mode
                              this many days, where the bucket has Object Lock (0: off)
 
+and, for retraining when new data arrives (``planning.new_data``):
+
+``retrain_on``               ``schedule`` (the cron alone, the default), ``data`` (an upload under
+                             ``new_data_prefix``) or ``either``
+``new_data_prefix``          ``s3://`` prefix where new data is uploaded: a Prima-layout archive or
+                             a staged dataset's ``manifest.json``
+``new_data_queue``           URL of the SQS queue the bucket notifies of those uploads
+
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
 unknown key or a value its schema refuses is a DAG import error naming the variable, the
@@ -46,6 +54,7 @@ PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
 # work on the machine: bench/recorded/local_throughput-cpu-2026-12-01.json). A deployment's
 # own workers override them with local_images_per_second.
 MEASURED_IMAGES_PER_SECOND = {"10": 185.0, "18": 96.0, "34": 25.0, "50": 25.0}
+RETRAIN_ON = ("schedule", "data", "either")
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluation_set": {
@@ -93,6 +102,20 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "array", "items": {"type": "string"}, "minItems": 1,
         "description": 'edge format names, e.g. ["openvino_int8", "onnx"]',
     },
+    "retrain_on": {
+        "type": "string", "enum": list(RETRAIN_ON),
+        "description": "schedule (the cron alone), data (an upload under new_data_prefix) or either",
+    },
+    "new_data_prefix": {
+        "type": ["string", "null"],
+        "pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(\S+/)?$",
+        "description": "an s3:// prefix ending in '/', e.g. s3://my-bucket/headpose/incoming/",
+    },
+    "new_data_queue": {
+        "type": ["string", "null"],
+        "pattern": r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[A-Za-z0-9_-]{1,80}$",
+        "description": "an SQS queue URL, https://sqs.<region>.amazonaws.com/<account>/<name>",
+    },
 }
 
 
@@ -115,6 +138,14 @@ class DeploymentSettings:
     network_isolation: bool = False
     object_lock_days: int = 0
     edge_formats: list[str] | None = None  # None: every format
+    retrain_on: str = "schedule"
+    new_data_prefix: str | None = None
+    new_data_queue: str | None = None
+
+    @property
+    def watches_new_data(self) -> bool:
+        """Whether an upload under ``new_data_prefix`` starts a run."""
+        return self.retrain_on != "schedule"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +218,11 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
             requested_formats(settings["edge_formats"])
         except ValueError as error:
             problems.append(f"edge_formats={settings['edge_formats']!r}: {error}")
+    if settings.get("retrain_on", "schedule") != "schedule":
+        missing = [name for name in ("new_data_prefix", "new_data_queue") if not settings.get(name)]
+        if missing:
+            problems.append(f"retrain_on={settings['retrain_on']!r} needs {' and '.join(missing)}: where new data "
+                            "is uploaded and the SQS queue its bucket notifies")
     if problems:
         raise ProfileError(f"${PROFILE_ENV} is refused:\n  - " + "\n  - ".join(problems))
     if "local_images_per_second" in settings:

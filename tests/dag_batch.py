@@ -132,6 +132,18 @@ SCENARIOS = [
              champion=True, artifact="good", cut=r"^PUT /[^ ]*/published/history/",
              env={**FAST_RETRIES, **ONNX_ONLY}, then_clear=CLEARED_TASKS),
 ]
+# tests/test_data_versions.py: a deployment that retrains on data (or the schedule); the
+# second run, on the same data and settings, trains nothing - a weekly tick cannot be awaited.
+RETRAINS_ON_DATA = {"HEADPOSE_RUN_DEFAULTS": json.dumps({
+    "retrain_on": "either", "new_data_prefix": "s3://headpose-data-versions/headpose/incoming/",
+    "new_data_queue": "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data",
+    "edge_formats": ["onnx"]})}
+SCENARIOS += [
+    Scenario("data version: first run", 20, "headpose-data-versions", PREPARED_DATA_CONF, artifact="good",
+             env={**FAST_RETRIES, **RETRAINS_ON_DATA}),
+    Scenario("data version: unchanged", 21, "headpose-data-versions", PREPARED_DATA_CONF,
+             env={**FAST_RETRIES, **RETRAINS_ON_DATA}),
+]
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
 

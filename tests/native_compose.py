@@ -95,17 +95,19 @@ def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
 
 # Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
 # the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
-# The test stack's own .env lines: it runs the embedded demo's defaults on purpose.
-# The test stack also retrains on data (tests/test_new_data.py): its profile holds the
-# new-data settings only, so every run parameter keeps the demo's default (the trigger
-# form's test), and its watcher polls the queue every second instead of every minute.
+# The test stack's profile makes every run it starts itself tiny - a run started by new data
+# (tests/test_new_data.py) too - and converts two edge formats; it retrains on data, and
+# its watcher polls the queue every second instead of every minute.
 NEW_DATA_QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data"  # moto's account
 NEW_DATA_FOLDER = "headpose/incoming/"
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true",
-            "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
-            "HEADPOSE_RUN_DEFAULTS": json.dumps({
-                "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
-                "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}"})}
+STACK_PROFILE = {
+    "resnet_size": 10, "base_filters": 8, "training_steps": 3, "evaluation_steps": 2, "batch_size": 16,
+    "min_accuracy": 0, "min_class_recall": 0, "edge_formats": ["onnx", "openvino_fp32"],
+    "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
+    "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}",
+}
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
+            "HEADPOSE_RUN_DEFAULTS": json.dumps(STACK_PROFILE)}
 
 
 def interpolate(value: str, variables: dict[str, str]) -> str:

@@ -285,3 +285,34 @@ def test_a_scheduled_run_on_unchanged_data_trains_nothing_and_says_why(s3, s3_en
     manual = _plan(conf, environ={}, day=8)
     assert ClaimDataVersionOperator(task_id="claim_data_version", plan=manual).execute(
         _context("manual-1", _TaskInstance())) == {"claimed": False}
+
+
+# -- whole runs, in the suite's batch -------------------------------------------------------
+
+@pytest.mark.e2e
+def test_a_second_run_on_unchanged_data_trains_nothing_and_says_which_run_did(dag_batch):
+    from airflow_support import run_id_of, task_states, xcom
+    from dag_batch import BY_NAME
+    from fault_support import keys
+
+    first, second = BY_NAME["data version: first run"], BY_NAME["data version: unchanged"]
+    assert dag_batch.run(first.name).exit_code == 0, dag_batch.run(first.name).output[-6000:]
+    result = dag_batch.run(second.name)
+    home, s3 = dag_batch.home, dag_batch.s3()
+    first_run, second_run = run_id_of(home, first.when), run_id_of(home, second.when)
+    assert task_states(home, first_run)["claim_data_version"] == "success"
+    assert task_states(home, first_run)["record_data_version"] == "success"
+    claimed = xcom(home, "claim_data_version", run_id=first_run)
+    assert claimed["claimed"] is True
+    record = json.loads(s3.get_object(Bucket=first.bucket,
+                                      Key=f"headpose/data-versions/{claimed['id']}.json")["Body"].read())
+    assert record["run_id"] == first_run and record["status"] in ("published", "not published", "refused")
+
+    assert result.exit_code == 0, result.output[-6000:]
+    states = task_states(home, second_run)
+    for task_id in ("claim_data_version", "stage_dataset", "train", "publish", "record_data_version"):
+        assert states[task_id] == "skipped", states
+    assert states["cleanup"] == "success"
+    assert f"was trained by run {first_run}" in result.output
+    assert xcom(home, "claim_data_version", "summary", run_id=second_run)["decision"] == "not trained"
+    assert not keys(s3, first.bucket, f"headpose/TFartifacts/{second.job}")

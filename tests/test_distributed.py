@@ -127,8 +127,9 @@ def task_log(native_stack, run_id: str, task_id: str) -> str:
 def test_an_operator_sees_why_a_run_failed_and_reaches_the_report(native_stack, stack_api):
     accepted = accepted_run(stack_api, native_stack, CONF)  # the run test's, when it ran first
     started = time.monotonic()
-    run_id, state = run_to_end(stack_api, native_stack, {**CONF, "min_accuracy": 1, "force_retrain": True})  # refused after training
-    # (force_retrain: the test stack retrains on data, and CONF's data version may be trained already)
+    # Refused after training. force_retrain: the test stack retrains on data, and CONF's data
+    # version was trained by the run test's run.
+    run_id, state = run_to_end(stack_api, native_stack, {**CONF, "min_accuracy": 1, "force_retrain": True})
     states = {ti["task_id"]: ti["state"] for ti in stack_api.task_instances(run_id)}
     assert (state, states["validate_model"], states["cleanup"]) == ("failed", "failed", "success"), states
     assert states["upload_frozen_model"] == states["publish"] == "upstream_failed", states
@@ -288,7 +289,8 @@ def test_the_trigger_form_shows_every_parameter_and_starts_a_run(native_stack, s
     from headpose.planning.params import param_schemas
 
     stack_api.set_paused(True)  # created, the run stays queued
-    schemas = param_schemas({"HEADPOSE_S3_BUCKET": native_stack.bucket})
+    schemas = param_schemas({"HEADPOSE_S3_BUCKET": native_stack.bucket,  # as the stack's processes have it
+                             "HEADPOSE_RUN_DEFAULTS": native_stack.variables["HEADPOSE_RUN_DEFAULTS"]})
     before = stack_api.run_ids()
     created: list[str] = []
     try:

@@ -134,6 +134,22 @@ def s3_client(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict:
+    """The session's small trained model: exported, packed and frozen (tests/model_support.py)."""
+    from model_support import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_edge_models(tiny_model, tmp_path_factory) -> dict:
+    """The session's small model with every edge format of its frozen graph."""
+    from model_support import build_edge_models
+
+    return build_edge_models(tiny_model, tmp_path_factory.mktemp("tiny-edge-models"))
+
+
+@pytest.fixture(scope="session")
 def airflow_db_template(tmp_path_factory):
     """One migrated Airflow metadata database per session; tests copy it (about a minute saved each)."""
     from airflow_support import migrate

@@ -106,15 +106,13 @@ def candidate(s3, bucket: str, day: int, mirror: bool = True, accuracy: float = 
         "report_uri": prefix + "report.json", "report_sha256": _put(s3, prefix + "report.json", b'{"accepted": true}'),
         "confusion_png_uri": prefix + "confusion_matrix.png",
         "confusion_png_sha256": _put(s3, prefix + "confusion_matrix.png", b"\x89PNG" + body),
-        "formats": {"openvino_fp32": {"accepted": True, "accuracy": accuracy, "max_abs_diff": 1e-7,
-                                      "latency_ms_b1": 1.0},
+        "formats": {"onnx": {"accepted": True, "accuracy": accuracy, "max_abs_diff": 1e-7, "latency_ms_b1": 1.0},
                     "litert_int8": {"accepted": False, "accuracy": 0.1}},
     }
     edge = {"formats": {
-        "openvino_fp32": {"runtime": "openvino", "precision": "float32", "metadata": {"model_file": "model.xml"},
-                          "files": {name: {"uri": prefix + "edge/" + name,
-                                           "sha256": _put(s3, prefix + "edge/" + name, name.encode() + body)}
-                                    for name in ("model.xml", "model.bin")}},
+        "onnx": {"runtime": "onnxruntime", "precision": "float32", "metadata": {"model_file": "model.onnx"},
+                 "files": {"model.onnx": {"uri": prefix + "edge/model.onnx",
+                                          "sha256": _put(s3, prefix + "edge/model.onnx", b"onnx:" + body)}}},
         "litert_int8": {"runtime": "litert", "precision": "int8", "metadata": {},
                         "files": {"model_int8.tflite": {"uri": prefix + "edge/model_int8.tflite",
                                                         "sha256": _put(s3, prefix + "edge/model_int8.tflite", body)}}},

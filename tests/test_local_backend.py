@@ -287,9 +287,9 @@ def test_an_empty_channel_is_refused(job, s3_client):
         _run(job, s3_client, InputDataConfig=[channel])
 
 
-def test_more_than_one_instance_is_refused(job, s3_client):
-    resources = {**job["request"]["ResourceConfig"], "InstanceCount": 2}
-    with pytest.raises(LocalTrainingError, match="InstanceCount must be 1"):
+def test_more_hosts_than_the_local_backend_runs_are_refused(job, s3_client):
+    resources = {**job["request"]["ResourceConfig"], "InstanceCount": 3}
+    with pytest.raises(LocalTrainingError, match="runs 1 to 2 hosts on this machine: InstanceCount=3"):
         _run(job, s3_client, ResourceConfig=resources)
 
 

@@ -98,7 +98,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self.expected_bucket_owner = expected_bucket_owner
         self._attempts: list[str] = []
         self._max_attempts_given = max_attempts is not None
-        self._process: subprocess.Popen | None = None
+        self._processes: list[subprocess.Popen] = []  # one toolkit a host
 
     def pre_execute(self, context: Context) -> None:
         """Times the task by its own request's ``StoppingCondition``.
@@ -372,12 +372,12 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:
-        self._process = process
+        self._processes.append(process)
 
     def on_kill(self) -> None:
-        if self._process is not None:
-            from headpose.backends.process import stop_process
+        from headpose.backends.process import stop_process
 
-            self.log.info("Stopping the local training process %s", self._process.pid)
-            stop_process(self._process)
+        for process in self._processes:
+            self.log.info("Stopping the local training process %s", process.pid)
+            stop_process(process)
         super().on_kill()

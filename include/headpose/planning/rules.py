@@ -16,8 +16,10 @@ import re
 from typing import Any, Mapping
 
 from headpose.planning.layout import is_valid_bucket_name, split_s3_uri
-from headpose.planning.params import BUCKET_ENV, SINGLE_HOST_REASON, param_schemas
+from headpose.planning.params import BUCKET_ENV, LOCAL_MAX_INSTANCE_COUNT, param_schemas
 from headpose.planning.profile import DEPLOYMENT_SETTINGS, PROFILE_ENV, DeploymentSettings
+from headpose.planning.request import is_gpu_instance_type
+from headpose.training.labels import prima_poses
 
 # SageMaker's TensorFlow 2.12+ images refuse P2 instances (the sagemaker SDK's image_uris
 # raises for them), so the tutorial's ml.p2.xlarge only works with the local backend.
@@ -73,8 +75,6 @@ def schema_problem(name: str, spec: Mapping[str, Any], error: Any) -> str:
     """A schema refusal in words a person triggering a run can act on."""
     if error.validator in ("pattern", "not"):  # a regex or sub-schema means nothing to a user
         return f"breaks the naming rules: {spec['description']}"
-    if name == "instance_count":
-        return f"{error.message}. {SINGLE_HOST_REASON}"
     return error.message
 
 
@@ -105,6 +105,7 @@ def cross_field_problems(
             f"{values['max_run_seconds']}: SageMaker needs MaxWaitTimeInSeconds >= "
             "MaxRuntimeInSeconds for spot training (the wait includes the run)"
         )
+    problems.extend(_shard_problems(values))
     source = values["dataset_source"]
     if source.startswith("s3://"):
         try:
@@ -114,8 +115,34 @@ def cross_field_problems(
     return problems
 
 
+def _shard_problems(values: Mapping[str, Any]) -> list[str]:
+    """A synthetic dataset's training shards are known from its settings: one a host at least.
+
+    (Other datasets are counted by ``stage_dataset``, which refuses them the same way.)
+    """
+    hosts = values["instance_count"]
+    if values["dataset_source"] != "synthetic" or hosts == 1:
+        return []
+    images = values["synthetic_train_per_pose"] * len(prima_poses())
+    shards = math.ceil(images / values["images_per_shard"])
+    if shards >= hosts:
+        return []
+    return [
+        f"instance_count={hosts} needs a training shard per host, but the synthetic dataset's "
+        f"{images} training images make {shards} shard(s) of images_per_shard={values['images_per_shard']}: "
+        f"set images_per_shard to at most {images // hosts}"
+    ]
+
+
 def _sagemaker_problems(values: Mapping[str, Any], connection_role: str | None) -> list[str]:
     problems = []
+    if values["instance_count"] > 1 and not is_gpu_instance_type(values["instance_type"]):
+        problems.append(
+            f"instance_count={values['instance_count']} with instance_type={values['instance_type']!r}, "
+            "which has no GPU: several hosts train together to use more GPUs; one larger instance "
+            "trains faster than CPU hosts that exchange their gradients over the network (GPU types: "
+            "ml.g*, ml.p*)"
+        )
     if _DEPRECATED_INSTANCE_RE.match(values["instance_type"]):
         problems.append(
             f"instance_type={values['instance_type']!r}: SageMaker's TensorFlow 2.21 training images "
@@ -133,6 +160,12 @@ def _local_problems(values: Mapping[str, Any], deployment: DeploymentSettings) -
     problems = []
     if values["use_spot_instances"]:
         problems.append("use_spot_instances needs backend=sagemaker (the local backend has no spot capacity)")
+    if values["instance_count"] > LOCAL_MAX_INSTANCE_COUNT:
+        problems.append(
+            f"instance_count={values['instance_count']}: the local backend runs at most "
+            f"{LOCAL_MAX_INSTANCE_COUNT} hosts, as processes of this worker (they share its CPU); "
+            "train on SageMaker for more"
+        )
     estimate = local_training_seconds(values, deployment)
     if estimate is not None and estimate > values["max_run_seconds"]:
         rate = local_images_per_second(values, deployment)

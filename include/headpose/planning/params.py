@@ -140,7 +140,8 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
         "training_steps": {
             "default": 1000, "type": "integer", "minimum": 1, "maximum": 10_000_000,
             "title": "Training steps",
-            "description": "Optimizer steps (tutorial: 25000).",
+            "description": "Steps of batch_size images, as on one GPU (tutorial: 25000); on R GPUs "
+            "the job runs ceil(training_steps / R) steps of the global batch, the same images.",
             "section": "Training",
         },
         "evaluation_steps": {
@@ -153,7 +154,8 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
         "batch_size": {
             "default": 64, "type": "integer", "minimum": 1, "maximum": 8192,
             "title": "Batch size",
-            "description": "Images per step (tutorial: 200).",
+            "description": "Images per step of one GPU (tutorial: 200); the global batch is this "
+            "times the GPUs of all instances.",
             "section": "Training",
         },
         "resnet_size": {

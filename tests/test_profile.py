@@ -62,6 +62,9 @@ def test_the_documented_production_profile_is_the_tutorials_run_on_sagemaker(mon
     ('{"evaluation_set": "eval/"}', "evaluation_set='eval/'"),
     ('{"expected_bucket_owner": "me"}', "expected_bucket_owner='me'"),
     ('{"local_images_per_second": {"51": 3}}', "local_images_per_second"),
+    ('{"backend": "sagemaker", "instance_count": 4, "instance_type": "ml.c5.18xlarge"}',
+     "instance_count=4 with instance_type='ml.c5.18xlarge', which has no GPU"),
+    ('{"instance_count": 2, "synthetic_train_per_pose": 5}', "needs a training shard per host"),
 ])
 def test_a_bad_profile_is_an_import_error_naming_the_variable_the_key_and_the_rule(monkeypatch, profile, words):
     monkeypatch.setenv(PROFILE_ENV, profile)

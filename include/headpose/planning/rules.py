@@ -105,7 +105,7 @@ def cross_field_problems(
             f"{values['max_run_seconds']}: SageMaker needs MaxWaitTimeInSeconds >= "
             "MaxRuntimeInSeconds for spot training (the wait includes the run)"
         )
-    problems.extend(_shard_problems(values))
+    problems.extend(instance_problems(values))
     source = values["dataset_source"]
     if source.startswith("s3://"):
         try:
@@ -115,34 +115,43 @@ def cross_field_problems(
     return problems
 
 
-def _shard_problems(values: Mapping[str, Any]) -> list[str]:
-    """A synthetic dataset's training shards are known from its settings: one a host at least.
+def instance_problems(values: Mapping[str, Any]) -> list[str]:
+    """The rules on ``instance_count``, for a run and for a deployment profile's defaults.
 
-    (Other datasets are counted by ``stage_dataset``, which refuses them the same way.)
+    Several hosts need GPUs (with ``backend=sagemaker``), at most ``LOCAL_MAX_INSTANCE_COUNT``
+    of them with the local backend, and a training shard each: a synthetic dataset's shards
+    are known from its settings (``stage_dataset`` counts any other's and refuses it alike).
     """
     hosts = values["instance_count"]
-    if values["dataset_source"] != "synthetic" or hosts == 1:
+    if hosts == 1:
         return []
+    problems = []
+    if values["backend"] == "sagemaker" and not is_gpu_instance_type(values["instance_type"]):
+        problems.append(
+            f"instance_count={hosts} with instance_type={values['instance_type']!r}, which has no GPU: "
+            "several hosts train together to use more GPUs; one larger instance trains faster than CPU "
+            "hosts that exchange their gradients over the network (GPU types: ml.g*, ml.p*)"
+        )
+    if values["backend"] != "sagemaker" and hosts > LOCAL_MAX_INSTANCE_COUNT:
+        problems.append(
+            f"instance_count={hosts}: the local backend runs at most {LOCAL_MAX_INSTANCE_COUNT} hosts, "
+            "as processes of this worker (they share its CPU); train on SageMaker for more"
+        )
+    if values["dataset_source"] != "synthetic":
+        return problems
     images = values["synthetic_train_per_pose"] * len(prima_poses())
     shards = math.ceil(images / values["images_per_shard"])
-    if shards >= hosts:
-        return []
-    return [
-        f"instance_count={hosts} needs a training shard per host, but the synthetic dataset's "
-        f"{images} training images make {shards} shard(s) of images_per_shard={values['images_per_shard']}: "
-        f"set images_per_shard to at most {images // hosts}"
-    ]
+    if shards < hosts:
+        problems.append(
+            f"instance_count={hosts} needs a training shard per host, but the synthetic dataset's "
+            f"{images} training images make {shards} shard(s) of images_per_shard={values['images_per_shard']}: "
+            f"set images_per_shard to at most {images // hosts}"
+        )
+    return problems
 
 
 def _sagemaker_problems(values: Mapping[str, Any], connection_role: str | None) -> list[str]:
     problems = []
-    if values["instance_count"] > 1 and not is_gpu_instance_type(values["instance_type"]):
-        problems.append(
-            f"instance_count={values['instance_count']} with instance_type={values['instance_type']!r}, "
-            "which has no GPU: several hosts train together to use more GPUs; one larger instance "
-            "trains faster than CPU hosts that exchange their gradients over the network (GPU types: "
-            "ml.g*, ml.p*)"
-        )
     if _DEPRECATED_INSTANCE_RE.match(values["instance_type"]):
         problems.append(
             f"instance_type={values['instance_type']!r}: SageMaker's TensorFlow 2.21 training images "
@@ -160,12 +169,6 @@ def _local_problems(values: Mapping[str, Any], deployment: DeploymentSettings) -
     problems = []
     if values["use_spot_instances"]:
         problems.append("use_spot_instances needs backend=sagemaker (the local backend has no spot capacity)")
-    if values["instance_count"] > LOCAL_MAX_INSTANCE_COUNT:
-        problems.append(
-            f"instance_count={values['instance_count']}: the local backend runs at most "
-            f"{LOCAL_MAX_INSTANCE_COUNT} hosts, as processes of this worker (they share its CPU); "
-            "train on SageMaker for more"
-        )
     estimate = local_training_seconds(values, deployment)
     if estimate is not None and estimate > values["max_run_seconds"]:
         rate = local_images_per_second(values, deployment)

@@ -269,7 +269,8 @@ def float32_twin(net, args: argparse.Namespace, model_module, replicated: bool =
     against float32. A mixed-precision model keeps its variables in float32 already, so
     copying them into a model built under the float32 policy loses nothing. A
     ``replicated`` model's variables belong to its strategy; the copy, built outside it,
-    is what the chief evaluates and exports alone.
+    is what the chief evaluates and exports alone. The evaluation runs on the model that
+    is exported.
     """
     import tensorflow as tf
 
@@ -280,8 +281,7 @@ def float32_twin(net, args: argparse.Namespace, model_module, replicated: bool =
         args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
     )
     twin.set_weights(net.get_weights())
-    if replicated:
-        twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # for the evaluation
     return twin
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -63,9 +63,10 @@ def _variables(archive: Path, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_hosts_and_one(moto_server, tmp_path_factory):
-    """Three jobs of the real entry point through the real toolkit: two hosts for 3 steps, the
-    same two hosts resuming to 6 from the chief's checkpoint, and one host over two CPU devices
-    for 6 steps at the same global batch."""
+    """The real entry point through the real toolkit: one host over two CPU devices for 6
+    steps (checkpoints at 3 and 6), then two hosts at the same global batch that resume from
+    its step-3 checkpoint to 6, as the hosts of a restarted SageMaker job all do from the one
+    checkpoint URI."""
     import boto3
 
     work = tmp_path_factory.mktemp("two-hosts")
@@ -78,65 +79,82 @@ def two_hosts_and_one(moto_server, tmp_path_factory):
     for shard in sorted((work / "shards").glob("*.tfrecord")):
         s3.upload_file(str(shard), BUCKET, prefix + shard.name)
     sourcedir, sha256 = build_sourcedir(work / "sourcedir.tar.gz")
-    checkpoints = work / "checkpoints"  # every host's /opt/ml/checkpoints, restored from one S3 URI
 
-    def run(name: str, hosts: int, steps: int, **hyperparameters) -> dict:
+    def run(name: str, hosts: int, **hyperparameters) -> dict:
         job = f"{JOB}-{name}"
         params = validate_run_params({
-            "s3_bucket": BUCKET, "instance_count": hosts, "training_steps": steps, "evaluation_steps": 1,
+            "s3_bucket": BUCKET, "instance_count": hosts, "training_steps": 12, "evaluation_steps": 1,
             "batch_size": PER_REPLICA_BATCH, "resnet_size": 10, "base_filters": 8, "min_accuracy": 0,
         })
         layout = RunLayout.for_run(BUCKET, "headpose", job, f"s3://{BUCKET}/{prefix}")
         s3.upload_file(str(sourcedir), BUCKET, split_s3_uri(layout.sourcedir_uri)[1])
         request = training_job_request(layout, params, "local", region="us-east-1")
-        request["HyperParameters"].update({k: json.dumps(v) for k, v in {"log_every": 1, **hyperparameters}.items()})
+        settings = {"log_every": 1, "checkpoint_every": 3, **hyperparameters}
+        request["HyperParameters"].update({k: json.dumps(v) for k, v in settings.items()})
         lines: list[str] = []
         run_local_training_job(request, s3, work / name, lines.append, sourcedir_sha256=sha256)
         archive = work / f"{name}.tar.gz"
         s3.download_file(BUCKET, split_s3_uri(layout.model_artifact_uri)[1], str(archive))
         return {"lines": lines, "archive": archive, "variables": _variables(archive, work / f"{name}-model")}
 
-    # One host over two devices runs beside the first two-host job: the machine has two cores.
-    one_host: dict = {}
-    beside = threading.Thread(target=lambda: one_host.update(run("one-host", 1, 12, cpu_devices=2)))
-    beside.start()
-    first = run("first", 2, 6, checkpoint_dir=str(checkpoints), checkpoint_every=1)
-    beside.join()
-    resumed = run("resumed", 2, 12, checkpoint_dir=str(checkpoints), checkpoint_every=1)
-    return {"first": first, "resumed": resumed, "one_host": one_host}
+    one_host = run("one-host", 1, cpu_devices=2, checkpoint_dir=str(work / "one-host-checkpoints"))
+    shared = work / "checkpoints"  # every host's /opt/ml/checkpoints, restored from one S3 URI
+    shared.mkdir()
+    for part in (work / "one-host-checkpoints").glob("ckpt-3.*"):
+        shutil.copy(part, shared)
+    (shared / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+    # How far steps 4 to 6 moved the one host's weights (checkpoints name them their own way).
+    moved = {name: abs(value - at_step_3) for name, value, at_step_3 in _pairs(
+        _checkpoint_variables(work / "one-host-checkpoints" / "ckpt-6"), _checkpoint_variables(shared / "ckpt-3"))}
+    two_hosts = run("two-hosts", 2, checkpoint_dir=str(shared))
+    return {"one_host": one_host, "two_hosts": two_hosts, "moved": moved, "checkpoints": shared}
+
+
+def _pairs(left: dict, right: dict) -> list:
+    assert left.keys() == right.keys()
+    return [(name, left[name], right[name]) for name in left]
+
+
+def _checkpoint_variables(prefix: Path) -> dict:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")}
 
 
 @pytest.mark.slow
 def test_two_hosts_and_one_host_at_the_same_global_batch_agree(two_hosts_and_one):
     import numpy as np
 
-    two, one, first = (two_hosts_and_one[k]["variables"] for k in ("resumed", "one_host", "first"))
-    assert two.keys() == one.keys() and len(two) > 40
-    differences = {name: float(np.max(np.abs(two[name] - one[name]))) for name in two}
-    moved = max(float(np.max(np.abs(two[name] - first[name]))) for name in two)
+    two, one = two_hosts_and_one["two_hosts"]["variables"], two_hosts_and_one["one_host"]["variables"]
+    assert len(two) > 40
+    difference = max(float(np.max(np.abs(a - b))) for _, a, b in _pairs(two, one))
+    moved = max(float(np.max(change)) for change in two_hosts_and_one["moved"].values())
     # Steps 4 to 6 moved the weights this much; the two layouts differ by float rounding only.
-    assert max(differences.values()) < 1e-5 < moved / 100, (max(differences.values()), moved)
-    for name in ("resumed", "one_host"):
+    assert difference < 1e-5 < moved / 100, (difference, moved)
+    for name in ("two_hosts", "one_host"):
         assert any("distribution: strategy=" in line and "replicas=2" in line and "batch 4 per replica, 8 global"
                    in line for line in two_hosts_and_one[name]["lines"])
 
 
 @pytest.mark.slow
-def test_a_two_host_job_trains_as_one_writes_one_model_and_resumes_on_every_host(two_hosts_and_one):
-    first, resumed = two_hosts_and_one["first"]["lines"], two_hosts_and_one["resumed"]["lines"]
-    assert any(line.startswith("[algo-1] distribution: strategy=MultiWorkerMirroredStrategy hosts=2") for line in first)
-    assert "[algo-2] worker 1: trained; the chief evaluates and writes the model" in first
-    # SageMaker reads metrics from the chief's lines; the worker prints none.
-    assert "[algo-1] progress: step=3/3 (100.0%)" in " ".join(first)
-    assert not [line for line in first + resumed if line.startswith("[algo-2] metric:")]
-    # Both hosts restore the checkpoint the chief wrote, and go on from its step.
+def test_a_two_host_job_resumes_on_every_host_and_only_the_chief_writes(two_hosts_and_one):
+    lines = two_hosts_and_one["two_hosts"]["lines"]
+    assert any(line.startswith("[algo-1] distribution: strategy=MultiWorkerMirroredStrategy hosts=2") for line in lines)
+    # Both hosts restore the one checkpoint and go on from its step.
     for host in ("algo-1", "algo-2"):
-        assert any(re.match(rf"\[{host}\] resumed from \S+/checkpoints/ckpt-3 at step 3$", line) for line in resumed)
-    assert "[algo-1] progress: step=6/6 (100.0%)" in " ".join(resumed)
-    for name in ("first", "resumed"):
-        with tarfile.open(two_hosts_and_one[name]["archive"]) as tar:
-            exports = {m.name.split("/")[2] for m in tar.getmembers() if m.name.startswith("export/Servo/")}
-        assert len(exports) == 1, exports
+        assert any(re.match(rf"\[{host}\] resumed from \S+/checkpoints/ckpt-3 at step 3$", line) for line in lines)
+    assert "[algo-2] worker 1: trained; the chief evaluates and writes the model" in lines
+    # SageMaker reads metrics from the chief's lines; the worker prints none.
+    assert "[algo-1] progress: step=6/6 (100.0%)" in " ".join(lines)
+    assert not [line for line in lines if line.startswith("[algo-2] metric:")]
+    # Only the chief writes to the folder every host syncs; one model.
+    assert sorted(p.name.split(".")[0] for p in two_hosts_and_one["checkpoints"].iterdir()) == [
+        "checkpoint", "ckpt-3", "ckpt-3", "ckpt-6", "ckpt-6"]
+    with tarfile.open(two_hosts_and_one["two_hosts"]["archive"]) as tar:
+        exports = {m.name.split("/")[2] for m in tar.getmembers() if m.name.startswith("export/Servo/")}
+    assert len(exports) == 1, exports
 
 
 @pytest.mark.slow

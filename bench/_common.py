@@ -102,6 +102,21 @@ def machine() -> dict:
     }
 
 
+def cpu_flags() -> dict:
+    """The /proc/cpuinfo flags that decide which int8 and bf16 kernels the runtimes pick."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "amx_tile", "amx_int8", "amx_bf16")
+    return {flag: flag in flags for flag in wanted}
+
+
 def versions(*modules: str) -> dict:
     """Package versions from metadata, without importing the (heavy) packages."""
     from importlib import metadata

@@ -5,7 +5,8 @@ ResNet-10 with 8), random weights with trained-like batch-norm statistics (as in
 ``bench_freeze_inference.py``: the softmax is not saturated and folding does real work):
 
 1. ``export_saved_model`` -> ``freeze_saved_model`` -> ``export_edge_models`` (every
-   format; the int8 model is calibrated on 93 rendered synthetic training images);
+   format, each conversion timed; the int8 formats are calibrated on 93 rendered synthetic
+   training images);
 2. model size of each format (its files) and of the frozen graph;
 3. latency at batch 1 and batch 8 of every format in its runtime and of the frozen graph
    (``load_frozen_graph``, TensorFlow's own runtime), on the same rendered images: each
@@ -18,21 +19,25 @@ ResNet-10 with 8), random weights with trained-like batch-norm statistics (as in
    and the share of images with the same top class. With random weights accuracy cannot
    be measured; a format "holds accuracy" here when at most 2 of the 88 top classes
    differ (DESIGN.md's tolerance for a tiny evaluation set). Validation judges real
-   models on the real evaluation set.
+   models on the real evaluation set;
+5. a profile of the int8 formats (``--no-profile`` skips it): OpenVINO's and ONNX
+   Runtime's per-layer time at batch 1, the int8 IR's best sustained rate on this CPU,
+   and from it the floor under a batch-1 call (``bench/_edge_profile.py``). ``cpu_flags``
+   records the instruction sets the kernels chose from;
+6. the OpenVINO formats and TensorFlow again in a child process with oneDNN held to
+   ``AVX2`` and to ``AVX512_CORE`` (``--isa``; ``bench/_edge_isa.py``): the figures of
+   CPUs without VNNI, measured on this one, beside the same child uncapped (``ALL``).
 
-Runtime settings (``threads`` = the CPUs this process may use, 2 here), each measured
-so that the edge client's defaults (``headpose.edge.runtimes.DEFAULT_THREADS``) rest on it:
+Runtime settings: every format at 1, 2 and all threads (``--threads``, default the CPUs
+this process may use; labels ``<format>_<n>t``), OpenVINO formats under both performance
+hints as well (``..._latency``, ``..._throughput``; for those also the images/s with the
+hint's number of requests in flight, ``async_images_per_s_batch_1``); ``client_default``
+marks the edge client's defaults (``headpose.edge.runtimes.DEFAULT_THREADS``). TensorFlow
+runs with its defaults. OpenVINO formats keep their precision hint (f32 for the FP32,
+FP16 and int8 IRs, bf16 for ``openvino_bf16``).
 
-* TensorFlow: its defaults (intra-op threads = cores);
-* ONNX Runtime: ``intra_op_num_threads`` = threads (its own default, one per physical
-  core, is the same here) and the ``_1_thread`` variant, the client's default;
-* LiteRT: ``num_threads`` = threads and the ``_1_thread`` variant, the client's default;
-* OpenVINO: its defaults (all cores, ``PERFORMANCE_HINT=LATENCY``, one stream) with the
-  format's precision hint: f32 for the FP32 and FP16 IRs, bf16 for ``openvino_bf16`` (the
-  CPU plugin's own default on a CPU with bf16 units).
-
-Usage: ``python bench/bench_edge.py [--models resnet50,demo] [--reps 10]``; ``--models demo
---reps 2`` is a 30-second smoke run.
+Usage: ``python bench/bench_edge.py [--models resnet50,demo] [--reps 10] [--fit-epochs 8]``;
+``--models demo --reps 2`` is a one-minute smoke run.
 """
 from __future__ import annotations
 
@@ -44,14 +49,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import INCLUDE, emit, progress, ratio_of_pairs, spread, versions  # noqa: E402
+from _common import (  # noqa: E402
+    INCLUDE, PYTHON, child_env, cpu_flags, emit, progress, ratio_of_pairs, run_json_child, spread, versions,
+)
 
 sys.path.insert(0, str(INCLUDE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 MODELS = {"resnet50": (50, 64), "demo": (10, 8)}
-FASTEST_TARGET = 5.0
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
+FASTEST_TARGET = 15.0
 FLOAT32_TARGET = 1.5
 AGREEMENT_IMAGES = 88
 MAX_DISAGREEING = 2
@@ -107,25 +115,41 @@ def rendered_images():
     return render_round(0, "train", 0).astype("float32") / 255.0
 
 
-def runners(manifest: dict, folder: Path, pb_path: Path, threads: int) -> dict[str, dict]:
-    """``{name: {"run": {batch: callable}, "settings": {...}, "format": ...}}``, one instance per batch size."""
+def thread_counts(cpus: int) -> list[int]:
+    """1, 2 and all the CPUs this process may use (fewer where they coincide)."""
+    return sorted({1, min(2, cpus), cpus})
+
+
+def runners(manifest: dict, folder: Path, pb_path: Path, cpus: int) -> dict[str, dict]:
+    """``{label: {"run": {batch: callable}, "settings", "format", "threads", "hint"}}``, one instance per batch.
+
+    Every format at each of ``thread_counts``; OpenVINO formats under both performance
+    hints as well (``LATENCY``: one stream, every thread on the one request; ``THROUGHPUT``:
+    the threads split into streams, each request on one of them).
+    """
     from headpose.artifacts.evaluate import load_frozen_graph
-    from headpose.edge.runtimes import open_runner
+    from headpose.edge.runtimes import DEFAULT_THREADS, open_runner
 
     graph = load_frozen_graph(pb_path)
     found = {BASELINE: {"run": {1: graph, 8: graph}, "settings": {"threads": "tensorflow default"},
-                        "format": None}}
-    variants = [(name, name, threads) for name in manifest["formats"]]
-    variants += [(f"{name}_1_thread", name, 1) for name in ("onnx", "litert_float32", "litert_int8")]
-    for label, name, count in variants:
-        metadata = manifest["formats"][name]["metadata"]
-        runtime_threads = None if metadata["runtime"] == "openvino" else count
-        found[label] = {
-            "run": {batch: open_runner(metadata, folder, runtime_threads) for batch in (1, 8)},
-            "settings": {"threads": runtime_threads or "runtime default (all cores)",
-                         **(metadata.get("runtime_settings") or {})},
-            "format": name,
-        }
+                        "format": None, "threads": None, "hint": None, "client_default": False}}
+    for name, entry in manifest["formats"].items():
+        runtime = entry["metadata"]["runtime"]
+        for threads in thread_counts(cpus):
+            for hint in (OPENVINO_HINTS if runtime == "openvino" else (None,)):
+                metadata = dict(entry["metadata"])
+                label = f"{name}_{threads}t"
+                if hint:
+                    metadata["runtime_settings"] = {**(metadata.get("runtime_settings") or {}),
+                                                    "PERFORMANCE_HINT": hint}
+                    label += f"_{hint.lower()}"
+                default = DEFAULT_THREADS[runtime] or cpus
+                found[label] = {
+                    "run": {batch: open_runner(metadata, folder, threads) for batch in (1, 8)},
+                    "settings": {"threads": threads, **(metadata.get("runtime_settings") or {})},
+                    "format": name, "threads": threads, "hint": hint,
+                    "client_default": threads == default and hint in (None, "LATENCY"),
+                }
     return found
 
 
@@ -178,29 +202,76 @@ def size_of(manifest: dict, name: str) -> int:
     return sum(ref["size_bytes"] for ref in manifest["formats"][name]["files"].values())
 
 
-def bench_model(label: str, resnet_size: int, base_filters: int, images, args, scratch: Path) -> dict:
-    from headpose.artifacts.edge.export import export_edge_models
+class Timed:
+    """A format's converter, timed: the conversion time of each format for the JSON."""
 
+    def __init__(self, converter, seconds: dict):
+        self.converter, self.seconds = converter, seconds
+
+    def convert(self, source, out_dir):
+        start = time.perf_counter()
+        try:
+            return self.converter.convert(source, out_dir)
+        finally:
+            self.seconds[self.converter.format] = round(time.perf_counter() - start, 2)
+
+
+def export(frozen, images, folder: Path):
+    from headpose.artifacts.edge.export import CONVERTERS, export_edge_models
+
+    seconds: dict[str, float] = {}
+    timed = {name: Timed(make(list(images)), seconds) for name, make in CONVERTERS.items()}
+    start = time.perf_counter()
+    exported = export_edge_models(frozen.pb_path, frozen.metadata, folder, list(images), converters=timed)
+    seconds["all"] = round(time.perf_counter() - start, 2)
+    if exported.refused:
+        raise RuntimeError(f"formats refused: {exported.refused}")
+    return exported, seconds
+
+
+def async_throughput(found: dict, image, seconds: float = 1.5) -> dict[str, float]:
+    """Images/s of each OpenVINO variant at batch 1 with its hint's number of requests in flight."""
+    from headpose.edge.runtimes import import_openvino
+
+    openvino = import_openvino()
+    result = {}
+    for label, runner in found.items():
+        compiled = getattr(runner["run"][1], "compiled", None)
+        if compiled is None:
+            continue
+        jobs = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        queue = openvino.AsyncInferQueue(compiled, jobs)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(jobs):
+                queue.start_async({0: image})
+            queue.wait_all()
+            done += jobs
+        result[label] = round(done / (time.perf_counter() - start), 1)
+    return result
+
+
+def bench_model(label: str, resnet_size: int, base_filters: int, images, args, scratch: Path) -> dict:
     folder = scratch / label
     progress(f"{label}: building and freezing ResNet-{resnet_size} ({base_filters} filters)")
     frozen = frozen_model(resnet_size, base_filters, folder, images, args.fit_epochs)
-    start = time.perf_counter()
-    exported = export_edge_models(frozen.pb_path, frozen.metadata, folder / "edge", list(images))
-    export_s = time.perf_counter() - start
-    if exported.refused:
-        raise RuntimeError(f"formats refused: {exported.refused}")
-    progress(f"{label}: exported every format in {export_s:.1f} s; loading runners")
+    exported, export_s = export(frozen, images, folder / "edge")
+    progress(f"{label}: exported every format in {export_s['all']:.1f} s ({export_s}); loading runners")
     found = runners(exported.manifest, folder / "edge", frozen.pb_path, args.threads)
     agree = agreement(found, images)
     times = latencies(found, images, args.reps, {1: args.calls_1, 8: args.calls_8})
+    in_flight = async_throughput(found, images[:1])
     formats = {}
     for name, runner in found.items():
         entry = {
             "latency_ms": {f"batch_{b}": spread([t * 1e3 for t in times[name]["mean"][b]], 3) for b in (1, 8)},
             "fastest_call_ms": {f"batch_{b}": spread([t * 1e3 for t in times[name]["fastest"][b]], 3)
                                 for b in (1, 8)},
-            "settings": runner["settings"], **agree[name],
+            "settings": runner["settings"], "threads": runner["threads"], "hint": runner["hint"],
+            "client_default": runner["client_default"], **agree[name],
         }
+        if name in in_flight:
+            entry["async_images_per_s_batch_1"] = in_flight[name]
         if name != BASELINE:
             for kind, key in (("mean", "speedup_over_tensorflow"), ("fastest", "fastest_call_speedup_over_tensorflow")):
                 base = times[BASELINE][kind]
@@ -208,10 +279,42 @@ def bench_model(label: str, resnet_size: int, base_filters: int, images, args, s
             entry["size_bytes"] = size_of(exported.manifest, runner["format"])
             entry["precision"] = exported.manifest["formats"][runner["format"]]["precision"]
         formats[name] = entry
-    return {"formats": formats, "frozen_pb_bytes": frozen.size_bytes, "export_s": round(export_s, 2),
-            "median_top_probability": round(agree["median_top_probability"], 4),
-            "targets": targets(formats),
-            "targets_by_fastest_call": targets(formats, "fastest_call_speedup_over_tensorflow")}
+    result = {"formats": formats, "frozen_pb_bytes": frozen.size_bytes, "export_s": export_s,
+              "median_top_probability": round(agree["median_top_probability"], 4),
+              "targets": targets(formats),
+              "targets_by_fastest_call": targets(formats, "fastest_call_speedup_over_tensorflow")}
+    if args.profile:
+        tf_ms = spread([t * 1e3 for t in times[BASELINE]["mean"][1]])["median"]
+        result["profile"] = profile(exported.manifest, folder / "edge", images, args.threads, tf_ms)
+    for isa in filter(None, args.isa.split(",")):
+        progress(f"{label}: the OpenVINO formats with oneDNN held to {isa}")
+        result.setdefault("older_cpus", {})[isa] = run_json_child(
+            [PYTHON, str(Path(__file__).resolve().parent / "_edge_isa.py"), str(folder / "edge"),
+             str(frozen.pb_path), str(args.reps), str(args.threads)],
+            child_env(ONEDNN_MAX_CPU_ISA=isa))
+    return result
+
+
+def profile(manifest: dict, folder: Path, images, cpus: int, tf_ms: float) -> dict:
+    """Where the int8 formats' batch-1 time goes, and the floor this CPU puts under it."""
+    import _edge_profile
+
+    progress("profiling the int8 formats")
+    ov = manifest["formats"]["openvino_int8"]["metadata"]
+    xml = folder / ov["model_file"]
+    settings = {**ov["runtime_settings"], "INFERENCE_NUM_THREADS": cpus, "PERFORMANCE_HINT": "LATENCY"}
+    found = {
+        "openvino": _edge_profile.openvino_layers(xml, settings, images[:1]),
+        "openvino_1_thread": _edge_profile.openvino_layers(xml, {**settings, "INFERENCE_NUM_THREADS": 1},
+                                                          images[:1]),
+        "onnxruntime_1_thread": _edge_profile.onnxruntime_layers(
+            folder / manifest["formats"]["onnx_int8"]["metadata"]["model_file"], 1, images[:1]),
+        "sustained": _edge_profile.sustained(xml, ov["runtime_settings"], images, cpus),
+    }
+    height, width = ov["preprocessing"]["image_size"]
+    gmac = _edge_profile.macs(xml, height, width) / 1e9
+    found["bounds"] = _edge_profile.bounds(found, gmac, tf_ms, FASTEST_TARGET, cpus)
+    return found
 
 
 def targets(formats: dict, key: str = "speedup_over_tensorflow") -> dict:
@@ -239,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls-1", type=int, default=10, help="batch-1 calls per repetition (default 10)")
     parser.add_argument("--calls-8", type=int, default=4, help="batch-8 calls per repetition (default 4)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="runtime threads for ONNX Runtime and LiteRT (default: the CPUs available)")
+                        help="'all threads' (default: the CPUs this process may use); every format also "
+                             "runs at 1 and 2")
+    parser.add_argument("--isa", default="AVX2,AVX512_CORE,ALL",
+                        help="also run the OpenVINO formats with oneDNN held to each of these instruction "
+                             "sets (ONEDNN_MAX_CPU_ISA), as on older CPUs, and with ALL (no cap: the same "
+                             "measurement on this CPU); empty: skip (default AVX2,AVX512_CORE,ALL)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the int8 formats' per-layer profile and the sustained-rate floor")
     parser.add_argument("--fit-epochs", type=int, default=0,
                         help="first fit the network to the rendered images for this many epochs "
                              "(default 0: random weights)")
@@ -264,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                      "models": {k: f"build_resnet({v[0]}, base_filters={v[1]}), "
                                    + (f"fit {args.fit_epochs} epochs to the rendered images" if args.fit_epochs
                                       else "untrained") for k, v in MODELS.items()}},
-        "versions": versions("tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "openvino"),
+        "versions": versions("tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "openvino", "nncf"),
+        "cpu_flags": cpu_flags(),
     })
     return 0
 

@@ -6,13 +6,18 @@ SageMaker tutorial did, freezes it into `frozen_model.pb`, judges it on the depl
 evaluation set against the published model and publishes it for edge devices - one task
 per step:
 
-`plan_run` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
+`plan_run` -> `claim_data_version` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
 `freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `publish` ->
-`cleanup`
+`record_data_version` -> `cleanup`
 
 * **plan_run** checks every parameter and rule across them (nothing is written before),
   derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
-  retry), every S3 URI and the CreateTrainingJob request; XCom carries them on.
+  retry), every S3 URI and the CreateTrainingJob request; XCom carries them on. A run started
+  by new data trains on the uploaded object its asset event names.
+* **claim_data_version** claims the run's data version (the data's sha256 with the settings
+  that shape the dataset and the model) in `data-versions/<id>.json`; a version already trained
+  (published or refused) is not trained again - every later task is skipped and the log says
+  why - unless the trigger says `force_retrain`. **record_data_version** records the outcome.
 * **stage_dataset** makes or finds the dataset and validates it (checksums, counts, all 9
   classes, shapes, pixels) before anything trains on it.
 * **train** runs that request on SageMaker (`backend=sagemaker`) or on the worker
@@ -31,6 +36,8 @@ per step:
   can be cleared and run again alone, on any worker, even after the run failed.
 * Schedule: `$HEADPOSE_SCHEDULE` (default `@weekly`, `none` = manual only), one run at a
   time, no catch-up. A scheduled run uses the deployment profile (`$HEADPOSE_RUN_DEFAULTS`).
+  With the profile's `retrain_on` = `data` or `either`, an upload under `new_data_prefix`
+  (the asset `headpose_training_data`, watched through `new_data_queue`) starts a run too.
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
 * Every run's summary (job, accuracy before/after, billable seconds, where the model went)
@@ -59,10 +66,13 @@ from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
 from headpose.planning.profile import load_profile  # noqa: E402
 from headpose_operators import (  # noqa: E402
+    ClaimDataVersionOperator,
     ExportEdgeModelsOperator,
     FreezeGraphOperator,
     HeadposeTrainingOperator,
+    RecordDataVersionOperator,
 )
+from headpose_operators.new_data import dag_schedule, training_data_asset  # noqa: E402
 from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
 
 DAG_ID = "headpose_retraining"
@@ -81,9 +91,17 @@ def _params() -> dict[str, Param]:
     return params
 
 
+def _schedule():
+    """The cron, uploads of new data, or either, as the profile's ``retrain_on`` says."""
+    settings = load_profile().settings
+    data = training_data_asset(settings.new_data_prefix, settings.new_data_queue, AWS_CONN_ID,
+                               scheduling.new_data_poll_seconds()) if settings.watches_new_data else None
+    return dag_schedule(scheduling.schedule(), settings.retrain_on, data)
+
+
 @dag(
     dag_id=DAG_ID,
-    schedule=scheduling.schedule(),
+    schedule=_schedule(),
     start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
@@ -103,7 +121,9 @@ def headpose_retraining():
         """Validates the trigger parameters against the deployment profile, derives
         `training_job_name` (`<base_job_name>-<logical time>`, the same on every retry), every
         S3 URI of the run and the CreateTrainingJob request. No AWS calls, nothing written.
-        Fails (no retry) on bad parameters: the message lists every problem."""
+        Fails (no retry) on bad parameters: the message lists every problem. A run started by
+        new data trains on the upload its asset events name (the others are listed)."""
+        from headpose.planning.new_data import start_lines
         from headpose.planning.params import CONNECTION_ROLE_EXTRA
         from headpose.planning.plan import plan_run as make_plan
         from headpose.planning.rules import RunParamsError
@@ -119,9 +139,13 @@ def headpose_retraining():
                 region=hook.conn_region_name or "us-east-1", dag_id=DAG_ID, run_id=dag_run.run_id,
                 dagrun_timeout=context["dag"].dagrun_timeout,
                 connection_role=extra.get(CONNECTION_ROLE_EXTRA), connection_owner=extra.get(OWNER_EXTRA),
+                run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+                triggered_by=getattr(dag_run, "triggering_user_name", None),
+                new_data_events=[dict(event.extra) for event in dag_run.consumed_asset_events or []],
             )
         except RunParamsError as error:
             raise _fail(str(error)) from None
+        print("\n".join(start_lines(plan)))
         print(plan["profile"])
         print(f"training_job_name: {plan['training_job_name']}")
         return plan
@@ -251,6 +275,8 @@ def headpose_retraining():
             remove_run_workspace(job)
 
     plan = plan_run()
+    claim = ClaimDataVersionOperator(task_id="claim_data_version", plan=plan, aws_conn_id=AWS_CONN_ID,
+                                     **scheduling.task_args("claim_data_version"))
     dataset = stage_dataset(plan)
     code = package_code(plan)
     train = HeadposeTrainingOperator(
@@ -258,11 +284,14 @@ def headpose_retraining():
         config=plan["training_request"],
         backend="{{ params.backend }}",
         sourcedir_sha256=code["sha256"],
+        source_sha256s=code["files"],
+        manifest_sha256=dataset["manifest_sha256"],
         max_training_attempts="{{ ti.xcom_pull(task_ids='plan_run', key='run_params')['max_training_attempts'] }}",
         expected_bucket_owner=plan["expected_bucket_owner"],
+        kms_key_id=plan["kms_key_id"],
         aws_conn_id=AWS_CONN_ID,
         print_log=True,
-        check_interval=30,
+        check_interval=scheduling.training_poll_seconds(),
         doc_md="Runs the CreateTrainingJob request from `plan_run` on SageMaker (`backend=sagemaker`) or "
         "on the worker (`backend=local`), writing `TFartifacts/<job>/output/model.tar.gz`, after checking "
         "that `sourcedir.tar.gz` is still the code `package_code` packed. A retry never starts a second "
@@ -284,6 +313,7 @@ def headpose_retraining():
         channel_order=dataset["channel_order"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
+        kms_key_id=plan["kms_key_id"],
         multiple_outputs=True,  # export_edge_models takes single keys of its result
         doc_md="Safely extracts `model.tar.gz` (no `..`, absolute paths, links out, oversized "
         "members), finds its one `export/*/<ts>` SavedModel and freezes it into `frozen_model.pb` "
@@ -299,18 +329,26 @@ def headpose_retraining():
         frozen_model_json_sha256=freeze.output["frozen_model_json_sha256"],
         dataset_prefix=dataset["dataset_prefix"],
         output_prefix="{{ ti.xcom_pull(task_ids='download_artifact', key='candidate_prefix') }}edge/",
+        formats=plan["edge_formats"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
-        doc_md="Converts the frozen graph to ONNX, LiteRT (float32 and full-integer int8, calibrated on "
-        "training images) and OpenVINO IR (FP32, FP16, and a bf16 runtime hint) in the run's `candidate/edge/` "
-        "prefix. A format that does not convert is listed with its reason; `validate_model` then judges the "
+        kms_key_id=plan["kms_key_id"],
+        doc_md="Converts the frozen graph to ONNX (float32, and static int8 QDQ), LiteRT (float32 and "
+        "full-integer int8) and OpenVINO IR (FP32, FP16, a bf16 runtime hint, and NNCF int8) in the run's "
+        "`candidate/edge/` prefix; the int8 formats are calibrated on training images. A format that does not "
+        "convert is listed with its reason; `validate_model` then judges the "
         "others in their own runtimes.",
         **scheduling.task_args("export_edge_models"),
     )
     report = validate_model(plan, dataset, artifact, freeze.output, edge.output)
     version = upload_frozen_model(plan, freeze.output, report, edge.output)
     published = publish(plan, train.output, dataset, report, version)
-    chain(plan, dataset, code, train, artifact, freeze, edge, report, version, published, cleanup())
+    # The claim is the setup of everything that trains, its record their teardown: it runs
+    # however the run ends, and clearing any task between them runs the claim again.
+    record = RecordDataVersionOperator(task_id="record_data_version", plan=plan, claimed=claim.output,
+                                       aws_conn_id=AWS_CONN_ID, **scheduling.task_args("record_data_version"))
+    chain(plan, claim, dataset, code, train, artifact, freeze, edge, report, version, published, record, cleanup())
+    record.as_teardown(setups=claim)
 
 
 def _s3_hook():
@@ -330,10 +368,11 @@ def _links(plan: dict, uris: dict) -> dict:
 
 
 def _s3(plan: dict):
-    """The run's S3 client: the connection's, pinned to the bucket owner plan_run resolved."""
+    """The run's S3 client: the connection's, pinned to the bucket owner plan_run resolved, writing
+    with the deployment's KMS key."""
     from headpose_operators.s3 import s3_client
 
-    return s3_client(AWS_CONN_ID, plan.get("expected_bucket_owner"))
+    return s3_client(AWS_CONN_ID, plan.get("expected_bucket_owner"), plan.get("kms_key_id"))
 
 
 def _fail(message: str):

@@ -13,6 +13,15 @@ if [ "$AIRFLOW_ADMIN_USER" = "$AIRFLOW_OPERATOR_USER" ] || [ "$AIRFLOW_ADMIN_USE
   echo "airflow-init: AIRFLOW_ADMIN_USER, AIRFLOW_OPERATOR_USER and AIRFLOW_VIEWER_USER must name three users" >&2
   exit 1
 fi
+# No demo in production: without a profile every scheduled run would retrain the embedded
+# demo (a small model on synthetic images) and publish it into this bucket. Every service
+# waits for this step, so the stack does not start until .env says which it wants.
+if [ -z "${HEADPOSE_RUN_DEFAULTS:-}" ] && [ "${HEADPOSE_ALLOW_DEMO_DEFAULTS:-false}" != "true" ]; then
+  echo "airflow-init: HEADPOSE_RUN_DEFAULTS (the deployment profile) is not set, so scheduled runs would" \
+       "train and publish the embedded demo; set the profile in .env (README, Operating), or" \
+       "HEADPOSE_ALLOW_DEMO_DEFAULTS=true to run the demo defaults on purpose" >&2
+  exit 1
+fi
 
 echo "airflow-init: migrating the metadata database"
 # With the FAB auth manager configured this also creates and migrates FAB's own tables
@@ -50,16 +59,56 @@ with get_application_builder() as appbuilder:
 PY
 
 echo "airflow-init: bucket s3://${HEADPOSE_S3_BUCKET}"
-# Through the DAG's own connection, so that a wrong endpoint or key fails here, at start.
+# Through the DAG's own connection, so that a wrong endpoint or key fails here, at start,
+# and pinned to the deployment's bucket owner like every call of the pipeline: a bucket of
+# that name that another account owns is refused, never used.
 python - <<'PY'
 import os
+import sys
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
 
+from headpose.planning.profile import load_profile
+from headpose.planning.s3_calls import pin_bucket_owner
+
+settings = load_profile().settings
 hook = S3Hook(aws_conn_id="aws_default")
+owner = settings.expected_bucket_owner or hook.conn_config.extra_config.get("expected_bucket_owner")
+s3 = pin_bucket_owner(hook.get_conn(), owner)
 bucket = os.environ["HEADPOSE_S3_BUCKET"]
-if not hook.check_for_bucket(bucket):
-    hook.create_bucket(bucket_name=bucket)
+try:
+    s3.head_bucket(Bucket=bucket)
+except ClientError as error:
+    if error.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
+        sys.exit(f"airflow-init: bucket {bucket} cannot be used ({error}); expected owner: {owner or 'any'}")
+    region = s3.meta.region_name
+    options = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    if settings.object_lock_days:  # only at creation: published versions are then kept locked
+        options["ObjectLockEnabledForBucket"] = True
+    s3.create_bucket(Bucket=bucket, **options)
+    s3.head_bucket(Bucket=bucket)  # the owner, checked on the bucket just made
+    print(f"airflow-init: created s3://{bucket}{' with Object Lock' if settings.object_lock_days else ''}")
+PY
+
+echo "airflow-init: new data"
+# retrain_on data or either: the queue, its policy (the bucket may send to it) and the bucket's
+# notification of uploads under new_data_prefix, through the same connection. Converges.
+python - <<'PY'
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+from headpose.planning.new_data_setup import set_up_new_data
+from headpose.planning.profile import load_profile
+from headpose.planning.s3_calls import pin_bucket_owner
+
+settings = load_profile().settings
+if not settings.watches_new_data:
+    print("airflow-init: retrain_on=schedule: no new-data queue")
+else:
+    s3 = AwsBaseHook(aws_conn_id="aws_default", client_type="s3")
+    owner = settings.expected_bucket_owner or s3.conn_config.extra_config.get("expected_bucket_owner")
+    sqs = AwsBaseHook(aws_conn_id="aws_default", client_type="sqs").get_conn()
+    set_up_new_data(pin_bucket_owner(s3.get_conn(), owner), sqs, settings)
 PY
 
 mkdir -p "$HEADPOSE_WORKSPACE"

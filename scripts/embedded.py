@@ -84,4 +84,6 @@ class EmbeddedS3:
             **CREDENTIALS,
             "AWS_DEFAULT_REGION": REGION,
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection),
+            # moto's training jobs are done as soon as they are created.
+            "HEADPOSE_TRAINING_POLL_SECONDS": "1",
         }

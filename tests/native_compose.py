@@ -9,6 +9,7 @@ what a container gets for free (its own ports, hostname and ``AIRFLOW_HOME``).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -66,9 +67,6 @@ NATIVE_ONLY_ENV = {
     "HEADPOSE_ALTERNATE_QUEUES": "the tests' cluster policy: consecutive tasks on different workers",
     "PATH": "the virtual environment's airflow, python and celery first",
 }
-# Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
-# the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none"}
 ADDRESS_RE = re.compile(r"(?<=[/@])(%s)(?::(\d+))?(?=[/\"'\s]|$)" % "|".join(map(re.escape, CONTAINER_PORTS)))
 VARIABLE_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -93,6 +91,21 @@ def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
             name, _, value = line.partition("=")
             pairs[name.strip()] = value.strip()
     return pairs
+
+
+# Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
+# the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
+# The test stack's own .env lines: it runs the embedded demo's defaults on purpose.
+# The test stack also retrains on data (tests/test_new_data.py): its profile holds the
+# new-data settings only, so every run parameter keeps the demo's default (the trigger
+# form's test), and its watcher polls the queue every second instead of every minute.
+NEW_DATA_QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data"  # moto's account
+NEW_DATA_FOLDER = "headpose/incoming/"
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true",
+            "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
+            "HEADPOSE_RUN_DEFAULTS": json.dumps({
+                "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
+                "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}"})}
 
 
 def interpolate(value: str, variables: dict[str, str]) -> str:

@@ -72,30 +72,6 @@ def champion_of(s3, accuracy: float) -> dict:
             "pointer_etag": etag, "comparable": True}
 
 
-class CrashAfterWrites:
-    """A botocore event hook that stops the process's work right after its N-th S3 write.
-
-    Raised after the call returned: the write happened, then the worker died - the state
-    a crash leaves between two writes.
-    """
-
-    WRITES = ("PutObject", "CopyObject", "UploadPartCopy", "CompleteMultipartUpload", "DeleteObject")
-
-    class Crash(BaseException):  # not an Exception: no handler in the code under test catches it
-        pass
-
-    def __init__(self, s3, after: int):
-        self.after, self.count, self.writes = after, 0, []
-        s3.meta.events.register("after-call.s3", self._after_call)
-
-    def _after_call(self, http_response, parsed, model, **kwargs):
-        if model.name in self.WRITES:
-            self.count += 1
-            self.writes.append(model.name)
-            if self.count == self.after:
-                raise self.Crash(f"crashed after write {self.count} ({model.name})")
-
-
 class ConflictOnce:
     """Answer the first conditional PUT of the pointer with S3's 409 ConditionalRequestConflict."""
 

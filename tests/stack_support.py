@@ -1,15 +1,18 @@
-"""What tests/test_distributed.py uses to talk to the native stack: its REST API as a
-client would, and its UI in headless Chromium (Debian's, driven by Playwright)."""
+"""What the tests of the native stack use: the stack itself (one per session, started in the
+background), its REST API as a client would call it, and its UI in headless Chromium
+(Debian's, driven by Playwright)."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote, unquote
 
 from native_compose import ROOT
@@ -25,6 +28,43 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
+
+
+def start_native_stack(say: Callable[[str], None]) -> tuple[NativeStack, Callable[[], None]]:
+    """docker-compose.yaml's topology with Flower, up, and the DAG known to its API; and
+    what stops it. Every process's output and every task log are kept under
+    ``test-artifacts/distributed/`` when it stops (or fails to start)."""
+    base = Path(tempfile.mkdtemp(prefix="headpose-stack-"))
+    native = NativeStack(base, profiles=["flower"], say=say)
+
+    def close() -> None:
+        native.stop()
+        kept = ARTIFACTS / "distributed"
+        shutil.rmtree(kept, ignore_errors=True)
+        if native.logs_dir.exists():
+            shutil.copytree(native.logs_dir, kept / "processes", dirs_exist_ok=True)
+        if native.layout and native.layout.volume("airflow-logs").exists():
+            shutil.copytree(native.layout.volume("airflow-logs"), kept / "tasks", dirs_exist_ok=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+    try:
+        native.start()
+        admin = Api(native.api_url, *native.login("admin"))
+        deadline = time.monotonic() + 300
+        while True:  # the dag-processor has to parse the file once before the API knows the DAG
+            try:
+                admin.call("GET", f"/api/v2/dags/{DAG_ID}")
+                break
+            except AssertionError:
+                native.check_alive()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        say(f"native stack: the API knows {DAG_ID}")
+    except BaseException:
+        close()
+        raise
+    return native, close
 
 
 class Api:
@@ -279,7 +319,8 @@ def xcom_link(page, key: str, name: str):
 
 
 def follow_link(page, link):
-    """Ctrl+clicks a link of the UI's JSON editor (how it opens one): ``(tab, url, HTTP status)``."""
+    """Ctrl+clicks a link of the UI's JSON editor (how it opens one): ``(tab, url, HTTP status,
+    the content type the tab shows)``."""
     # By position: the editor redraws a link under the pointer once Control is down, which
     # detaches the element a locator click would wait on.
     box = link.bounding_box()
@@ -291,6 +332,7 @@ def follow_link(page, link):
     tab.wait_for_load_state()
     # An error status leaves the tab on Chromium's own error page; the navigation's timing
     # entry still has where it went and what it got.
-    url, status = tab.evaluate(
-        "() => { const n = performance.getEntriesByType('navigation')[0]; return [n.name, n.responseStatus]; }")
-    return tab, url, status
+    url, status, content_type = tab.evaluate(
+        "() => { const n = performance.getEntriesByType('navigation')[0];"
+        " return [n.name, n.responseStatus, document.contentType]; }")
+    return tab, url, status, content_type

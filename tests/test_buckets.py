@@ -11,7 +11,8 @@ import pytest
 from fault_support import OwnerCheckingRelay, keys
 from headpose.datasets import settings as dataset_settings, staging
 from headpose.datasets.store import DatasetError
-from headpose.planning.handoff import download_verified, pin_bucket_owner, upload_file
+from headpose.planning.handoff import download_verified, upload_file
+from headpose.planning.s3_calls import pin_bucket_owner
 
 BUCKET = "owned-bucket"
 OWNER = "123456789012"  # moto's account: it owns every bucket it creates
@@ -62,3 +63,26 @@ def test_without_an_expected_owner_nothing_is_added(relay):
     s3 = _client(relay.endpoint, None)
     s3.put_object(Bucket=BUCKET, Key="plain", Body=b"x")
     assert relay.unpinned == [f"PUT /{BUCKET}/plain"]
+
+
+def test_airflow_init_checks_and_creates_the_bucket_with_the_owner_pinned(relay, tmp_path):
+    """airflow-init's bucket step (its own Python, run as the script runs it) through the owner-checking relay."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    script = (ROOT / "scripts" / "airflow-init.sh").read_text()
+    step = re.search(r'echo "airflow-init: bucket .*?\npython - <<\'PY\'\n(.*?)\nPY\n', script, re.S).group(1)
+    connection = {"conn_type": "aws", "extra": {"endpoint_url": relay.endpoint, "region_name": "us-east-1"}}
+    env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection), "AIRFLOW_HOME": str(tmp_path),
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "HEADPOSE_S3_BUCKET": "new-bucket",
+           "HEADPOSE_RUN_DEFAULTS": json.dumps({"expected_bucket_owner": OWNER}), "PYTHONPATH": str(ROOT / "include")}
+    done = subprocess.run([sys.executable, "-c", step], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "created s3://new-bucket" in done.stdout
+    # HEAD (404), then the creation (CreateBucket has no ExpectedBucketOwner), then HEAD again: pinned.
+    assert relay.unpinned == ["PUT /new-bucket"] and relay.refused == []

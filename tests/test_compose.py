@@ -256,3 +256,25 @@ def test_flower_asks_for_the_env_login_and_only_its_health_check_does_not(compos
     # Only flower knows the login; the workers and the API server never see it in config.
     for name in AIRFLOW_SERVICES:
         assert "AIRFLOW__CELERY__FLOWER_BASIC_AUTH" not in service_environment(compose["services"][name], variables)
+
+
+@pytest.mark.parametrize("opt_in, refused", [
+    ({}, True),  # the compose file's default: no profile, no opt-in
+    ({"HEADPOSE_ALLOW_DEMO_DEFAULTS": "true"}, False),
+    ({"HEADPOSE_RUN_DEFAULTS": '{"backend": "sagemaker"}'}, False),
+])
+def test_the_stack_refuses_to_start_without_a_profile_unless_env_asks_for_the_demo(
+        compose, variables, tmp_path, opt_in, refused):
+    # airflow-init's environment as compose gives it (.env without the test stack's own opt-in),
+    # with nothing on PATH: the check comes before anything runs, and every service waits for it.
+    dotenv = {k: v for k, v in variables.items() if k not in native_compose.TEST_ENV}
+    env = {**dotenv, **service_environment(compose["services"][INIT_SERVICE], dotenv), **opt_in,
+           "HEADPOSE_WORKSPACE": str(tmp_path / "workspace"), "PATH": str(tmp_path)}
+    assert env["HEADPOSE_ALLOW_DEMO_DEFAULTS"] == opt_in.get("HEADPOSE_ALLOW_DEMO_DEFAULTS", "false")
+    result = subprocess.run(["/bin/bash", str(ROOT / "scripts" / "airflow-init.sh")], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0  # without airflow on PATH it stops either way
+    said = "HEADPOSE_RUN_DEFAULTS (the deployment profile) is not set" in result.stderr
+    assert said is refused, result.stderr
+    assert ("migrating the metadata database" in result.stdout) is not refused
+    assert native_compose.TEST_ENV["HEADPOSE_ALLOW_DEMO_DEFAULTS"] == "true"  # the test stack runs the demo on purpose

@@ -10,8 +10,8 @@ import pytest
 from airflow_support import DAGS, INCLUDE, PLUGINS, load_dag, load_dagbag
 
 TASKS = [
-    "plan_run", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
-    "export_edge_models", "validate_model", "upload_frozen_model", "publish", "cleanup",
+    "plan_run", "claim_data_version", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
+    "export_edge_models", "validate_model", "upload_frozen_model", "publish", "record_data_version", "cleanup",
 ]
 
 
@@ -41,18 +41,27 @@ def test_operators_and_failure_handling(dag):
     assert isinstance(dag.task_dict["freeze_graph"], FreezeGraphOperator)
     # cleanup runs whatever happened, and as a teardown it cannot turn a failed run green.
     assert dag.task_dict["cleanup"].is_teardown
+    # The data version's claim is the setup of everything that trains; its record, their teardown.
+    claim, record = dag.task_dict["claim_data_version"], dag.task_dict["record_data_version"]
+    assert claim.is_setup and record.is_teardown and "claim_data_version" in record.upstream_task_ids
     assert dag.task_dict["publish"].outlets[0].name == "headpose_frozen_model"
 
 
 def test_templated_fields_of_the_custom_operators():
-    from headpose_operators import ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator
+    from headpose_operators import (
+        ClaimDataVersionOperator, ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator,
+        RecordDataVersionOperator,
+    )
 
+    assert set(ClaimDataVersionOperator.template_fields) == {"plan"}
+    assert set(RecordDataVersionOperator.template_fields) == {"plan", "claimed"}
     assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
-            "output_node_names", "channel_order", "expected_bucket_owner"} <= set(FreezeGraphOperator.template_fields)
-    assert {"config", "backend", "sourcedir_sha256", "max_training_attempts", "expected_bucket_owner"} <= set(
-        HeadposeTrainingOperator.template_fields)
+            "output_node_names", "channel_order", "expected_bucket_owner", "kms_key_id"} <= set(
+        FreezeGraphOperator.template_fields)
+    assert {"config", "backend", "sourcedir_sha256", "max_training_attempts", "expected_bucket_owner", "kms_key_id",
+            "manifest_sha256", "source_sha256s"} <= set(HeadposeTrainingOperator.template_fields)
     assert {"frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
-            "dataset_prefix", "output_prefix", "formats"} <= set(ExportEdgeModelsOperator.template_fields)
+            "dataset_prefix", "output_prefix", "formats", "kms_key_id"} <= set(ExportEdgeModelsOperator.template_fields)
 
 
 def test_importing_the_dag_loads_no_tensorflow_numpy_or_sagemaker():

@@ -113,11 +113,11 @@ runpy.run_module("headpose.edge", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("format_name", ["onnx", "litert_int8", "openvino_fp32"])
+@pytest.mark.parametrize("format_name", ["onnx", "litert_int8", "openvino_fp32", "openvino_int8", "onnx_int8"])
 def test_predict_runs_without_tensorflow_and_agrees_with_the_frozen_graph(published, models, tmp_path, format_name):
     pictures = _training_pictures(3)
     rng = np.random.default_rng(5)
-    unseen = [_random_head(rng)] if format_name != "litert_int8" else []  # int8 agrees where it is sure
+    unseen = [_random_head(rng)] if "int8" not in format_name else []  # int8 agrees where it is sure
     big = np.repeat(np.repeat(pictures[0], 2, axis=0), 2, axis=1)  # 168x168: resized back exactly
     paths = _save([*pictures, *unseen, big], tmp_path)
     env = {**os.environ, **aws_env(published["endpoint"]), "PYTHONPATH": str(ROOT / "include")}
@@ -232,7 +232,7 @@ def test_missing_format_unreadable_image_and_no_pointer_are_one_line_errors(publ
     cases = [
         (["predict", str(picture), "--format", "tensorrt", *common],
          f"error: format 'tensorrt' is not published for {JOB_A}; published: litert_float32, litert_int8, onnx, "
-         "openvino_bf16, openvino_fp16, openvino_fp32"),
+         "onnx_int8, openvino_bf16, openvino_fp16, openvino_fp32, openvino_int8"),
         (["predict", str(not_an_image), "--format", "onnx", *common], f"error: cannot read image {not_an_image}: "),
         (["predict", str(tmp_path / "missing.jpg"), "--format", "onnx", *common], "error: cannot read image "),
         (["predict", str(picture), "--pointer", f"s3://{BUCKET}/headpose/published/none.json",
@@ -286,3 +286,37 @@ def test_preprocessing_takes_order_range_and_size_from_the_metadata():
                          ({**block, "value_range": [1, 0]}, "value_range")):
         with pytest.raises(EdgeClientError, match=message):
             preprocessing_of({"preprocessing": bad})
+
+
+def test_int8_formats_that_miss_their_tolerance_are_withheld_and_the_others_published(published, models, tmp_path):
+    """Calibrated on pixels scaled to [0, 1] twice (``p / 255 / 255``, a preprocessing bug), the
+    int8 formats clip every real image to near black: they lose most images, are withheld
+    with their figures, and the float32 format of the same model is published and runs."""
+    from headpose.artifacts.edge.export import export_edge_models, representative_images
+    from headpose.artifacts.edge.validate import validate_edge_models, validation_table
+
+    scaled_twice = [image / 255.0 for image in representative_images(models["train"], 93)]
+    folder = tmp_path / "edge"
+    exported = export_edge_models(models["frozen"], models["metadata"], folder, scaled_twice,
+                                  ("openvino_fp32", "openvino_int8", "onnx_int8", "litert_int8"))
+    assert exported.refused == {}  # every file is a valid int8 model: only the evaluation tells
+    verdicts = validate_edge_models(exported.manifest, folder, models["frozen"], models["train"])
+    for name in ("openvino_int8", "onnx_int8", "litert_int8"):
+        entry = verdicts[name]
+        assert not entry["accepted"] and entry["reason"].startswith(f"{name}: ")
+        assert entry["reference_correct"] - entry["correct"] > 2 and "images lost" in entry["reason"]
+        assert entry["accuracy"] == entry["correct"] / entry["images"] and entry["latency_ms_b1"] > 0
+    assert verdicts["openvino_fp32"]["accepted"]
+    assert sum("withheld: " in line for line in validation_table(verdicts).splitlines()) == 3
+
+    record = _publish(published["s3"], JOB_B, exported.manifest, folder, verdicts)
+    assert sorted(record["formats"]) == ["openvino_fp32"]
+    _point(published["s3"], record)
+    fetch = default_fetch(published["endpoint"])
+    with pytest.raises(EdgeClientError, match=f"format 'onnx_int8' is not published for {JOB_B}; "
+                                              "published: openvino_fp32$"):
+        load_model(fetch, read_record(fetch, POINTER), tmp_path / "cache", "onnx_int8")
+    model = load_model(fetch, read_record(fetch, POINTER), tmp_path / "cache")
+    pictures = _training_pictures(2)
+    assert model.format == "openvino_fp32" and model.training_job_name == JOB_B
+    assert [model.predict(p).class_index for p in _save(pictures, tmp_path)] == _frozen_classes(models, pictures)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,11 +24,14 @@ from headpose.artifacts.edge.converter import EdgeFormatError
 from headpose.artifacts.edge.export import DEFAULT_FORMATS, export_edge_models, representative_images
 from headpose.artifacts.edge.litert import LiteRTConverter
 from headpose.artifacts.edge.onnx import OnnxConverter
+from headpose.artifacts.edge.onnx_int8 import OnnxInt8Converter
+from headpose.artifacts.edge.openvino import OpenVINOConverter
+from headpose.artifacts.edge.openvino_int8 import OpenVINOInt8Converter
 from headpose.artifacts.edge.validate import validate_edge_models, validation_table, verdict
 
 pytestmark = pytest.mark.slow
 FLOAT32 = ("onnx", "litert_float32", "openvino_fp32")
-REDUCED = ("litert_int8", "openvino_fp16", "openvino_bf16")
+REDUCED = ("litert_int8", "openvino_fp16", "openvino_bf16", "openvino_int8", "onnx_int8")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,7 @@ def test_float32_formats_match_tensorflow_where_the_softmax_is_not_saturated(mod
 
 
 def test_edge_models_json_describes_every_file_as_its_runtime_sees_it(models):
+    import onnx
     import onnxruntime
     from ai_edge_litert.interpreter import Interpreter
 
@@ -88,11 +93,11 @@ def test_edge_models_json_describes_every_file_as_its_runtime_sees_it(models):
         assert metadata["preprocessing"]["channel_order"] == order.lower()
         assert metadata["preprocessing"]["value_range"] == frozen["preprocessing"]["value_range"]
 
-    onnx = manifest["formats"]["onnx"]["metadata"]
+    onnx32 = manifest["formats"]["onnx"]["metadata"]
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert onnx["inputs"][0]["name"] == session.get_inputs()[0].name
-    assert onnx["inputs"][0]["shape"] == [None, 84, 84, 3] and onnx["inputs"][0]["batch"] == "dynamic"
-    assert onnx["opset"] == 17
+    assert onnx32["inputs"][0]["name"] == session.get_inputs()[0].name
+    assert onnx32["inputs"][0]["shape"] == [None, 84, 84, 3] and onnx32["inputs"][0]["batch"] == "dynamic"
+    assert onnx32["opset"] == 17
 
     int8 = manifest["formats"]["litert_int8"]["metadata"]
     detail = Interpreter(model_path=str(folder / "model_int8.tflite")).get_input_details()[0]
@@ -109,6 +114,24 @@ def test_edge_models_json_describes_every_file_as_its_runtime_sees_it(models):
     assert fp32["metadata"]["inputs"][0]["name"] == ir.inputs[0].get_any_name()
     fp16_bin = manifest["formats"]["openvino_fp16"]["files"]["model_fp16.bin"]["size_bytes"]
     assert fp16_bin < 0.6 * fp32["files"]["model.bin"]["size_bytes"]
+
+    # The int8 formats: float32 in and out (fed like the float32 files), int8 weights inside.
+    ov8, onnx8 = manifest["formats"]["openvino_int8"], manifest["formats"]["onnx_int8"]
+    assert sorted(ov8["files"]) == ["model_int8.bin", "model_int8.xml"] and list(onnx8["files"]) == ["model_int8.onnx"]
+    for entry in (ov8, onnx8):
+        assert entry["precision"] == "int8" and entry["metadata"]["quantization"]["calibration_images"] == 93
+        assert [t["dtype"] for t in (*entry["metadata"]["inputs"], *entry["metadata"]["outputs"])] == ["float32"] * 2
+    assert ov8["metadata"]["runtime_settings"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    ir8 = openvino.Core().read_model(str(folder / "model_int8.xml"))
+    assert sum(op.get_type_name() == "FakeQuantize" for op in ir8.get_ops()) == \
+        ov8["metadata"]["quantization"]["fake_quantize_ops"] > 0
+    graph8 = onnx.load(str(folder / "model_int8.onnx")).graph
+    int8_weights = [i for i in graph8.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert {n.op_type for n in graph8.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert len(int8_weights) == onnx8["metadata"]["quantization"]["int8_weight_tensors"] >= \
+        sum(n.op_type == "Conv" for n in graph8.node) > 0
+    assert onnx8["files"]["model_int8.onnx"]["size_bytes"] < 0.5 * manifest["formats"]["onnx"]["files"][
+        "model.onnx"]["size_bytes"]
 
 
 class Raising:
@@ -157,6 +180,33 @@ class WrongGraphLiteRT(LiteRTConverter):
 
     def _convert(self, source, scratch):
         return super()._convert(self.other, scratch)
+
+
+class UnquantisedOnnxInt8(OnnxInt8Converter):
+    """Skips the quantiser and writes the float32 model under the int8 name: a converter with a bug."""
+
+    def _convert(self, source, scratch):
+        float32 = OnnxConverter._convert(self, source, scratch)["model.onnx"]
+        return {"model_int8.onnx": float32.rename(scratch / "model_int8.onnx")}
+
+
+class UnquantisedOpenVINOInt8(OpenVINOInt8Converter):
+    def _convert(self, source, scratch):
+        return OpenVINOConverter._convert(self, source, scratch)
+
+
+def test_an_int8_format_whose_file_is_not_quantised_is_refused(models, tmp_path):
+    images = representative_images(models["train"], 8)
+    result = export_edge_models(
+        models["frozen"], models["metadata"], tmp_path, images, ("openvino_int8", "onnx_int8"),
+        converters={"openvino_int8": UnquantisedOpenVINOInt8(images), "onnx_int8": UnquantisedOnnxInt8(images)},
+    )
+    assert result.models == {}
+    assert result.refused["openvino_int8"].startswith(
+        "openvino_int8: output refused: the IR has 0 FakeQuantize operations and OpenVINO runs 0 layers in int8")
+    assert re.match(r"onnx_int8: output refused: (\d+) of \1 convolutions and matrix products keep float weights",
+                    result.refused["onnx_int8"]), result.refused["onnx_int8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge_models.json"]
 
 
 def test_validation_withholds_wrong_graphs_and_accepts_the_other_formats(models, tmp_path):
@@ -215,10 +265,14 @@ def test_refused_inputs_stop_the_export_before_any_file_is_written(models, tmp_p
 def test_bad_representative_images_refuse_int8_only(models, tmp_path):
     wrong_shape = [np.zeros((64, 64, 3), np.float32)]
     result = export_edge_models(models["frozen"], models["metadata"], tmp_path, wrong_shape,
-                                ("litert_float32", "litert_int8"))
+                                ("litert_float32", "litert_int8", "openvino_int8", "onnx_int8"))
     assert list(result.models) == ["litert_float32"]
-    assert result.refused["litert_int8"] == ("litert_int8: input refused: representative image 0 has shape "
-                                             "(64, 64, 3), expected [84, 84, 3] or [N, 84, 84, 3]")
+    for name in ("litert_int8", "openvino_int8", "onnx_int8"):
+        assert result.refused[name] == (f"{name}: input refused: representative image 0 has shape "
+                                        "(64, 64, 3), expected [84, 84, 3] or [N, 84, 84, 3]")
+    none = export_edge_models(models["frozen"], models["metadata"], tmp_path / "c", None, ("openvino_int8",))
+    assert none.refused["openvino_int8"] == ("openvino_int8: input refused: int8 quantisation needs "
+                                             "representative images, none were given")
     out_of_range = export_edge_models(models["frozen"], models["metadata"], tmp_path / "b",
                                       [np.full((84, 84, 3), 255.0, np.float32)], ("litert_int8",))
     assert "values outside [0.0, 1.0]" in out_of_range.refused["litert_int8"]
@@ -239,7 +293,8 @@ def test_tolerances_are_the_designs(precision, images, correct, reference, diff,
 
 
 # Counts the processes OpenVINO's converter forks (its telemetry sends from one) while the
-# project's converter runs; a fresh process, so this is OpenVINO's first import there.
+# project's converters run (NNCF's quantiser too, which reports through the same package);
+# a fresh process, so this is OpenVINO's first import there.
 _CONVERT_IN_A_FRESH_PROCESS = """
 import multiprocessing, sys
 from pathlib import Path
@@ -249,25 +304,29 @@ multiprocessing.Process.start = lambda self: (forks.append(self), start(self))[1
 import json
 from headpose.artifacts.edge.converter import frozen_source
 from headpose.artifacts.edge.openvino import OpenVINOConverter
+from headpose.artifacts.edge.openvino_int8 import OpenVINOInt8Converter
+from headpose.artifacts.edge.export import representative_images
 source = frozen_source(sys.argv[1], json.loads(Path(sys.argv[2]).read_text()))
 OpenVINOConverter().convert(source, sys.argv[3])
-print("forks", len(forks))
+OpenVINOInt8Converter(representative_images([sys.argv[4]], 8)).convert(source, sys.argv[3])
+print("forks", len(forks), "nncf telemetry", type(sys.modules["nncf.telemetry.wrapper"].telemetry).__name__)
 """
 
 
 def test_openvino_conversion_sends_no_telemetry_and_forks_nothing(models, tmp_path):
-    """Outside CI, with no opt-out file, OpenVINO's converter would report to Google Analytics
-    from processes forked off the task (a fork of a threaded TF process can deadlock, and
-    the task then never exits): the project's converter leaves that telemetry out."""
+    """Outside CI, with no opt-out file, OpenVINO's converter and NNCF would report to Google
+    Analytics from processes forked off the task (a fork of a threaded TF process can
+    deadlock, and the task then never exits): the project's converters leave that telemetry out."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {key: value for key, value in os.environ.items() if key not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    opt_outs = ("CI", "TF_BUILD", "JENKINS_URL", "NNCF_CI", "NNCF_DEV")
+    env = {key: value for key, value in os.environ.items() if key not in opt_outs}
     env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(ROOT / "include"), env.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-c", _CONVERT_IN_A_FRESH_PROCESS, str(models["frozen"]), str(models["frozen_json"]),
-         str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
+         str(tmp_path), str(models["train"][0])], env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "forks 0" in result.stdout, result.stdout
-    assert (tmp_path / "model.xml").is_file()
+    assert "forks 0 nncf telemetry MagicMock" in result.stdout, result.stdout  # NNCF's no-op stub
+    assert (tmp_path / "model.xml").is_file() and (tmp_path / "model_int8.xml").is_file()
     assert not (home / "intel").exists()  # no client id, no usage statistics

@@ -61,16 +61,17 @@ def test_every_templated_argument_renders():
         frozen_model_uri="{{ params.output }}frozen_model.pb", frozen_model_sha256="{{ params.sha }}",
         frozen_model_json_uri="{{ params.output }}frozen_model.json", frozen_model_json_sha256="{{ params.sha }}",
         dataset_prefix="{{ params.dataset }}", output_prefix="{{ params.output }}edge/",
-        formats="{{ params.formats }}", expected_bucket_owner="{{ params.owner }}",
+        formats="{{ params.formats }}", expected_bucket_owner="{{ params.owner }}", kms_key_id="{{ params.key }}",
     )
     operator.render_template_fields({"params": {"output": OUTPUT, "sha": "ab" * 32, "dataset": DATASET,
-                                                "formats": "onnx,litert_int8", "owner": "123456789012"}})
+                                                "formats": "onnx,litert_int8", "owner": "123456789012",
+                                                "key": "arn:aws:kms:us-east-1:123456789012:key/k"}})
     rendered = {field: getattr(operator, field) for field in operator.template_fields}
     assert rendered == {
         "frozen_model_uri": OUTPUT + "frozen_model.pb", "frozen_model_sha256": "ab" * 32,
         "frozen_model_json_uri": OUTPUT + "frozen_model.json", "frozen_model_json_sha256": "ab" * 32,
         "dataset_prefix": DATASET, "output_prefix": EDGE, "formats": "onnx,litert_int8",
-        "expected_bucket_owner": "123456789012",
+        "expected_bucket_owner": "123456789012", "kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/k",
     }
 
 
@@ -79,7 +80,7 @@ def test_the_task_exports_every_format_to_s3_and_returns_uris_and_checksums(stag
     from headpose.artifacts.edge.validate import validate_edge_models
 
     result = _operator(**staged, formats="onnx,litert_float32,litert_int8,openvino_fp32,openvino_fp16,"
-                                         "openvino_bf16").execute({})
+                                         "openvino_bf16,openvino_int8,onnx_int8").execute({})
     json.dumps(result)  # XCom: plain JSON
     assert sorted(result) == ["edge_models_json_sha256", "edge_models_json_uri", "formats", "refused"]
     assert result["refused"] == {} and sorted(result["formats"]) == sorted(DEFAULT_FORMATS)
@@ -91,7 +92,8 @@ def test_the_task_exports_every_format_to_s3_and_returns_uris_and_checksums(stag
             assert ref["uri"] == EDGE + file and hashlib.sha256(body).hexdigest() == ref["sha256"]
     assert result["edge_models_json_uri"] == EDGE + "edge_models.json"
     assert _keys(s3_client, EDGE) == sorted(["edge_models.json", "model.onnx", "model.tflite", "model_int8.tflite",
-                                             "model.xml", "model.bin", "model_fp16.xml", "model_fp16.bin"])
+                                             "model.xml", "model.bin", "model_fp16.xml", "model_fp16.bin",
+                                             "model_int8.xml", "model_int8.bin", "model_int8.onnx"])
     # The next task's side of the hand-off: everything back from S3, checked, and validated.
     manifest = download_edge_models(s3_client, result["edge_models_json_uri"], tmp_path,
                                     result["edge_models_json_sha256"])

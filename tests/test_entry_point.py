@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from headpose.artifacts.archive import find_saved_model, pack_model_dir
+from headpose.artifacts.archive import find_saved_model
 from headpose.backends.container import make_dirs, write_configs
 from headpose.backends.sourcedir import build_sourcedir
 from headpose.planning.plan import plan_run
@@ -80,14 +80,6 @@ def shards_for(work: Path) -> Path:
     shards = work / "shards"
     write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
     return shards
-
-
-def tiny_model_archive(work: Path) -> Path:
-    """A real ``model.tar.gz`` as SageMaker would upload it, from a tiny run under the toolkit."""
-    sourcedir, _ = build_sourcedir(work / "sourcedir.tar.gz")
-    process, dirs = run_toolkit(tiny_request(), work / "opt-ml", sourcedir, shards_for(work))
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    return pack_model_dir(dirs["model"], work / "model.tar.gz")
 
 
 PROBE = """
@@ -327,7 +319,7 @@ def test_a_cluster_the_request_did_not_enable_is_refused_with_a_failure_file(tmp
 @pytest.mark.slow
 def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     request = tiny_request(use_spot_instances=True, max_run_seconds=3600, max_wait_seconds=3600,
-                           training_steps=400, mixed_precision="off", xla="off")
+                           training_steps=100, mixed_precision="off", xla="off")
     assert json.loads(request["HyperParameters"]["checkpoint_dir"]) == "/opt/ml/checkpoints"
     # SageMaker restores /opt/ml/checkpoints from S3 before a restarted spot job; here the
     # folder simply survives. It stands in for /opt/ml/checkpoints, as the root does for /opt/ml.
@@ -352,14 +344,14 @@ def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", output)[1])
-    assert 10 <= resumed < 400 and resumed % 10 == 0
-    assert "progress: step=400/400" in output and "checkpoint saved at step 400" in output
-    assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 400
+    assert 10 <= resumed < 100 and resumed % 10 == 0
+    assert "progress: step=100/100" in output and "checkpoint saved at step 100" in output
+    assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 100
 
     # Interrupted after training, before the model was uploaded: nothing is trained again.
     third = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True,
                            timeout=900)
     output = third.stdout + third.stderr
     assert third.returncode == 0, output[-4000:]
-    assert "nothing left to train: the checkpoint is at step 400 of 400" in output
+    assert "nothing left to train: the checkpoint is at step 100 of 100" in output
     assert "progress:" not in output

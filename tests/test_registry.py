@@ -1,5 +1,5 @@
 """The registry on moto's S3: decisions, version 3 records, the conditional pointer, the mirror,
-rollback, and what a crash after any write leaves behind."""
+and rollback (what a crash at any call leaves behind is test_crash_points')."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +20,6 @@ from registry_support import (
     MIRROR,
     POINTER,
     ConflictOnce,
-    CrashAfterWrites,
     assert_consistent,
     assert_mirror_equals_pointer,
     champion_of,
@@ -130,53 +129,6 @@ def test_a_409_on_the_pointer_is_retried_and_a_412_is_a_lost_race(s3):
     record = promotion.publish_record(layout_for(15), version_of(s3, layout_for(15), b"graph-3"), report_with(0.9))
     with pytest.raises(pointers.PointerChangedError):
         promotion.publish_model(s3, layout_for(15), record, expected_etag=None)  # 412: it saw no pointer
-
-
-@pytest.mark.parametrize("after", range(1, 12))
-def test_a_crash_after_any_write_of_publish_leaves_one_consistent_model(s3, after):
-    old, new = layout_for(1), layout_for(8)
-    publish_run(s3, old, b"graph-1")
-    version = version_of(s3, new, b"graph-2")
-    crash = CrashAfterWrites(s3, after)
-    try:
-        promotion.promote_if_better(s3, new, version=version, report=report_with(0.9, champion_of(s3, 0.5)),
-                                    dataset=DATASET_SECTION)
-    except CrashAfterWrites.Crash:
-        pass
-    record = assert_consistent(s3)
-    assert record["training_job_name"] in (old.training_job_name, new.training_job_name)
-    allowed = {e["sha256"] for record in (record_json(s3, old.history_record_uri), {"version": 3, **version})
-               for e in pointers.mirror_files(record).values()}
-    for key in published_state(s3):
-        if "/published/latest/" in key:  # a mirror file is the old version's or the new one's
-            assert hashlib.sha256(get(s3, f"s3://{BUCKET}/{key}")).hexdigest() in allowed
-    # The task is retried (or cleared): then the pointer names the new model, the mirror equals it.
-    s3.meta.events.unregister("after-call.s3", crash._after_call)
-    champion = champion_of(s3, 0.5)
-    decision, _ = promotion.promote_if_better(s3, new, version=version, report=report_with(0.9, champion),
-                                              dataset=DATASET_SECTION)
-    assert decision.promote
-    assert assert_consistent(s3)["training_job_name"] == new.training_job_name
-    assert_mirror_equals_pointer(s3)
-
-
-@pytest.mark.parametrize("after", range(1, 8))
-def test_a_crash_after_any_write_of_rollback_leaves_one_consistent_model(s3, after):
-    first, second = layout_for(1), layout_for(8)
-    publish_run(s3, first, b"graph-1")
-    publish_run(s3, second, b"graph-2")
-    crash = CrashAfterWrites(s3, after)
-    try:
-        rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name, log=lambda line: None)
-    except CrashAfterWrites.Crash:
-        pass
-    assert assert_consistent(s3)["training_job_name"] in (first.training_job_name, second.training_job_name)
-    s3.meta.events.unregister("after-call.s3", crash._after_call)
-    # The person runs the rollback again: it moves the pointer if the crash came before it,
-    # and repairs the mirror either way.
-    rollbacks.rollback(s3, BUCKET, to_job=first.training_job_name, log=lambda line: None)
-    assert record_json(s3, POINTER)["training_job_name"] == first.training_job_name
-    assert_mirror_equals_pointer(s3)
 
 
 def test_a_corrupt_pointer_is_an_error_that_says_how_to_repair_it(s3):

@@ -1,7 +1,7 @@
 """``ExportEdgeModelsOperator``: the frozen graph in S3 -> its edge formats in S3.
 
 A thin shell over ``headpose.artifacts.edge.transfer.export_from_s3`` (download and
-verify the inputs, convert to ONNX, LiteRT and OpenVINO IR, upload). The converters and
+verify the inputs, convert to ONNX, LiteRT and OpenVINO IR, float and int8, upload). The converters and
 TensorFlow are imported in ``execute`` only, so a DAG file using this operator stays
 light to parse. Nothing is shared with other tasks through the disk: inputs come from
 S3 by URI and sha256, outputs go to ``output_prefix``, scratch is removed at the end.
@@ -33,7 +33,7 @@ class ExportEdgeModelsOperator(BaseOperator):
     :param frozen_model_json_uri: ``s3://`` URI of ``frozen_model.json`` (templated).
     :param frozen_model_json_sha256: its sha256, checked when given (templated).
     :param dataset_prefix: ``s3://`` dataset prefix; a few ``train-*.tfrecord`` shards
-        calibrate the int8 model (templated).
+        calibrate the int8 formats (templated).
     :param output_prefix: ``s3://`` prefix the formats and ``edge_models.json`` are
         uploaded under (templated).
     :param formats: format names, a list or ``"a,b"`` (templated); default every format.
@@ -41,6 +41,8 @@ class ExportEdgeModelsOperator(BaseOperator):
     :param max_representative_images: most images in the representative set (default 200).
     :param aws_conn_id: the Airflow AWS connection of the S3 store.
     :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
+    :param kms_key_id: the KMS key every object it writes is encrypted with (SSE-KMS; templated); None: the
+        bucket's default encryption.
     :return: ``{"formats": {name: {"files": {file: {"uri", "sha256"}}, "runtime",
         "precision", "metadata"}}, "refused": {name: reason}, "edge_models_json_uri",
         "edge_models_json_sha256"}`` - names, URIs and checksums, never files.
@@ -48,7 +50,7 @@ class ExportEdgeModelsOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
-        "dataset_prefix", "output_prefix", "formats", "expected_bucket_owner",
+        "dataset_prefix", "output_prefix", "formats", "expected_bucket_owner", "kms_key_id",
     )
     ui_color = "#d5f5e3"
 
@@ -66,6 +68,7 @@ class ExportEdgeModelsOperator(BaseOperator):
         max_representative_images: int = 200,
         aws_conn_id: str | None = "aws_default",
         expected_bucket_owner: str | None = None,
+        kms_key_id: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -80,6 +83,7 @@ class ExportEdgeModelsOperator(BaseOperator):
         self.max_representative_images = max_representative_images
         self.aws_conn_id = aws_conn_id
         self.expected_bucket_owner = expected_bucket_owner
+        self.kms_key_id = kms_key_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         from headpose.artifacts.quiet_tensorflow import import_tensorflow
@@ -88,7 +92,7 @@ class ExportEdgeModelsOperator(BaseOperator):
         from headpose.artifacts.edge.transfer import EdgeExportRefused, export_from_s3
         from headpose_operators.s3 import s3_client as pinned_client
 
-        s3_client = pinned_client(self.aws_conn_id, self.expected_bucket_owner or None)
+        s3_client = pinned_client(self.aws_conn_id, self.expected_bucket_owner or None, self.kms_key_id or None)
         with tempfile.TemporaryDirectory(prefix="export-edge-") as scratch:
             try:
                 result = export_from_s3(

@@ -34,12 +34,14 @@ class FreezeGraphOperator(BaseOperator):
         contradicts the SavedModel's record refuses the model.
     :param aws_conn_id: the AWS connection of the S3 calls.
     :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
+    :param kms_key_id: the KMS key every object it writes is encrypted with (SSE-KMS; templated); None: the
+        bucket's default encryption.
     :return: names, URIs, sha256s, sizes and the channel order for XCom - never the graph itself.
     """
 
     template_fields: Sequence[str] = (
         "training_job_name", "artifact_uri", "artifact_sha256", "output_prefix",
-        "input_node_names", "output_node_names", "channel_order", "expected_bucket_owner",
+        "input_node_names", "output_node_names", "channel_order", "expected_bucket_owner", "kms_key_id",
     )
     ui_color = "#e8daef"
 
@@ -55,6 +57,7 @@ class FreezeGraphOperator(BaseOperator):
         channel_order: str | None = None,
         aws_conn_id: str = "aws_default",
         expected_bucket_owner: str | None = None,
+        kms_key_id: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -67,6 +70,7 @@ class FreezeGraphOperator(BaseOperator):
         self.channel_order = channel_order
         self.aws_conn_id = aws_conn_id
         self.expected_bucket_owner = expected_bucket_owner
+        self.kms_key_id = kms_key_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         from headpose.artifacts.quiet_tensorflow import import_tensorflow
@@ -78,7 +82,7 @@ class FreezeGraphOperator(BaseOperator):
         from headpose.planning.layout import FROZEN_MODEL_FILE, FROZEN_MODEL_JSON_FILE, task_scratch
         from headpose_operators.s3 import s3_client
 
-        s3 = s3_client(self.aws_conn_id, self.expected_bucket_owner or None)
+        s3 = s3_client(self.aws_conn_id, self.expected_bucket_owner or None, self.kms_key_id or None)
         inputs, outputs = node_names(self.input_node_names), node_names(self.output_node_names)
         # A template of an unset value renders to "None" or "": both mean "as recorded".
         channel_order = None if self.channel_order in (None, "", "None") else self.channel_order

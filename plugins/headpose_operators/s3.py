@@ -1,7 +1,8 @@
 """The S3 client every task and operator of the pipeline uses.
 
-One place, so that each S3 call goes through the Airflow connection and, when the
-deployment names the bucket's owner, carries ``ExpectedBucketOwner``.
+One place, so that each S3 call goes through the Airflow connection and carries what the
+deployment asks of it (``headpose.planning.s3_calls``): ``ExpectedBucketOwner`` when it
+names the bucket's owner, SSE-KMS with its key when it names one.
 """
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ from typing import Any
 OWNER_EXTRA = "expected_bucket_owner"
 
 
-def s3_client(aws_conn_id: str, expected_bucket_owner: str | None = None, **hook_kwargs: Any) -> Any:
-    """A boto3 S3 client from ``aws_conn_id``, pinned to ``expected_bucket_owner`` if one is given."""
+def s3_client(
+    aws_conn_id: str, expected_bucket_owner: str | None = None, kms_key_id: str | None = None, **hook_kwargs: Any,
+) -> Any:
+    """A boto3 S3 client from ``aws_conn_id``, pinned to ``expected_bucket_owner`` and writing
+    with SSE-KMS under ``kms_key_id``, each where given."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from headpose.planning.handoff import pin_bucket_owner
+    return governed(S3Hook(aws_conn_id=aws_conn_id, **hook_kwargs).get_conn(), expected_bucket_owner, kms_key_id)
 
-    return pin_bucket_owner(S3Hook(aws_conn_id=aws_conn_id, **hook_kwargs).get_conn(), expected_bucket_owner)
+
+def governed(client: Any, expected_bucket_owner: str | None, kms_key_id: str | None) -> Any:
+    """``client`` (any S3 client, the provider's hooks' too) with the deployment's owner and key."""
+    from headpose.planning.s3_calls import encrypt_with_kms, pin_bucket_owner
+
+    return encrypt_with_kms(pin_bucket_owner(client, expected_bucket_owner), kms_key_id)
 
 
 # SigV4's longest validity: a link in the UI opens its object for a week after the run.
@@ -33,7 +42,7 @@ def object_links(aws_conn_id: str, uris: dict[str, str | None], region: str) -> 
     """
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from headpose.planning.handoff import viewable_type
+    from headpose.planning.s3_calls import viewable_type
     from headpose.planning.layout import object_urls, split_s3_uri
 
     hook = S3Hook(aws_conn_id=aws_conn_id)

@@ -14,7 +14,12 @@ client of the same AWS connection; it runs the SageMaker training toolkit on the
 
 Either way the code that trains is the code ``package_code`` packed: ``sourcedir_sha256``
 is checked against ``sourcedir.tar.gz`` before a job is created (sagemaker) or the code
-runs (local), and a mismatch fails the task without a retry.
+runs (local), and a mismatch fails the task without a retry. Every S3 call, the
+provider's own hook's included, carries the deployment's bucket owner (and KMS key).
+
+The run's attempts (``<job>``, ``<job>-2``, ...) travel with the deferral (the trigger's
+``kwargs``): Airflow builds a new operator for ``execute_complete``, so nothing learnt
+before it may live on the instance.
 
 Both return the provider's XCom shape (``{"Training": <describe dict>}``) plus a summary
 next to the job name (times, final metrics, spot saving), so the tasks after ``train``
@@ -24,11 +29,9 @@ from __future__ import annotations
 
 import datetime
 import math
-import shutil
 import re
 import subprocess
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from botocore.exceptions import ClientError
 
@@ -38,15 +41,15 @@ from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 from airflow.providers.amazon.aws.utils import validate_execute_complete_event
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from headpose_operators.links import TRAINING_LINKS, persist_training_links
+from headpose_operators.local_training import LocalTrainingMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-BACKENDS = ("local", "sagemaker")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class HeadposeTrainingOperator(SageMakerTrainingOperator):
+class HeadposeTrainingOperator(LocalTrainingMixin, SageMakerTrainingOperator):
     """Run a SageMaker training request on SageMaker or on this worker; never twice.
 
     :param config: the CreateTrainingJob request (templated; usually an XComArg). An
@@ -57,13 +60,21 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         that cannot be verified is not run.
     :param local_work_dir: with ``backend="local"``, the folder that plays ``/opt/ml``
         (templated); it is emptied first. Default: ``<workspace>/<job>/local-training``.
-    :param max_training_attempts: how many jobs (``<job>``, ``<job>-2``, ...) one run may
-        start (templated): a new one only after a transient failure, or when a person clears
-        ``train`` after a failed or stopped job - never while another attempt is in progress.
+    :param max_training_attempts: how many training jobs (``<job>``, ``<job>-2``, ...) one run
+        may start (templated; the run parameter of that name, default its default): a new one
+        only after a transient failure, or when a person clears ``train`` after a failed or
+        stopped job - never while another attempt is in progress.
     :param expected_bucket_owner: the account that must own the bucket (templated); None: any.
-    :param max_attempts: status polls before a deferred wait gives up; by default enough
-        for the request's whole ``StoppingCondition`` (the provider's default, 60 polls,
-        is 30 minutes at the default interval: far less than a training run).
+    :param manifest_sha256: the dataset manifest's sha256 (templated; ``stage_dataset``'s XCom), and
+    :param source_sha256s: each packed code file's sha256 (templated; ``package_code``'s XCom
+        ``files``): both go to the entry point, which verifies its code and every shard before
+        its first step.
+    :param kms_key_id: the KMS key the local backend's S3 writes are encrypted with (SSE-KMS;
+        templated); SageMaker takes it from the request's ``OutputDataConfig.KmsKeyId``.
+    :param max_status_polls: status polls before a deferred wait gives up (the provider's
+        ``max_attempts``); by default enough for the request's whole ``StoppingCondition``
+        (the provider's default, 60 polls, is 30 minutes at the default interval: far less
+        than a training run).
 
     Other arguments are the provider's (``deferrable``, ``print_log``, ``check_interval``,
     ...); ``check_if_job_exists``/``action_if_job_exists`` are not: the existing-job
@@ -72,7 +83,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     template_fields: Sequence[str] = (
         *SageMakerTrainingOperator.template_fields, "backend", "sourcedir_sha256", "local_work_dir",
-        "max_training_attempts", "expected_bucket_owner",
+        "max_training_attempts", "expected_bucket_owner", "kms_key_id", "manifest_sha256", "source_sha256s",
     )
     operator_extra_links = TRAINING_LINKS
     ui_color = "#d6eaf8"
@@ -83,22 +94,28 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         backend: str = "sagemaker",
         sourcedir_sha256: str | None = None,
         local_work_dir: str | None = None,
-        max_training_attempts: int | str = 3,
+        max_training_attempts: int | str | None = None,
         expected_bucket_owner: str | None = None,
-        max_attempts: int | None = None,
+        kms_key_id: str | None = None,
+        manifest_sha256: str | None = None,
+        source_sha256s: dict[str, str] | None = None,
+        max_status_polls: int | None = None,
         **kwargs: Any,
     ):
         # The provider's own name check is off for good: execute() checks first and
         # attaches; the provider would rename (a second job) or fail.
-        super().__init__(check_if_job_exists=False, max_attempts=max_attempts, **kwargs)
+        super().__init__(check_if_job_exists=False, max_attempts=max_status_polls, **kwargs)
         self.backend = backend
         self.sourcedir_sha256 = sourcedir_sha256
         self.local_work_dir = local_work_dir
         self.max_training_attempts = max_training_attempts
         self.expected_bucket_owner = expected_bucket_owner
+        self.kms_key_id = kms_key_id
+        self.manifest_sha256 = manifest_sha256
+        self.source_sha256s = source_sha256s
         self._attempts: list[str] = []
-        self._max_attempts_given = max_attempts is not None
-        self._processes: list[subprocess.Popen] = []  # one toolkit a host
+        self._status_polls_given = max_status_polls is not None
+        self._processes: list[subprocess.Popen] = []  # the local backend's toolkits, one a host
 
     def pre_execute(self, context: Context) -> None:
         """Times the task by its own request's ``StoppingCondition``.
@@ -112,20 +129,24 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         self.log.info("train execution_timeout: %s", self.execution_timeout)
 
     def execute(self, context: Context) -> dict:
+        from headpose.planning.governed import with_checksums
+        from headpose.planning.params import BACKENDS
+
         if self.backend not in BACKENDS:
             raise AirflowFailException(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self.config = with_checksums(self.config, self.manifest_sha256 or None, self.source_sha256s or None)
         self._persist_links(context)
         if self.backend == "local":
             return self._execute_local()
-        from headpose.planning.training_job import Step, is_fresh_try, next_attempt
+        from headpose.planning.training_job import Step, attempt_request, is_fresh_try, next_attempt
 
         self._resolve_role()
-        self.max_attempts = self._poll_attempts()
+        self.max_attempts = self._status_polls()
         first = self.config["TrainingJobName"]
         descriptions = self._attempt_descriptions(first)
         ti = context["ti"]
         fresh = is_fresh_try(getattr(ti, "try_number", 1), getattr(ti, "max_tries", self.retries), self.retries)
-        decision = next_attempt(descriptions, first, fresh_try=fresh, max_attempts=int(self.max_training_attempts))
+        decision = next_attempt(descriptions, first, fresh_try=fresh, max_training_attempts=self._max_training_attempts())
         job = decision.training_job_name
         self.log.info("Training job %s: %s -> %s", job, decision.reason, decision.step.value)
         self._attempts = [d["TrainingJobName"] for d in descriptions]
@@ -133,8 +154,11 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
             raise AirflowFailException(decision.reason)
         if decision.step is Step.CREATE:
             self._verify_code()
-            self.config = {**self.config, "TrainingJobName": job}
+            # A later attempt resumes the checkpoints of one that found no capacity, and
+            # starts afresh after any other failure (a model that broke must not be resumed).
+            self.config = attempt_request(self.config, job, descriptions[-1] if descriptions else None)
             self._attempts.append(job)
+            self._govern_provider_s3()
             # The provider's create-and-wait (deferrable or not), which raises on Failed;
             # _finish also refuses Stopped, which its non-log wait lets through.
             return self._finish(super().execute(context)["Training"])
@@ -149,7 +173,7 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         from headpose.planning.training_job import FAILED_STATUSES, attempt_job_name
 
         found: list[dict] = []
-        for number in range(1, int(self.max_training_attempts) + 1):
+        for number in range(1, self._max_training_attempts() + 1):
             description = self._describe_or_none(attempt_job_name(first, number))
             if description is None:
                 break
@@ -158,12 +182,24 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
                 break
         return found
 
+    def defer(self, *, trigger: Any, method_name: str, kwargs: dict[str, Any] | None = None,
+              timeout: datetime.timedelta | None = None) -> NoReturn:
+        """Defer with the run's attempts so far (the provider's own deferral included)."""
+        super().defer(trigger=trigger, method_name=method_name, timeout=timeout,
+                      kwargs={**(kwargs or {}), "attempts": list(self._attempts)})
+
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None, log_positions: dict | None = None,
+        attempts: list[str] | None = None,
     ) -> dict:
-        """After a deferred wait: the job's result, or its ``FailureReason`` as the error."""
+        """After a deferred wait: the job's result, or its ``FailureReason`` as the error.
+
+        ``attempts`` are the run's jobs as the deferring try knew them: this operator is
+        not the one that deferred.
+        """
         from headpose.planning.training_job import Step, next_step
 
+        self._attempts = list(attempts or [])
         validated = validate_execute_complete_event(event)
         job = validated.get("job_name") or self.config["TrainingJobName"]
         # The job's own state decides, not the event: a trigger that timed out or hit an
@@ -269,9 +305,9 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
             kwargs={"log_positions": positions},
         )
 
-    def _poll_attempts(self) -> int:
+    def _status_polls(self) -> int:
         """Status polls of a deferred wait: the given number, else enough for the whole job."""
-        if self._max_attempts_given:
+        if self._status_polls_given:
             return self.max_attempts
         stopping = self.config.get("StoppingCondition", {})
         longest = stopping.get("MaxWaitTimeInSeconds") or stopping.get("MaxRuntimeInSeconds") or 86400
@@ -301,13 +337,28 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
         if next_step(description) is Step.FAIL:
             message = failure_message(description)
-            if is_transient_failure(description) and len(self._attempts) < int(self.max_training_attempts):
+            if is_transient_failure(description) and len(self._attempts) < self._max_training_attempts():
                 # Retried: the next try starts the run's next job, which may get capacity.
                 raise AirflowException(f"{message}. A retry of this task starts another job.")
             raise AirflowFailException(message)
         return self._result(serialize(description))
 
+    def _govern_provider_s3(self) -> None:
+        """The provider's own S3 calls (``check_s3_url`` of the channels) pinned like ours.
+
+        ``SageMakerHook`` makes them through an ``S3Hook`` of its own, whose client is
+        created once and kept: the owner (and key) are registered on that client.
+        """
+        from headpose_operators.s3 import governed
+
+        governed(self.hook.s3_hook.get_conn(), self.expected_bucket_owner or None, self.kms_key_id or None)
+
     # -- both backends ------------------------------------------------------------------
+
+    def _max_training_attempts(self) -> int:
+        from headpose.planning.params import DEFAULT_MAX_TRAINING_ATTEMPTS
+
+        return int(self.max_training_attempts or DEFAULT_MAX_TRAINING_ATTEMPTS)
 
     def _expected_sha256(self) -> str:
         expected = (self.sourcedir_sha256 or "").strip().lower()
@@ -320,15 +371,15 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
         return expected
 
     def _sourcedir_uri(self) -> str:
-        from headpose.planning.request import hyperparameter
+        from headpose.planning.governed import code_source_uri  # with network isolation, the code channel's
 
-        return str(hyperparameter(self.config, "sagemaker_submit_directory", ""))
+        return str(code_source_uri(self.config) or "")
 
     def _s3_client(self):
         from headpose_operators.s3 import s3_client
 
-        return s3_client(self.aws_conn_id, self.expected_bucket_owner or None, region_name=self.region_name,
-                         verify=self.verify, config=self.botocore_config)
+        return s3_client(self.aws_conn_id, self.expected_bucket_owner or None, self.kms_key_id or None,
+                         region_name=self.region_name, verify=self.verify, config=self.botocore_config)
 
     def _result(self, description: dict) -> dict:
         from headpose.planning.training_job import training_summary
@@ -346,38 +397,3 @@ class HeadposeTrainingOperator(SageMakerTrainingOperator):
 
     def _persist_links(self, context: Context) -> None:
         persist_training_links(self, context, self.config, self.backend == "sagemaker")
-
-    # -- local ---------------------------------------------------------------------------
-
-    def _execute_local(self) -> dict:
-        from headpose.backends.local import run_local_training_job
-        from headpose.backends.sourcedir import SourcedirMismatch
-        from headpose.planning.layout import run_workspace
-
-        job = self.config["TrainingJobName"]
-        work_dir = Path(self.local_work_dir) if self.local_work_dir else run_workspace(job) / "local-training"
-        expected = self._expected_sha256()
-        self.log.info("Running training job %s with the local backend in %s", job, work_dir)
-        try:
-            description = run_local_training_job(
-                self.config, self._s3_client(), work_dir, self.log.info,
-                sourcedir_sha256=expected, on_start=self._remember_process,
-            )
-        except SourcedirMismatch as error:
-            raise AirflowFailException(str(error)) from None
-        finally:
-            # The job's outputs are in S3 by now (or it failed): its root is scratch. A task
-            # killed before this leaves it to the next try (which empties it) or to cleanup.
-            shutil.rmtree(work_dir, ignore_errors=True)
-        return self._result(serialize(description))
-
-    def _remember_process(self, process: subprocess.Popen) -> None:
-        self._processes.append(process)
-
-    def on_kill(self) -> None:
-        from headpose.backends.process import stop_process
-
-        for process in self._processes:
-            self.log.info("Stopping the local training process %s", process.pid)
-            stop_process(process)
-        super().on_kill()

@@ -51,7 +51,6 @@ from headpose.backends.process import HostCommand, MetricCollector, recording_pi
 from headpose.backends.sourcedir import verify_sourcedir
 from headpose.planning.layout import file_sha256, split_s3_uri
 from headpose.planning.params import LOCAL_MAX_INSTANCE_COUNT
-from headpose.planning.request import hyperparameter
 
 Log = Callable[[str], None]
 
@@ -208,7 +207,9 @@ def _fetch_code(s3_client: Any, request: Mapping[str, Any], archive: Path, sha25
 
 
 def _submit_directory(request: Mapping[str, Any]) -> str:
-    uri = hyperparameter(request, SUBMIT_DIRECTORY)
+    from headpose.planning.governed import code_source_uri  # with network isolation, the code channel's
+
+    uri = code_source_uri(request)
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise LocalTrainingError(f"{SUBMIT_DIRECTORY} must be an s3:// URI, got {uri!r}")
     return uri

@@ -54,13 +54,18 @@ def build_sourcedir(tar_path: str | Path, package_dir: Path = PACKAGE_DIR) -> tu
     return path, file_sha256(path)
 
 
-def package_code(s3_client: Any, sourcedir_uri: str, scratch: str | Path) -> dict[str, str]:
-    """``package_code``'s work: build ``sourcedir.tar.gz`` and upload it where the request names it."""
+def package_code(s3_client: Any, sourcedir_uri: str, scratch: str | Path) -> dict[str, Any]:
+    """``package_code``'s work: build ``sourcedir.tar.gz`` and upload it where the request names it.
+
+    Returns its sha256 (checked before the job is created) and each packed file's
+    (``files``: checked by the entry point inside the job, before its first step).
+    """
     path, sha256 = build_sourcedir(Path(scratch) / "sourcedir.tar.gz")
     bucket, key = split_s3_uri(sourcedir_uri)
     s3_client.upload_file(str(path), bucket, key)
     path.unlink()
-    return {"sourcedir_uri": sourcedir_uri, "sha256": sha256}
+    files = {name: file_sha256(source) for name, source in sourcedir_files().items()}
+    return {"sourcedir_uri": sourcedir_uri, "sha256": sha256, "files": files}
 
 
 class SourcedirMismatch(ValueError):

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="s3://bucket/headpose/published/latest.json or a local latest.json "
                                   f"(default: ${POINTER_ENV})")
         command.add_argument("--format", dest="format_name", default=None,
-                             help="edge format to run, e.g. openvino_fp32, onnx, litert_int8 "
+                             help="edge format to run, e.g. openvino_fp32, onnx, openvino_int8, onnx_int8 "
                                   "(default: the first published one whose runtime is installed)")
         command.add_argument("--cache", type=Path,
                              default=Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "headpose-edge")),

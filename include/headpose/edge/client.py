@@ -29,7 +29,8 @@ from headpose.registry.record import RecordError, record_channel_order, record_f
 
 Fetch = Callable[[str], bytes]
 # Which format to run when none is asked for: float32 first (exact), then reduced precision.
-PREFERRED_FORMATS = ("openvino_fp32", "onnx", "litert_float32", "openvino_fp16", "litert_int8", "openvino_bf16")
+PREFERRED_FORMATS = ("openvino_fp32", "onnx", "litert_float32", "openvino_fp16", "openvino_int8", "onnx_int8",
+                     "litert_int8", "openvino_bf16")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from headpose.planning.layout import file_sha256, split_s3_uri
+from headpose.planning.s3_calls import viewable_type
 
 
 class HandoffError(RuntimeError):
@@ -47,16 +48,6 @@ def download_verified(s3_client: Any, uri: str, dest: str | Path, sha256: str | 
     return target
 
 
-# Documents a person opens from a link: S3 stores everything else as binary/octet-stream,
-# which a browser downloads (and a new tab for it closes) instead of showing.
-VIEWABLE_TYPES = {".json": "application/json", ".png": "image/png", ".txt": "text/plain"}
-
-
-def viewable_type(key: str) -> str | None:
-    """The ``Content-Type`` a browser shows ``key`` with, for the documents people open."""
-    return VIEWABLE_TYPES.get(Path(key).suffix.lower())
-
-
 def upload_file(s3_client: Any, path: str | Path, uri: str) -> str:
     """Upload ``path`` to ``uri`` (boto3's transfer manager); returns the file's sha256."""
     bucket, key = split_s3_uri(uri)
@@ -64,25 +55,3 @@ def upload_file(s3_client: Any, path: str | Path, uri: str) -> str:
     content_type = viewable_type(key)
     s3_client.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type} if content_type else None)
     return sha256
-
-
-def pin_bucket_owner(s3_client: Any, expected_bucket_owner: str | None) -> Any:
-    """``s3_client``, sending ``ExpectedBucketOwner`` with every call whose API takes it.
-
-    S3 then refuses (403) any call to a bucket another account owns - say one a stranger
-    created under a name this deployment expected to own. A botocore event hook rather
-    than an argument at every call site, so that no call (the transfer manager's parts,
-    paginators, server-side copies) can be missed.
-    """
-    if not expected_bucket_owner:
-        return s3_client
-
-    def add_owner(params: dict, model: Any, **_: Any) -> None:
-        members = model.input_shape.members if model.input_shape is not None else {}
-        if "ExpectedBucketOwner" in members:
-            params.setdefault("ExpectedBucketOwner", expected_bucket_owner)
-        if "ExpectedSourceBucketOwner" in members:  # CopyObject, UploadPartCopy: the source too
-            params.setdefault("ExpectedSourceBucketOwner", expected_bucket_owner)
-
-    s3_client.meta.events.register("before-parameter-build.s3", add_owner, unique_id="headpose-bucket-owner")
-    return s3_client

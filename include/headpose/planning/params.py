@@ -45,6 +45,9 @@ MAX_JOB_LIFETIME_SECONDS = 2_592_000
 MAX_BASE_JOB_NAME = 36
 BASE_JOB_NAME_PATTERN = TRAINING_JOB_NAME_PATTERN.replace("{0,62}", "{0,%d}" % (MAX_BASE_JOB_NAME - 1))
 CHANNEL_ORDERS = ("bgr", "rgb")
+# Training jobs one run may start (the run parameter max_training_attempts); not to be
+# confused with the status polls of one job's deferred wait (the operator's max_status_polls).
+DEFAULT_MAX_TRAINING_ATTEMPTS = 3
 
 
 def default_bucket(environ: Mapping[str, str] | None = None) -> str | None:
@@ -297,7 +300,7 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "section": "Acceptance",
         },
         "max_training_attempts": {
-            "default": 3, "type": "integer", "minimum": 1, "maximum": 9,
+            "default": DEFAULT_MAX_TRAINING_ATTEMPTS, "type": "integer", "minimum": 1, "maximum": 9,
             "title": "Training jobs per run",
             "description": "backend=sagemaker: how many jobs (<job>, <job>-2, ...) one run may start "
             "when one fails for lack of capacity or an internal error, or when train is cleared "
@@ -309,6 +312,14 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "title": "Force publish",
             "description": "Publish the new model even if it is less accurate than the published "
             "one (it must still pass min_accuracy and parity).",
+            "section": "Acceptance",
+        },
+        "force_retrain": {
+            "default": False, "type": "boolean",
+            "title": "Force retrain",
+            "description": "Train even if a model was already trained on this data version (the same "
+            "data with the same dataset and training settings, published or refused); without it such "
+            "a run trains nothing and says so. Scheduled and data-started runs never set it.",
             "section": "Acceptance",
         },
         # -- synthetic dataset --------------------------------------------------------

@@ -14,6 +14,27 @@ allowed to trigger must not change and which no trigger's conf may carry:
                              base filters, for refusing a local run that cannot finish in time
 ``publish_latest_mirror``    also copy the published files to ``published/latest/`` for devices
                              that cannot read ``latest.json`` (default true)
+``edge_formats``             the edge formats this deployment's devices run (default: every
+                             one); converting ResNet-50 to all of them takes minutes
+
+and, for a governed AWS account (``planning.governed`` puts them into the request):
+
+``vpc_subnets``, ``vpc_security_groups``  the training job's ``VpcConfig`` (both or neither)
+``kms_key_id``               KMS key ARN for the job's output and volume, and SSE-KMS on every
+                             S3 write the pipeline makes
+``inter_container_encryption``  ``EnableInterContainerTrafficEncryption``
+``network_isolation``        ``EnableNetworkIsolation``; the code then reaches the job as an
+                             input channel
+``object_lock_days``         published version files kept in S3 Object Lock governance mode
+                             this many days, where the bucket has Object Lock (0: off)
+
+and, for retraining when new data arrives (``planning.new_data``):
+
+``retrain_on``               ``schedule`` (the cron alone, the default), ``data`` (an upload under
+                             ``new_data_prefix``) or ``either``
+``new_data_prefix``          ``s3://`` prefix where new data is uploaded: a Prima-layout archive or
+                             a staged dataset's ``manifest.json``
+``new_data_queue``           URL of the SQS queue the bucket notifies of those uploads
 
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
@@ -34,6 +55,7 @@ PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
 # work on the machine: bench/recorded/local_throughput-cpu-2026-12-01.json). A deployment's
 # own workers override them with local_images_per_second.
 MEASURED_IMAGES_PER_SECOND = {"10": 185.0, "18": 96.0, "34": 25.0, "50": 25.0}
+RETRAIN_ON = ("schedule", "data", "either")
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluation_set": {
@@ -56,6 +78,45 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "boolean",
         "description": "true or false",
     },
+    "vpc_subnets": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 16, "uniqueItems": True,
+        "items": {"type": "string", "pattern": r"^subnet-[0-9a-f]{8,17}$"},
+        "description": "1-16 subnet ids (subnet-0123456789abcdef0) the training job runs in",
+    },
+    "vpc_security_groups": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 5, "uniqueItems": True,
+        "items": {"type": "string", "pattern": r"^sg-[0-9a-f]{8,17}$"},
+        "description": "1-5 security group ids (sg-0123456789abcdef0) of the training job",
+    },
+    "kms_key_id": {
+        "type": ["string", "null"],
+        "pattern": r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$",
+        "description": "a KMS key ARN (arn:aws:kms:<region>:<account>:key/<uuid>): the IAM policies name it",
+    },
+    "inter_container_encryption": {"type": "boolean", "description": "true or false"},
+    "network_isolation": {"type": "boolean", "description": "true or false"},
+    "object_lock_days": {
+        "type": "integer", "minimum": 0, "maximum": 36500,
+        "description": "days (0-36500; 0: no Object Lock)",
+    },
+    "edge_formats": {
+        "type": "array", "items": {"type": "string"}, "minItems": 1,
+        "description": 'edge format names, e.g. ["openvino_int8", "onnx"]',
+    },
+    "retrain_on": {
+        "type": "string", "enum": list(RETRAIN_ON),
+        "description": "schedule (the cron alone), data (an upload under new_data_prefix) or either",
+    },
+    "new_data_prefix": {
+        "type": ["string", "null"],
+        "pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(\S+/)?$",
+        "description": "an s3:// prefix ending in '/', e.g. s3://my-bucket/headpose/incoming/",
+    },
+    "new_data_queue": {
+        "type": ["string", "null"],
+        "pattern": r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[A-Za-z0-9_-]{1,80}$",
+        "description": "an SQS queue URL, https://sqs.<region>.amazonaws.com/<account>/<name>",
+    },
 }
 
 
@@ -71,6 +132,21 @@ class DeploymentSettings:
     expected_bucket_owner: str | None = None
     local_images_per_second: dict[str, float] = field(default_factory=lambda: dict(MEASURED_IMAGES_PER_SECOND))
     publish_latest_mirror: bool = True
+    vpc_subnets: list[str] | None = None
+    vpc_security_groups: list[str] | None = None
+    kms_key_id: str | None = None
+    inter_container_encryption: bool = False
+    network_isolation: bool = False
+    object_lock_days: int = 0
+    edge_formats: list[str] | None = None  # None: every format
+    retrain_on: str = "schedule"
+    new_data_prefix: str | None = None
+    new_data_queue: str | None = None
+
+    @property
+    def watches_new_data(self) -> bool:
+        """Whether an upload under ``new_data_prefix`` starts a run."""
+        return self.retrain_on != "schedule"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +212,18 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
             problems.append(f"{name}={value!r}: {_rule(error, schema)}")
             continue
         target[name] = value
+    if "edge_formats" in settings:
+        from headpose.artifacts.edge.export import requested_formats  # light: converters import lazily
+
+        try:
+            requested_formats(settings["edge_formats"])
+        except ValueError as error:
+            problems.append(f"edge_formats={settings['edge_formats']!r}: {error}")
+    if settings.get("retrain_on", "schedule") != "schedule":
+        missing = [name for name in ("new_data_prefix", "new_data_queue") if not settings.get(name)]
+        if missing:
+            problems.append(f"retrain_on={settings['retrain_on']!r} needs {' and '.join(missing)}: where new data "
+                            "is uploaded and the SQS queue its bucket notifies")
     if not problems:
         # The profile's instance count must work with its own backend, type and dataset, or
         # every scheduled run would be refused in plan_run.

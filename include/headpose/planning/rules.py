@@ -162,7 +162,24 @@ def _sagemaker_problems(values: Mapping[str, Any], connection_role: str | None) 
             "backend=sagemaker needs the SageMaker execution role: set role_arn (trigger or "
             "profile), or 'sagemaker_role_arn' in the extra of the AWS connection"
         )
+    problems.extend(_role_readable_dataset_problems(values))
     return problems
+
+
+def _role_readable_dataset_problems(values: Mapping[str, Any]) -> list[str]:
+    """A given dataset prefix the execution role may read (deploy/iam: ``<folder>/datasets/*``).
+
+    Outside it, SageMaker's download of the channel fails with AccessDenied inside the job,
+    after the wait for an instance; here it is refused before anything starts.
+    """
+    source = values["dataset_source"]
+    readable = f"s3://{values['s3_bucket']}/{values['headpose_folder']}/datasets/"
+    if not source.startswith("s3://") or not values["s3_bucket"] or source.startswith(readable):
+        return []
+    return [
+        f"dataset_source={source!r}: with backend=sagemaker the execution role reads datasets under "
+        f"{readable} only (deploy/iam/sagemaker-execution-role-policy.json); copy the dataset there"
+    ]
 
 
 def _local_problems(values: Mapping[str, Any], deployment: DeploymentSettings) -> list[str]:

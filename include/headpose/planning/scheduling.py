@@ -11,6 +11,12 @@ value everywhere), not by editing the DAG:
 ``HEADPOSE_DAGRUN_TIMEOUT_HOURS``     a run still going after this fails (default 192 = 8 days:
                                       the 7-day spot wait ceiling plus every other task)
 ``HEADPOSE_OWNER``                    the team the UI shows as the DAG's owner (default ml-platform)
+``HEADPOSE_TRAINING_POLL_SECONDS``    how often ``train`` asks SageMaker for its job's status, and
+                                      the provider's trigger when it defers (default 30); a store
+                                      whose jobs end at once (moto) sets it low
+``HEADPOSE_NEW_DATA_POLL_SECONDS``    with ``retrain_on`` data or either: the pause of the new-data
+                                      watcher after a 20 s long poll of the queue found nothing
+                                      (default 60, the provider's ``waiter_delay``)
 
 Environment rather than an Airflow Variable: it is read at every DAG parse, and a
 Variable lookup there is a metadata-database query per parse.
@@ -28,6 +34,10 @@ OWNER_ENV = "HEADPOSE_OWNER"
 DEFAULT_OWNER = "ml-platform"
 DEFAULT_SCHEDULE = "@weekly"
 DISABLED = ("none", "off", "manual")
+TRAINING_POLL_ENV = "HEADPOSE_TRAINING_POLL_SECONDS"
+DEFAULT_TRAINING_POLL_SECONDS = 30
+NEW_DATA_POLL_ENV = "HEADPOSE_NEW_DATA_POLL_SECONDS"
+DEFAULT_NEW_DATA_POLL_SECONDS = 60
 
 # The train task's timeout at parse time, before the run's request is known: the default
 # spot wait ceiling (max_wait_seconds, 7 days). ``train_timeout`` sets the run's own.
@@ -40,20 +50,26 @@ TRAIN_MARGIN = timedelta(hours=1)
 # database; a few GB of shards and a ~100 MB model); generous, they stop hung tasks.
 TASK_TIMEOUTS: dict[str, timedelta] = {
     "plan_run": timedelta(minutes=10),
+    "claim_data_version": timedelta(minutes=30),  # the sha256 of the archive: streams it once
     "stage_dataset": timedelta(hours=3),  # generate / convert and upload every shard
     "package_code": timedelta(minutes=15),
     "train": timedelta(seconds=DEFAULT_TRAIN_SECONDS) + TRAIN_MARGIN,
     "download_artifact": timedelta(hours=1),
     "freeze_graph": timedelta(hours=1),
-    "export_edge_models": timedelta(hours=1),  # five conversions of a ResNet-50, int8 calibration
+    # Seven conversions of a ResNet-50, three of them int8 with calibration: 218 s on two shared
+    # cores with 93 calibration images (bench_edge.py; onnx_int8 82 s, openvino_int8 56 s); the
+    # task calibrates on up to 200.
+    "export_edge_models": timedelta(hours=1),
     "validate_model": timedelta(hours=3),  # two models over the whole held-out split on CPU
     "upload_frozen_model": timedelta(minutes=30),
     "publish": timedelta(minutes=15),
+    "record_data_version": timedelta(minutes=15),
     "cleanup": timedelta(minutes=15),
 }
 # Tasks whose failures are mostly the network or AWS: these retry with backoff. The
 # others retry once, for a worker that died under them.
 AWS_TASKS = frozenset({
+    "claim_data_version", "record_data_version",
     "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph", "export_edge_models",
     "validate_model", "upload_frozen_model", "publish",
 })
@@ -93,6 +109,25 @@ def schedule(environ: Mapping[str, str] | None = None) -> str | None:
 def owner(environ: Mapping[str, str] | None = None) -> str:
     """The team shown as the DAG's owner in the UI (``$HEADPOSE_OWNER``, default ml-platform)."""
     return _env(environ).get(OWNER_ENV, "").strip() or DEFAULT_OWNER
+
+
+def training_poll_seconds(environ: Mapping[str, str] | None = None) -> int:
+    """Seconds between two status requests of ``train`` (its ``check_interval``).
+
+    30 is the provider's own default: a training job takes minutes to hours, so polling
+    faster only costs API calls. moto finishes a job at once, and then every run would
+    wait one whole interval for nothing.
+    """
+    return int(_number(_env(environ), TRAINING_POLL_ENV, DEFAULT_TRAINING_POLL_SECONDS, minimum=1))
+
+
+def new_data_poll_seconds(environ: Mapping[str, str] | None = None) -> int:
+    """The new-data watcher's ``waiter_delay``: seconds between long polls that found nothing.
+
+    The 20 s long poll already returns as soon as a message arrives; the pause only spaces
+    the requests on an empty queue. Tests set it to 1.
+    """
+    return int(_number(_env(environ), NEW_DATA_POLL_ENV, DEFAULT_NEW_DATA_POLL_SECONDS, minimum=0))
 
 
 def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:

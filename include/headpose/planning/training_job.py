@@ -118,6 +118,11 @@ def training_summary(description: Mapping[str, Any]) -> dict[str, Any]:
 TRANSIENT_FAILURES = ("CapacityError", "InsufficientCapacity", "InternalServerError")
 
 
+# The part of those that is about capacity: the job never trained, so what its attempt
+# checkpointed (or the one before it) is sound to resume from.
+CAPACITY_FAILURES = ("CapacityError", "InsufficientCapacity")
+
+
 def attempt_job_name(first_job: str, attempt: int) -> str:
     """The run's ``attempt``-th job name: ``<job>`` first, then ``<job>-2``, ``<job>-3``..."""
     if attempt < 1:
@@ -128,6 +133,31 @@ def attempt_job_name(first_job: str, attempt: int) -> str:
 def is_transient_failure(description: Mapping[str, Any]) -> bool:
     reason = str(description.get("FailureReason") or "")
     return any(word in reason for word in TRANSIENT_FAILURES)
+
+
+def is_capacity_failure(description: Mapping[str, Any]) -> bool:
+    reason = str(description.get("FailureReason") or "")
+    return any(word in reason for word in CAPACITY_FAILURES)
+
+
+def attempt_request(request: Mapping[str, Any], job: str, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's request for its attempt ``job``, after ``previous`` (the last attempt's description).
+
+    Spot checkpoints are resumed only after a failure for capacity, from the checkpoints
+    the previous attempt used; after any other failure (an ``AlgorithmError``, a stop, an
+    internal error) the attempt starts from fresh ones under its own name, so that it
+    cannot resume the state that failed.
+    """
+    attempt = {**request, "TrainingJobName": job}
+    checkpoints = request.get("CheckpointConfig")
+    if not checkpoints or previous is None:
+        return attempt
+    if is_capacity_failure(previous):
+        uri = (previous.get("CheckpointConfig") or checkpoints)["S3Uri"]
+    else:
+        uri = checkpoints["S3Uri"].replace(f"/{request['TrainingJobName']}/", f"/{job}/")
+    attempt["CheckpointConfig"] = {**checkpoints, "S3Uri": uri}
+    return attempt
 
 
 def is_fresh_try(try_number: int, max_tries: int, retries: int) -> bool:
@@ -148,7 +178,7 @@ class AttemptStep:
 
 
 def next_attempt(
-    descriptions: Sequence[Mapping[str, Any]], first_job: str, *, fresh_try: bool, max_attempts: int,
+    descriptions: Sequence[Mapping[str, Any]], first_job: str, *, fresh_try: bool, max_training_attempts: int,
 ) -> AttemptStep:
     """What ``train`` does given the run's jobs so far (``descriptions`` of attempt 1, 2, ...).
 
@@ -166,8 +196,8 @@ def next_attempt(
     if step is not Step.FAIL:
         return AttemptStep(step, name, f"{name} is {latest.get('TrainingJobStatus')}")
     why = f"{name} is {latest.get('TrainingJobStatus')}: {latest.get('FailureReason') or 'no FailureReason'}"
-    if number >= max_attempts:
-        return AttemptStep(Step.FAIL, name, f"{why}; the run has used its {max_attempts} training job(s)")
+    if number >= max_training_attempts:
+        return AttemptStep(Step.FAIL, name, f"{why}; the run has used its {max_training_attempts} training job(s)")
     if fresh_try:
         return AttemptStep(Step.CREATE, attempt_job_name(first_job, number + 1), f"{why}; train was cleared")
     if is_transient_failure(latest):

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Sequence
 
-from headpose.planning.handoff import pin_bucket_owner
+from headpose.planning.s3_calls import pin_bucket_owner
 from headpose.planning.layout import DEFAULT_FOLDER, join_uri
 from headpose.registry.pointer import POINTER_NAME, PublishError, history, published_prefix, read_pointer
 from headpose.registry.rollback import rollback

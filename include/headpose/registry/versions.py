@@ -6,6 +6,9 @@ prefix to ``TFartifacts/<job>/output/``, beside ``model.tar.gz`` as the tutorial
 them. Each source is checked against the sha256 its task recorded first, and each copy
 carries that sha256 in its metadata. A version that a history record already references
 is never overwritten: its files must be the same bytes, or the task refuses.
+
+Before the first copy the store is checked (``store_checks``): it must honour conditional
+writes, and where the deployment sets ``object_lock_days`` the copies are locked.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from headpose.planning.layout import (
     split_s3_uri,
 )
 from headpose.registry.pointer import PublishError, is_missing_key, sha256_of_object
+from headpose.registry.store_checks import lock_object, object_lock_retention, require_conditional_writes
+
+PROBE_FILE = "conditional-write-probe"
 
 SHA256_METADATA = "sha256"
 
@@ -30,6 +36,8 @@ def make_version(
 ) -> dict[str, Any]:
     """Copy the accepted candidate's files to the version prefix; what the published record names."""
     layout = RunLayout.from_dict(plan).for_job(frozen["training_job_name"])
+    require_conditional_writes(s3_client, layout.candidate_prefix + PROBE_FILE)
+    lock = object_lock_retention(s3_client, layout.bucket, int((plan.get("deployment") or {}).get("object_lock_days") or 0))
     referenced = _exists(s3_client, layout.history_record_uri)
     sources = {
         FROZEN_MODEL_FILE: (frozen["frozen_model_uri"], frozen["frozen_model_sha256"]),
@@ -38,7 +46,7 @@ def make_version(
         CONFUSION_PNG_FILE: (report["confusion_png_uri"], report["confusion_png_sha256"]),
     }
     files = {
-        name: {"uri": _copy_verified(s3_client, uri, sha256, layout.version_prefix + name, referenced),
+        name: {"uri": _copy_verified(s3_client, uri, sha256, layout.version_prefix + name, referenced, lock),
                "sha256": sha256}
         for name, (uri, sha256) in sources.items()
     }
@@ -46,7 +54,7 @@ def make_version(
     for name, fmt in _accepted_formats(edge or {}, report).items():
         copied = {
             file: {"uri": _copy_verified(s3_client, entry["uri"], entry["sha256"],
-                                         layout.version_prefix + "edge/" + file, referenced),
+                                         layout.version_prefix + "edge/" + file, referenced, lock),
                    "sha256": entry["sha256"]}
             for file, entry in fmt["files"].items()
         }
@@ -72,10 +80,13 @@ def _accepted_formats(edge: Mapping[str, Any], report: Mapping[str, Any]) -> dic
     return accepted
 
 
-def _copy_verified(s3_client: Any, source_uri: str, sha256: str, target_uri: str, referenced: bool) -> str:
+def _copy_verified(
+    s3_client: Any, source_uri: str, sha256: str, target_uri: str, referenced: bool, lock: dict[str, Any] | None,
+) -> str:
     existing = _recorded_sha256(s3_client, target_uri)
     if existing == sha256:
-        return target_uri  # a retry, or a re-run after a clear: already in place
+        lock_object(s3_client, target_uri, lock)  # a retry, or a re-run after a clear: already in place
+        return target_uri
     if existing is not None and referenced:
         raise PublishError(
             f"{target_uri} is part of a published version and holds other bytes (sha256 {existing}) than "
@@ -88,6 +99,7 @@ def _copy_verified(s3_client: Any, source_uri: str, sha256: str, target_uri: str
     bucket, key = split_s3_uri(target_uri)
     s3_client.copy({"Bucket": source_bucket, "Key": source_key}, bucket, key,
                    ExtraArgs={"Metadata": {SHA256_METADATA: sha256}, "MetadataDirective": "REPLACE"})
+    lock_object(s3_client, target_uri, lock)
     return target_uri
 
 

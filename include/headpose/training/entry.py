@@ -111,6 +111,11 @@ def argument_parser() -> argparse.ArgumentParser:
     add("--cpu_devices", type=int, default=0,
         help="on a host without GPUs, train over this many logical CPU devices as over as many "
         "GPUs (MirroredStrategy; tests and the local backend); 0 (default): one device")
+    add("--manifest_sha256", default=None,
+        help="sha256 of the training channel's manifest.json; with it, the manifest and every shard "
+        "are verified before the first step (training.integrity)")
+    add("--source_sha256s", default=None,
+        help="JSON object {file: sha256} of this code; with it, every file is verified before the first step")
     return parser
 
 
@@ -124,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from headpose.training import cluster
 
-        metrics = train(args, cluster.from_environment())
+        found = cluster.from_environment()
+        _verify_inputs(args)
+        metrics = train(args, found)
     except Exception as error:  # every failure must reach the job's FailureReason
         reason = f"{type(error).__name__}: {error}"
         log(traceback.format_exc())
@@ -133,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log(f"training finished: {json.dumps(metrics, sort_keys=True)}")
     return 0
+
+
+def _verify_inputs(args: argparse.Namespace) -> None:
+    """The code and the data are the ones recorded (``training.integrity``), or an ``IntegrityError``."""
+    from headpose.training import integrity
+
+    files = integrity.verify_sources(args.source_sha256s)
+    shards = integrity.verify_dataset(args.manifest_sha256, args.train_dir, args.eval_dir)
+    log(f"integrity: {files} source files and {shards} shards match their recorded sha256"
+        + ("" if files and shards else " (a check without its recorded sha256s was skipped)"))
 
 
 def _write_failure(reason: str) -> None:

@@ -18,9 +18,12 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from headpose.edge.preprocess import CHANNEL_ORDERS, RESIZE
+
+# Slack on the representative images' value range: float32 rounding of p / 255.
+_RANGE_SLACK = 1e-6
 
 
 class EdgeFormatError(ValueError):
@@ -183,6 +186,29 @@ def require_probabilities(values, num_classes: int) -> None:
         raise EdgeFormatError(f"one image gives output shape {shape}, expected [1, {num_classes}]")
     if not all(math.isfinite(float(v)) for v in values.reshape(-1)):
         raise EdgeFormatError("one image gives non-finite outputs")
+
+
+def calibration_images(images: Iterable[Any] | None, source: FrozenSource) -> list:
+    """The representative images as ``[1, H, W, 3]`` float32 arrays, each checked (every int8 format)."""
+    import numpy as np
+
+    if images is None:
+        raise EdgeFormatError("int8 quantisation needs representative images, none were given")
+    height, width = source.image_size
+    low, high = source.preprocessing["value_range"]
+    singles = []
+    for number, image in enumerate(images):
+        array = np.asarray(image, dtype=np.float32)
+        batch = array[None] if array.ndim == 3 else array
+        if batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
+            raise EdgeFormatError(f"representative image {number} has shape {array.shape}, "
+                                  f"expected [{height}, {width}, 3] or [N, {height}, {width}, 3]")
+        if not np.isfinite(batch).all() or batch.min() < low - _RANGE_SLACK or batch.max() > high + _RANGE_SLACK:
+            raise EdgeFormatError(f"representative image {number} has values outside [{low}, {high}]")
+        singles.extend(batch[i:i + 1] for i in range(batch.shape[0]))
+    if not singles:
+        raise EdgeFormatError("int8 quantisation needs representative images, the set is empty")
+    return singles
 
 
 def frozen_source(frozen_pb: str | Path, frozen_metadata: Mapping[str, Any]) -> FrozenSource:

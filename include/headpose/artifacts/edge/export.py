@@ -16,9 +16,13 @@ format              runtime      precision  files
 ``openvino_fp32``   openvino     float32    ``model.xml``, ``model.bin``
 ``openvino_fp16``   openvino     float16    ``model_fp16.xml``, ``model_fp16.bin``
 ``openvino_bf16``   openvino     bfloat16   ``openvino_fp32``'s files, bf16 hint
+``openvino_int8``   openvino     int8       ``model_int8.xml``, ``model_int8.bin``
+``onnx_int8``       onnxruntime  int8       ``model_int8.onnx``
 ==================  ===========  =========  ====================================
 
-TensorFlow, tf2onnx and OpenVINO are imported by the converters when they run.
+The three int8 formats are calibrated on the same representative training images.
+TensorFlow, tf2onnx, OpenVINO, NNCF and ONNX Runtime's quantiser are imported by the
+converters when they run.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from headpose.artifacts.edge.converter import EdgeConverter, EdgeFormatError, EdgeModel, frozen_source
 from headpose.artifacts.edge.litert import LiteRTConverter
 from headpose.artifacts.edge.onnx import OnnxConverter
+from headpose.artifacts.edge.onnx_int8 import OnnxInt8Converter
 from headpose.artifacts.edge.openvino import OpenVINOConverter, precision_hint_variant
+from headpose.artifacts.edge.openvino_int8 import OpenVINOInt8Converter
 
 EDGE_MODELS_FILE = "edge_models.json"
 MANIFEST_VERSION = 1
@@ -42,6 +48,8 @@ CONVERTERS: dict[str, Callable[[Iterable[Any] | None], EdgeConverter]] = {
     "litert_int8": lambda images: LiteRTConverter(quantization="int8", representative_images=images),
     "openvino_fp32": lambda images: OpenVINOConverter(),
     "openvino_fp16": lambda images: OpenVINOConverter(weights="float16"),
+    "openvino_int8": lambda images: OpenVINOInt8Converter(representative_images=images),
+    "onnx_int8": lambda images: OnnxInt8Converter(representative_images=images),
 }
 # Formats that are another format's files run with another precision hint: name -> (base, precision).
 HINT_FORMATS = {"openvino_bf16": ("openvino_fp32", "bfloat16")}
@@ -67,7 +75,7 @@ def export_edge_models(
     """Convert ``frozen_pb`` into each of ``formats`` in ``out_dir``; write ``edge_models.json``.
 
     ``representative_images`` (float32 ``[H, W, 3]`` training images in the model's value
-    range) calibrate ``litert_int8``; ``converters`` replaces the converter of a format.
+    range and channel order) calibrate the int8 formats; ``converters`` replaces the converter of a format.
     Raises ``ValueError`` for an unknown or inconsistent list of formats and
     ``EdgeFormatError`` when the frozen graph or its metadata is refused, before any
     conversion; a format that fails is in ``refused``.

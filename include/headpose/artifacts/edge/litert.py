@@ -21,6 +21,7 @@ from headpose.artifacts.edge.converter import (
     EdgeConverter,
     EdgeFormatError,
     FrozenSource,
+    calibration_images,
     package_versions,
     require_io,
     require_probabilities,
@@ -30,8 +31,6 @@ from headpose.edge.runtimes import dequantize, quantize
 
 FLOAT32_FILE = "model.tflite"
 INT8_FILE = "model_int8.tflite"
-# Slack on the representative images' value range: float32 rounding of p / 255.
-_RANGE_SLACK = 1e-6
 
 
 class LiteRTConverter(EdgeConverter):
@@ -57,7 +56,7 @@ class LiteRTConverter(EdgeConverter):
 
     def _validate_input(self, source: FrozenSource) -> None:
         if self.quantization:
-            self._calibration = _calibration_images(self._images_given, source)
+            self._calibration = calibration_images(self._images_given, source)
 
     def _convert(self, source: FrozenSource, scratch: Path) -> dict[str, Path]:
         import tensorflow as tf
@@ -103,29 +102,6 @@ class LiteRTConverter(EdgeConverter):
         return self.metadata(source, self.model_file, [entries[0]], [entries[1]],
                              calibration_images=len(self._calibration) or None,
                              converter=package_versions("tensorflow", "ai-edge-litert"))
-
-
-def _calibration_images(images: Iterable[Any] | None, source: FrozenSource) -> list:
-    """The representative images as ``[1, H, W, 3]`` float32 arrays, each checked."""
-    import numpy as np
-
-    if images is None:
-        raise EdgeFormatError("int8 quantisation needs representative images, none were given")
-    height, width = source.image_size
-    low, high = source.preprocessing["value_range"]
-    singles = []
-    for number, image in enumerate(images):
-        array = np.asarray(image, dtype=np.float32)
-        batch = array[None] if array.ndim == 3 else array
-        if batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
-            raise EdgeFormatError(f"representative image {number} has shape {array.shape}, "
-                                  f"expected [{height}, {width}, 3] or [N, {height}, {width}, 3]")
-        if not np.isfinite(batch).all() or batch.min() < low - _RANGE_SLACK or batch.max() > high + _RANGE_SLACK:
-            raise EdgeFormatError(f"representative image {number} has values outside [{low}, {high}]")
-        singles.extend(batch[i:i + 1] for i in range(batch.shape[0]))
-    if not singles:
-        raise EdgeFormatError("int8 quantisation needs representative images, the set is empty")
-    return singles
 
 
 def _quantization(detail: dict, quantization: str | None) -> dict[str, float] | None:

@@ -33,6 +33,7 @@ class OnnxConverter(EdgeConverter):
 
     runtime = "onnxruntime"
     precision = "float32"
+    model_file = MODEL_FILE
 
     def __init__(self, opset: int = DEFAULT_OPSET, format: str = "onnx"):
         self.opset = opset
@@ -59,7 +60,7 @@ class OnnxConverter(EdgeConverter):
         import onnx
         import onnxruntime
 
-        path = written[MODEL_FILE]
+        path = written[self.model_file]
         onnx.checker.check_model(str(path))
         opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                      if o.domain in ("", "ai.onnx"))
@@ -77,5 +78,5 @@ class OnnxConverter(EdgeConverter):
             entries.append(tensor_entry(tensor.name, shape, dtype))
         zeros = np.zeros([1, height, width, 3], np.float32)
         require_probabilities(session.run(None, {inputs[0].name: zeros})[0], source.num_classes)
-        return self.metadata(source, MODEL_FILE, [entries[0]], [entries[1]], opset=opset,
+        return self.metadata(source, self.model_file, [entries[0]], [entries[1]], opset=opset,
                              converter=package_versions("tf2onnx", "onnx"))

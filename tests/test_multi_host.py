@@ -158,10 +158,12 @@ def test_a_two_host_job_resumes_on_every_host_and_only_the_chief_writes(two_host
 
 
 @pytest.mark.slow
-def test_the_replicated_training_loop_takes_the_steps_model_fit_takes():
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_the_replicated_training_loop_takes_the_steps_model_fit_takes(policy):
     """The loop that trains every layout of several replicas (Keras' fit cannot under
     MultiWorkerMirroredStrategy) against ``fit`` itself, on one device: the same loss with
-    its L2 term, the same optimizer steps, the same running logs."""
+    its L2 term, the same optimizer steps (with mixed precision, the same loss scaling),
+    the same running logs."""
     import numpy as np
     import tensorflow as tf
 
@@ -174,7 +176,9 @@ def test_the_replicated_training_loop_takes_the_steps_model_fit_takes():
 
     def compiled():
         tf.keras.utils.set_random_seed(3)
+        tf.keras.mixed_precision.set_global_policy(policy)
         net = model.build_resnet(10, 4, 1e-2, 0.9)
+        tf.keras.mixed_precision.set_global_policy("float32")
         net.compile(optimizer=tf.keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy",
                     metrics=["accuracy"], jit_compile=False)
         return net
@@ -193,7 +197,7 @@ def test_the_replicated_training_loop_takes_the_steps_model_fit_takes():
     layout = distribution.Layout(tf.distribute.get_strategy(), Cluster(("algo-1",), "algo-1", None), "one device")
     distribution.train_replicated(by_loop, layout, data, 3, 8, False, [loop_logs])
 
-    assert int(by_loop.optimizer.iterations.numpy()) == 3
+    assert int(by_loop.optimizer.iterations.numpy()) == 3 and by_loop.dtype_policy.name == policy
     for ours, theirs in zip(by_loop.weights, by_fit.weights):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5, err_msg=ours.path)
     np.testing.assert_allclose(np.array(loop_logs.seen), np.array(fit_logs.seen), rtol=1e-4)

@@ -203,8 +203,9 @@ def _finite_everywhere_or_nowhere(grads: list) -> list:
     replicas must take the same branch, so the verdict is agreed across them first.
     """
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    everywhere = tf.distribute.get_replica_context().all_reduce("MIN", tf.cast(finite, tf.float32))
-    factor = tf.where(everywhere > 0, 1.0, float("nan"))
+    # Replicas whose gradients are not finite, summed (the all-reduce has no minimum).
+    failing = tf.distribute.get_replica_context().all_reduce("SUM", 1.0 - tf.cast(finite, tf.float32))
+    factor = tf.where(failing > 0, float("nan"), 1.0)
     return [g * tf.cast(factor, g.dtype) for g in grads]
 
 

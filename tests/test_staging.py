@@ -204,6 +204,19 @@ def test_a_dataset_in_the_other_channel_order_is_refused(bucket, tmp_path):
         staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)
 
 
+def test_a_dataset_with_fewer_training_shards_than_hosts_is_refused(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    prefix = _dataset(bucket, tmp_path, "two-shards", prima_poses())  # 93 images, 64 a shard
+    plan = {"bucket": BUCKET, "dataset_prefix": prefix,
+            "run_params": {"dataset_source": prefix, "channel_order": "bgr", "instance_count": 2}}
+    assert staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)["train_shards"] == 2
+    plan["run_params"]["instance_count"] = 3
+    with pytest.raises(DatasetError, match=r"has 2 training shard\(s\) for instance_count=3: every host needs one"):
+        staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)
+
+
 def _render_in_a_daemon(folder: str, queue) -> None:
     logs: list[str] = []
     settings = {**SETTINGS, "train_per_pose": 2, "eval_per_pose": 2}

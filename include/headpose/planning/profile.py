@@ -38,8 +38,9 @@ and, for retraining when new data arrives (``planning.new_data``):
 
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
-unknown key or a value its schema refuses is a DAG import error naming the variable, the
-key and the rule. Standard library only at import time.
+unknown key, a value its schema refuses, or an ``instance_count`` that its own backend,
+instance type or dataset cannot train with is a DAG import error naming the variable,
+the key and the rule. Standard library only at import time.
 """
 from __future__ import annotations
 
@@ -223,6 +224,12 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
         if missing:
             problems.append(f"retrain_on={settings['retrain_on']!r} needs {' and '.join(missing)}: where new data "
                             "is uploaded and the SQS queue its bucket notifies")
+    if not problems:
+        # The profile's instance count must work with its own backend, type and dataset, or
+        # every scheduled run would be refused in plan_run.
+        from headpose.planning.rules import instance_problems
+
+        problems = instance_problems({name: params.get(name, schema["default"]) for name, schema in schemas.items()})
     if problems:
         raise ProfileError(f"${PROFILE_ENV} is refused:\n  - " + "\n  - ".join(problems))
     if "local_images_per_second" in settings:

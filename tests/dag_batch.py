@@ -45,12 +45,14 @@ TINY_CONF = {
     "backend": "local", "dataset_source": "synthetic", "synthetic_train_per_pose": 1, "synthetic_eval_per_pose": 1,
     "images_per_shard": 64, **TINY_TRAINING,
 }
-# Enough to learn: ~1100 training images, 300 steps, a meaningful gate. Label, colour or
-# bin mismatches between training and evaluation leave the accuracy near chance (1/9).
+# Enough to learn: ~1100 training images, 300 steps of 32, a meaningful gate. Label, colour
+# or bin mismatches between training and evaluation leave the accuracy near chance (1/9).
+# On two local hosts (MultiWorkerMirroredStrategy): batch_size is per replica and
+# training_steps counts one-replica steps, so 600 of 16 are 300 steps of 32 over both hosts.
 LEARNING_CONF = {
-    "backend": "local", "dataset_source": "synthetic",
+    "backend": "local", "dataset_source": "synthetic", "instance_count": 2,
     "synthetic_train_per_pose": 12, "synthetic_eval_per_pose": 4, "images_per_shard": 500,
-    "resnet_size": 10, "base_filters": 8, "batch_size": 32, "training_steps": 300, "evaluation_steps": 4,
+    "resnet_size": 10, "base_filters": 8, "batch_size": 16, "training_steps": 600, "evaluation_steps": 4,
     "learning_rate_decay_epochs": "6,8", "batch_norm_momentum": 0.9,
     "min_accuracy": 0.45, "min_class_recall": 0.0,
 }

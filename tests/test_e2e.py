@@ -68,7 +68,14 @@ def test_the_model_learns_through_the_whole_path(learned):
     assert report["accuracy"] >= LEARNING_CONF["min_accuracy"] > 3 * CHANCE
     assert learned["pointer"]["metrics"]["accuracy"] == report["accuracy"]
     assert "validate_model's gate: accuracy" in learned["output"]
-    assert "progress: step=300/300" in learned["output"]  # training output reached the task log
+    # Trained on two local hosts: both hosts' output reached the task log, the chief's steps
+    # are 300 of the global batch (600 one-replica steps of 16), and the worker exported nothing.
+    output = learned["output"]
+    assert "distribution: strategy=MultiWorkerMirroredStrategy hosts=2 replicas=2" in output
+    assert "[algo-1] progress: step=300/300" in output
+    assert "[algo-2] worker 1: trained; the chief evaluates and writes the model" in output
+    training = _xcom(learned["home"], "train", run_id=learned["run_id"])
+    assert training["Training"]["ResourceConfig"]["InstanceCount"] == 2
 
 
 def test_a_successful_run_logs_no_errors_and_its_train_links_fit_a_local_job(learned):
@@ -99,6 +106,17 @@ def test_the_pointer_names_the_runs_immutable_version_and_the_mirror_equals_it(l
     assert metadata["preprocessing"]["channel_order"] == "bgr"
     assert pointer["dataset"]["manifest_sha256"] == hashlib.sha256(_get(s3, pointer["dataset"]["manifest_uri"])).hexdigest()
     assert pointer["evaluation_set"]["pinned"] is False and pointer["attempts"] == [job]
+
+
+def test_two_hosts_leave_one_model_archive_with_one_export(learned, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(_get(learned["s3"], f"s3://{BUCKET}/headpose/TFartifacts/{learned['job']}/output/model.tar.gz"))
+    with tarfile.open(archive) as tar:
+        exports = {name.split("/")[2] for name in tar.getnames() if name.startswith("export/Servo/") and
+                   name.count("/") >= 2}
+    assert len(exports) == 1, exports
 
 
 def test_every_key_the_run_wrote_carries_its_job_name(learned):

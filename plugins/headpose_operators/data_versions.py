@@ -38,8 +38,15 @@ class ClaimDataVersionOperator(BaseOperator):
     """
 
     template_fields = ("plan",)
+    # What the UI shows on the task unless the DAG says otherwise.
+    DOC = ("Claims the run's data version (`data-versions/<id>.json`, written only if absent) before anything "
+           "trains on it. A version already trained with the same settings - published or refused - is not "
+           "trained again: this task and every task that would train are then skipped, and the log and XCom "
+           "`summary` name the run that trained it (`force_retrain` trains it anyway). Runs of a deployment "
+           "that retrains on the schedule alone claim nothing when a person starts them.")
 
     def __init__(self, *, plan: Any, aws_conn_id: str = "aws_default", **kwargs: Any):
+        kwargs.setdefault("doc_md", self.DOC)
         super().__init__(**kwargs)
         self.plan = plan
         self.aws_conn_id = aws_conn_id
@@ -86,8 +93,12 @@ class RecordDataVersionOperator(BaseOperator):
     """
 
     template_fields = ("plan", "claimed")
+    DOC = ("The run's teardown: settles its data-version claim with what the run made of the version "
+           "(published, not published, refused or failed), so the next run on the same data knows. "
+           "It runs whatever happened before it.")
 
     def __init__(self, *, plan: Any, claimed: Any, aws_conn_id: str = "aws_default", **kwargs: Any):
+        kwargs.setdefault("doc_md", self.DOC)
         super().__init__(**kwargs)
         self.plan = plan
         self.claimed = claimed

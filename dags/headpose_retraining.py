@@ -6,13 +6,18 @@ SageMaker tutorial did, freezes it into `frozen_model.pb`, judges it on the depl
 evaluation set against the published model and publishes it for edge devices - one task
 per step:
 
-`plan_run` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
-`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` ->
-`approve_release` -> `publish` (and `record_release`) -> `cleanup`
+`plan_run` -> `claim_data_version` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
+`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `approve_release` ->
+`publish` (and `record_release`) -> `record_data_version` -> `cleanup`
 
 * **plan_run** checks every parameter and rule across them (nothing is written before),
   derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
-  retry), every S3 URI and the CreateTrainingJob request; XCom carries them on.
+  retry), every S3 URI and the CreateTrainingJob request; XCom carries them on. A run started
+  by new data trains on the uploaded object its asset event names.
+* **claim_data_version** claims the run's data version (the data's sha256 with the settings
+  that shape the dataset and the model) in `data-versions/<id>.json`; a version already trained
+  (published or refused) is not trained again - every later task is skipped and the log says
+  why - unless the trigger says `force_retrain`. **record_data_version** records the outcome.
 * **stage_dataset** makes or finds the dataset and validates it (checksums, counts, all 9
   classes, shapes, pixels) before anything trains on it.
 * **train** runs that request on SageMaker (`backend=sagemaker`) or on the worker
@@ -22,28 +27,24 @@ per step:
   same images - the pinned evaluation set when the deployment names one; below
   `min_accuracy` or `min_class_recall` it fails, and its report lands under the run's
   `rejected/` prefix.
-* **approve_release** asks a person (the UI's *Required Actions*, or the REST API) to approve
-  the new model, only where the deployment sets `release_approval=required` and only when
-  `publish` would promote it. Reject, or no answer within `approval_timeout`, skips `publish`.
+* **approve_release** asks a person (UI, REST API) where the deployment requires it and `publish`
+  would promote; Reject or no answer skips `publish` (**record_release** keeps the answer).
 * **publish** promotes the new model only if, paired with the champion on the same images, it
-  passes `promotion_rule` (default: not significantly worse, nor below `promotion_margin`), or
-  `force_publish` is set; otherwise it is **skipped** (the run stays green, the reason is in its
-  log and XCom `summary`). SageMaker's Model Registry follows the pointer.
-* **record_release** runs whatever happened: keeps the answer with the version's evidence and
-  ends a refused run with its summary (who, when, why; nothing published changed).
+  passes `promotion_rule` (or `force_publish` is set); otherwise it is **skipped** (the run stays
+  green, the reason is in its log and XCom `summary`). The Model Registry follows the pointer.
 
 #### Operating
 * Tasks hand files to each other through S3 (names, URIs and sha256s in XCom), so any task
   can be cleared and run again alone, on any worker, even after the run failed.
 * Schedule: `$HEADPOSE_SCHEDULE` (default `@weekly`, `none` = manual only), one run at a
   time, no catch-up. A scheduled run uses the deployment profile (`$HEADPOSE_RUN_DEFAULTS`).
+  With the profile's `retrain_on` = `data` or `either`, an upload under `new_data_prefix`
+  (the asset `headpose_training_data`, watched through `new_data_queue`) starts a run too.
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
-* Every run's summary (job, accuracy before/after, the paired comparison, the approval,
-  billable seconds, where the model went) is in the log of **publish** and its XCom `summary`
-  (of **record_release** for a refused release).
-* Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`
-  (the pointer, then the mirror and the Model Registry).
+* Every run's summary (job, accuracy before/after, the comparison, the approval, billable
+  seconds, where the model went) is in **publish**'s log and XCom `summary` (refused: **record_release**'s).
+* Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`.
 """
 from __future__ import annotations
 
@@ -67,9 +68,11 @@ from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
 from headpose.planning.profile import load_profile  # noqa: E402
 from headpose_operators import (  # noqa: E402
-    ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator, ReleaseApprovalOperator,
+    ClaimDataVersionOperator, ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator,
+    RecordDataVersionOperator, RecordReleaseOperator, ReleaseApprovalOperator,
 )
 from headpose_operators.approval import APPROVAL_KEY  # noqa: E402
+from headpose_operators.new_data import dag_schedule, training_data_asset  # noqa: E402
 from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
 
 DAG_ID = "headpose_retraining"
@@ -88,9 +91,17 @@ def _params() -> dict[str, Param]:
     return params
 
 
+def _schedule():
+    """The cron, uploads of new data, or either, as the profile's ``retrain_on`` says."""
+    settings = load_profile().settings
+    data = training_data_asset(settings.new_data_prefix, settings.new_data_queue, AWS_CONN_ID,
+                               scheduling.new_data_poll_seconds()) if settings.watches_new_data else None
+    return dag_schedule(scheduling.schedule(), settings.retrain_on, data)
+
+
 @dag(
     dag_id=DAG_ID,
-    schedule=scheduling.schedule(),
+    schedule=_schedule(),
     start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
@@ -110,7 +121,9 @@ def headpose_retraining():
         """Validates the trigger parameters against the deployment profile, derives
         `training_job_name` (`<base_job_name>-<logical time>`, the same on every retry), every
         S3 URI of the run and the CreateTrainingJob request. No AWS calls, nothing written.
-        Fails (no retry) on bad parameters: the message lists every problem."""
+        Fails (no retry) on bad parameters: the message lists every problem. A run started by
+        new data trains on the upload its asset events name (the others are listed)."""
+        from headpose.planning.new_data import start_lines
         from headpose.planning.params import CONNECTION_ROLE_EXTRA
         from headpose.planning.plan import plan_run as make_plan
         from headpose.planning.rules import RunParamsError
@@ -126,9 +139,13 @@ def headpose_retraining():
                 region=hook.conn_region_name or "us-east-1", dag_id=DAG_ID, run_id=dag_run.run_id,
                 dagrun_timeout=context["dag"].dagrun_timeout,
                 connection_role=extra.get(CONNECTION_ROLE_EXTRA), connection_owner=extra.get(OWNER_EXTRA),
+                run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+                triggered_by=getattr(dag_run, "triggering_user_name", None),
+                new_data_events=[dict(event.extra) for event in dag_run.consumed_asset_events or []],
             )
         except RunParamsError as error:
             raise _fail(str(error)) from None
+        print("\n".join(start_lines(plan)))
         print(plan["profile"])
         print(f"training_job_name: {plan['training_job_name']}")
         return plan
@@ -215,12 +232,11 @@ def headpose_retraining():
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
-        """Promotes the new version if it passes `promotion_rule` against the published one on the
-        same images (or `force_publish` is set) and, where required, a person approved it: history
-        record, then the `published/latest.json` pointer (conditional on the pointer it was compared
-        with), the `published/latest/` mirror, the version's package in the Model Registry.
-        Otherwise this task is **skipped** and nothing under `published/` changes. Either way the
-        log and XCom `summary` hold the run summary."""
+        """Promotes the new version if it passes `promotion_rule` against the published one (or
+        `force_publish`) and, where required, a person approved it: history record, the
+        `published/latest.json` pointer (conditional on the one compared with), the mirror, the
+        Model Registry. Otherwise **skipped**, nothing under `published/` changes; the log and XCom
+        `summary` hold the run summary either way."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
@@ -250,28 +266,6 @@ def headpose_retraining():
         }
         return summary
 
-    @task(trigger_rule="all_done", **scheduling.task_args("record_release"))
-    def record_release() -> dict | None:
-        """Runs whatever happened: keeps the answer with the version's evidence (`approval.json`), marks
-        a refused version `Rejected` in the Model Registry, ends a refused run with its summary. Beside
-        `publish`, not after it, so that a failed run stays failed."""
-        from headpose.registry.release import record_release as record
-        from headpose.registry.summary import format_summary
-        from headpose_operators.sagemaker import model_registry
-
-        ti = get_current_context()["ti"]
-        approval = ti.xcom_pull(task_ids="approve_release", key=APPROVAL_KEY)
-        if approval is None:
-            print("no release decision to record: approve_release did not finish (an earlier task's log says why)")
-            return None
-        plan = ti.xcom_pull(task_ids="plan_run")
-        inputs = (ti.xcom_pull(task_ids=t) for t in ("train", "stage_dataset", "validate_model", "upload_frozen_model"))
-        summary = record(_s3(plan), plan, *inputs, approval, model_registry(AWS_CONN_ID, plan))
-        if summary:
-            print(format_summary(summary))
-            ti.xcom_push(key="summary", value=summary)
-        return summary
-
     @teardown
     @task(**scheduling.task_args("cleanup"))
     def cleanup() -> None:
@@ -285,6 +279,8 @@ def headpose_retraining():
             remove_run_workspace(job)
 
     plan = plan_run()
+    claim = ClaimDataVersionOperator(task_id="claim_data_version", plan=plan, aws_conn_id=AWS_CONN_ID,
+                                     **scheduling.task_args("claim_data_version"))
     dataset = stage_dataset(plan)
     code = package_code(plan)
     train = HeadposeTrainingOperator(
@@ -337,6 +333,7 @@ def headpose_retraining():
         frozen_model_json_sha256=freeze.output["frozen_model_json_sha256"],
         dataset_prefix=dataset["dataset_prefix"],
         output_prefix="{{ ti.xcom_pull(task_ids='download_artifact', key='candidate_prefix') }}edge/",
+        formats=plan["edge_formats"],
         aws_conn_id=AWS_CONN_ID,
         expected_bucket_owner=plan["expected_bucket_owner"],
         kms_key_id=plan["kms_key_id"],
@@ -353,17 +350,21 @@ def headpose_retraining():
         task_id="approve_release",
         plan=plan, training=train.output, dataset=dataset, report=report, version=version,
         aws_conn_id=AWS_CONN_ID,
-        # The run's plan sets the wait in force; this is the profile's at parse time.
-        response_timeout=timedelta(seconds=load_profile().settings.approval_timeout_seconds),
-        doc_md="Asks a person (the UI's *Required Actions*, or the REST API) to approve the new model where the "
-        "deployment requires it and `publish` would promote it; Reject or no answer in time skips `publish`.",
+        response_timeout=timedelta(seconds=load_profile().settings.approval_timeout_seconds),  # the plan's rules
+        doc_md="Asks a person to approve the new model where the deployment requires it and `publish` would "
+        "promote it (the UI's *Required Actions*, or the REST API); Reject or no answer in time skips `publish`.",
         **scheduling.task_args("approve_release"),
     )
     published = publish(plan, train.output, dataset, report, version)
-    recorded = record_release()
-    chain(plan, dataset, code, train, artifact, freeze, edge, report, version, approve, published)
-    approve >> recorded
-    [published, recorded] >> cleanup()
+    recorded = RecordReleaseOperator(task_id="record_release", aws_conn_id=AWS_CONN_ID, **scheduling.task_args("record_release"))
+    # The claim is the setup of everything that trains, its record their teardown: it runs
+    # however the run ends, and clearing any task between them runs the claim again.
+    record = RecordDataVersionOperator(task_id="record_data_version", plan=plan, claimed=claim.output,
+                                       aws_conn_id=AWS_CONN_ID, **scheduling.task_args("record_data_version"))
+    chain(plan, claim, dataset, code, train, artifact, freeze, edge, report, version, approve, published, record,
+          cleanup())
+    approve >> recorded >> record
+    record.as_teardown(setups=claim)
 
 
 def _s3_hook():

@@ -91,6 +91,26 @@ except ClientError as error:
     print(f"airflow-init: created s3://{bucket}{' with Object Lock' if settings.object_lock_days else ''}")
 PY
 
+echo "airflow-init: new data"
+# retrain_on data or either: the queue, its policy (the bucket may send to it) and the bucket's
+# notification of uploads under new_data_prefix, through the same connection. Converges.
+python - <<'PY'
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+from headpose.planning.new_data_setup import set_up_new_data
+from headpose.planning.profile import load_profile
+from headpose.planning.s3_calls import pin_bucket_owner
+
+settings = load_profile().settings
+if not settings.watches_new_data:
+    print("airflow-init: retrain_on=schedule: no new-data queue")
+else:
+    s3 = AwsBaseHook(aws_conn_id="aws_default", client_type="s3")
+    owner = settings.expected_bucket_owner or s3.conn_config.extra_config.get("expected_bucket_owner")
+    sqs = AwsBaseHook(aws_conn_id="aws_default", client_type="sqs").get_conn()
+    set_up_new_data(pin_bucket_owner(s3.get_conn(), owner), sqs, settings)
+PY
+
 mkdir -p "$HEADPOSE_WORKSPACE"
 # Named volumes start out owned by root; the Airflow containers run as AIRFLOW_UID.
 if [ "$(id -u)" = 0 ] && [ -n "${AIRFLOW_UID:-}" ]; then

@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +35,7 @@ TINY_TRAINING = {
     "min_class_recall": 0,
 }
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+SYNTHETIC_CACHE_ENV = "HEADPOSE_SYNTHETIC_CACHE"
 
 # Before anything imports airflow: never read or write the developer's ~/airflow.
 if "AIRFLOW_HOME" not in os.environ:
@@ -101,6 +102,10 @@ def cli_env(airflow_home: Path, endpoint: str, extra: Mapping[str, str] | None =
     from support import aws_env
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "HEADPOSE_"))}
+    # The session's render cache (conftest): a run renders its synthetic dataset once per session.
+    if os.environ.get(SYNTHETIC_CACHE_ENV):
+        env[SYNTHETIC_CACHE_ENV] = os.environ[SYNTHETIC_CACHE_ENV]
+    env["HEADPOSE_TRAINING_POLL_SECONDS"] = "1"  # moto's jobs end as soon as they start
     env.update(aws_env(endpoint))
     env.update(airflow_env(airflow_home))
     env.update(extra or {})
@@ -145,6 +150,15 @@ def last_run(airflow_home: Path) -> tuple[str, str]:
         return conn.execute(
             "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (DAG_ID,)
         ).fetchone()
+
+
+def run_id_of(airflow_home: Path, logical_date: datetime) -> str | None:
+    """The run of ``logical_date`` (a home may hold many), or None when there is none."""
+    with db(airflow_home) as conn:
+        for run_id, stored in conn.execute("SELECT run_id, logical_date FROM dag_run WHERE dag_id = ?", (DAG_ID,)):
+            if stored and datetime.fromisoformat(str(stored)).replace(tzinfo=timezone.utc) == logical_date:
+                return run_id
+    return None
 
 
 def task_states(airflow_home: Path, run_id: str) -> dict[str, str]:

@@ -16,6 +16,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests' deployment bucket: there is no built-in one (plan_run refuses a run naming none;
 # tests of that refusal remove this). Subprocess runs get their own environment (cli_env).
 os.environ.setdefault("HEADPOSE_S3_BUCKET", "headpose-tests")
+# One render of each synthetic dataset per session, shared by every run and test that
+# stages it (checked by its sha256s, as the demo's cache is). A developer may point it at
+# a folder that outlives the session.
+if not os.environ.get("HEADPOSE_SYNTHETIC_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HEADPOSE_SYNTHETIC_CACHE"] = tempfile.mkdtemp(prefix="headpose-synthetic-cache-")
+    atexit.register(shutil.rmtree, os.environ["HEADPOSE_SYNTHETIC_CACHE"], ignore_errors=True)
 
 from background import Background  # noqa: E402
 from support import MotoServer  # noqa: E402
@@ -25,6 +35,7 @@ BACKGROUND = Background(ROOT / "test-artifacts" / "background")
 # Their tests run after every other test, so that the work is done (or nearly) by then.
 SHARED_WORK = {
     "native_stack": ("native-stack", "stack_support:start_native_stack"),
+    "dag_batch": ("dag-batch", "dag_batch:start_dag_batch"),
 }
 
 
@@ -57,10 +68,36 @@ def pytest_sessionfinish(session):
     BACKGROUND.close()
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Seconds per test module (set-up, call and tear-down together), largest first: where
+    the suite's time goes. Background work shows in the module that waited for it."""
+    seconds: dict[str, float] = {}
+    tests: dict[str, set[str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown") and hasattr(report, "duration"):
+                module = report.nodeid.split("::", 1)[0]
+                seconds[module] = seconds.get(module, 0.0) + report.duration
+                tests.setdefault(module, set()).add(report.nodeid)
+    if not seconds:
+        return
+    total = sum(seconds.values())
+    terminalreporter.section("seconds per module")
+    for module, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{spent:8.1f} s {100 * spent / total:5.1f}%  {len(tests[module]):4d} tests  {module}")
+    terminalreporter.write_line(f"{total:8.1f} s in all (a test's time includes waiting for background work)")
+
+
 @pytest.fixture(scope="session")
 def native_stack():
     """docker-compose.yaml's topology as native processes (tests/native_stack.py), one per session."""
     return BACKGROUND.result(SHARED_WORK["native_stack"][0], _start_function("native_stack"))
+
+
+@pytest.fixture(scope="session")
+def dag_batch():
+    """The batch of whole-DAG runs (tests/dag_batch.py), one per session."""
+    return BACKGROUND.result(SHARED_WORK["dag_batch"][0], _start_function("dag_batch"))
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +131,22 @@ def s3_client(s3_endpoint):
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
         aws_access_key_id="testing", aws_secret_access_key="testing",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict:
+    """The session's small trained model: exported, packed and frozen (tests/model_support.py)."""
+    from model_support import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_edge_models(tiny_model, tmp_path_factory) -> dict:
+    """The session's small model with every edge format of its frozen graph."""
+    from model_support import build_edge_models
+
+    return build_edge_models(tiny_model, tmp_path_factory.mktemp("tiny-edge-models"))
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,13 @@ new process, as when a person clears the task or Airflow retries it) and checks 
 
 The starting state is built once per operation and restored between scenarios from a
 snapshot of its bucket (only the objects that changed are written back), so a scenario
-costs the operation's own calls and a few more, not a rebuilt bucket. State the snapshot
-cannot hold - SageMaker's Model Registry in moto, which has no export - is rebuilt by the
-operation's ``reset`` before each scenario: a fresh model package group with the packages
-the starting state has (a few calls), so no scenario sees another's packages.
+costs the operation's own calls and a few more, not a rebuilt bucket. Where an error at
+call k ended the operation at once (no call after it), a death at call k would leave the
+very same store - the same calls made, no other - and is counted as covered by it
+rather than run again; where the code went on after the error, the death is run too.
+State the snapshot cannot hold - SageMaker's Model Registry in moto, which has no export -
+is rebuilt by the operation's ``reset`` before each scenario: a fresh model package group
+with the packages the starting state has (a few calls), so no scenario sees another's packages.
 """
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-MODES = ("error-before", "error-after", "died-before", "died-after")
+MODES = ("error-before", "died-before", "error-after", "died-after")
+# A death right where an error ended the operation at once (it made no call after it)
+# leaves the store exactly as that error did: the same calls were made, no other.
+SAME_AS = {"died-before": "error-before", "died-after": "error-after"}
 
 
 class ProcessDied(BaseException):
@@ -56,6 +62,7 @@ class FaultInjector:
             raise ValueError(f"mode must be one of {MODES}")
         self.at, self.mode = at, mode
         self.calls: list[str] = []
+        self.calls_after_fault = 0
         self.dead = False
         self._lock = threading.Lock()
         self._clients = list(clients)
@@ -80,6 +87,8 @@ class FaultInjector:
                 raise self._die()
             self.calls.append(f"{model.service_model.service_name}.{model.name}")
             number = len(self.calls)
+            if self.at is not None and number > self.at:
+                self.calls_after_fault += 1
         if number != self.at:
             return
         if self.mode == "died-before":
@@ -202,11 +211,13 @@ class Operation:
 class Report:
     operation: str
     calls: list[str]
-    scenarios: int = 0
+    scenarios: int = 0  # faults run
+    equivalent: int = 0  # deaths not run: the error at the same call left the same state
     inconsistent: list[str] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
-        return {"operation": self.operation, "calls": len(self.calls), "crash_points": self.scenarios,
+        return {"operation": self.operation, "calls": len(self.calls),
+                "crash_points": self.scenarios + self.equivalent, "run": self.scenarios,
                 "inconsistent_states": len(self.inconsistent)}
 
 
@@ -236,8 +247,12 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
     # One client set for the faulted runs and one for the re-runs: a boto3 client keeps
     # nothing between calls but its connections, and making one costs tens of milliseconds.
     faulted, rerun = operation.clients(), operation.clients()
+    ended_at_once: set[tuple[int, str]] = set()
     for at, mode in itertools.product(range(1, len(report.calls) + 1), modes):
         where = f"{mode} at call {at} ({report.calls[at - 1]})"
+        if (at, SAME_AS.get(mode)) in ended_at_once:
+            report.equivalent += 1
+            continue
         restore(s3, bucket, saved)
         if operation.reset:
             operation.reset(clients, context)
@@ -248,6 +263,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
             pass  # the task failed (or its process died): what it left is what is checked
         finally:
             injector.remove()
+        if injector.calls_after_fault == 0:
+            ended_at_once.add((at, mode))
         report.scenarios += 1
         store = Store(s3, bucket, known)
         report.inconsistent += [f"{where}, before the re-run: {p}" for p in operation.check(store.refresh(), context, False)]
@@ -263,7 +280,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
 
 def table(rows: Iterable[Mapping[str, Any]]) -> str:
     """The closing note's table, in Markdown."""
-    lines = ["| operation | calls in a clean run | crash points (calls x 4 ways) | inconsistent states |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['operation']} | {r['calls']} | {r['crash_points']} | {r['inconsistent_states']} |" for r in rows]
+    lines = ["| operation | calls in a clean run | crash points (calls x 4 ways) | of them run | inconsistent states |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['operation']} | {r['calls']} | {r['crash_points']} | {r['run']} | {r['inconsistent_states']} |"
+              for r in rows]
     return "\n".join(lines)

@@ -7,7 +7,9 @@ them instead of once per run (about a minute each on a busy two-core machine).
 Usage: ``python dags_test_batch.py <runs.json>`` where the file holds
 ``[{"name": ..., "logical_date": <ISO>, "conf": {...}}, ...]``, or entries
 ``{"name": ..., "argv": [...]}`` for any other ``airflow`` command (``tasks test`` of one
-task of an existing run, as a person clearing it would have it run again). An entry's
+task of an existing run, as a person clearing it would have it run again), or
+``{"name": ..., "call": "module:function", "kwargs": {...}}`` for a Python step in this
+process (preparing what the runs expect: it imports what the runs import). An entry's
 ``"env"`` is set for that run alone (its own AWS endpoint, profile or retry settings):
 ``dags test`` parses the DAG file again for every run and tasks read the environment when
 they run, so each run sees its own. Each run's output is framed by ``BEGIN_RUN <name>``
@@ -49,17 +51,27 @@ def environment(changes: Mapping[str, str | None]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _call(target: str, kwargs: Mapping[str, object]) -> None:
+    import importlib
+
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(**kwargs)
+
+
 def main(spec_path: str) -> int:
     runs = json.loads(Path(spec_path).read_text())
     parser = cli_parser.get_parser()
     for run in runs:
         print(f"{BEGIN} {run['name']}", flush=True)
-        argv = run.get("argv") or ["dags", "test", run.get("dag_id", DAG_ID), run["logical_date"],
-                                   "-c", json.dumps(run["conf"])]
+        argv = run.get("argv") or ["dags", "test", run.get("dag_id", DAG_ID), run.get("logical_date", ""),
+                                   "-c", json.dumps(run.get("conf"))]
         with environment(run.get("env") or {}):
-            args = parser.parse_args(argv)
             try:
-                args.func(args)
+                if "call" in run:
+                    _call(run["call"], run.get("kwargs") or {})
+                else:
+                    args = parser.parse_args(argv)
+                    args.func(args)
                 code = 0
             except SystemExit as exit_:  # "DagRun failed", or a refused conf
                 code = exit_.code if isinstance(exit_.code, int) else 1

@@ -68,17 +68,6 @@ NATIVE_ONLY_ENV = {
     "HEADPOSE_ALTERNATE_QUEUES": "the tests' cluster policy: consecutive tasks on different workers",
     "PATH": "the virtual environment's airflow, python and celery first",
 }
-# Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
-# the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
-# The test stack's own .env lines: it runs the embedded demo's defaults on purpose.
-# Its profile asks for a release approval, as a governed deployment's does, from .env.example's
-# operator only, with a deadline short enough for tests/test_approval.py to wait for.
-TEST_APPROVER = "operator"
-TEST_APPROVAL_TIMEOUT_SECONDS = 75
-TEST_PROFILE = {"release_approval": "required", "approvers": [TEST_APPROVER],
-                "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s"}
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ALLOW_DEMO_DEFAULTS": "true",
-            "HEADPOSE_RUN_DEFAULTS": json.dumps(TEST_PROFILE)}
 ADDRESS_RE = re.compile(r"(?<=[/@])(%s)(?::(\d+))?(?=[/\"'\s]|$)" % "|".join(map(re.escape, CONTAINER_PORTS)))
 VARIABLE_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -103,6 +92,28 @@ def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
             name, _, value = line.partition("=")
             pairs[name.strip()] = value.strip()
     return pairs
+
+
+# Lines the native stack adds to its .env. The DAG runs @weekly by default; on unpausing,
+# the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
+# The test stack's profile makes every run it starts itself tiny - a run started by new data
+# (tests/test_new_data.py) too - and converts two edge formats; it retrains on data, and
+# its watcher polls the queue every second instead of every minute. It asks for a release
+# approval, as a governed deployment's does, from .env.example's operator only, with a deadline
+# short enough for tests/test_approval.py to wait for.
+TEST_APPROVER = "operator"
+TEST_APPROVAL_TIMEOUT_SECONDS = 75
+NEW_DATA_QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data"  # moto's account
+NEW_DATA_FOLDER = "headpose/incoming/"
+STACK_PROFILE = {
+    "resnet_size": 10, "base_filters": 8, "training_steps": 3, "evaluation_steps": 2, "batch_size": 16,
+    "min_accuracy": 0, "min_class_recall": 0, "edge_formats": ["onnx", "openvino_fp32"],
+    "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
+    "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}",
+    "release_approval": "required", "approvers": [TEST_APPROVER], "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s",
+}
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
+            "HEADPOSE_RUN_DEFAULTS": json.dumps(STACK_PROFILE)}
 
 
 def interpolate(value: str, variables: dict[str, str]) -> str:

@@ -33,6 +33,10 @@ from native_compose import (
 LOCAL_SETTINGS = ROOT / "tests" / "native_config" / "airflow_local_settings.py"
 SYSTEM_PACKAGES = ROOT / "scripts" / "system-packages.sh"
 INFRASTRUCTURE = ("postgres", "redis", "object-store")
+# Most health checks start a Python process that imports Airflow or Celery (seconds of CPU
+# each): a process is first checked once it has had time to start, then every few seconds.
+FIRST_CHECK_AFTER = 12.0
+CHECK_EVERY = 4.0
 
 
 # -- running it ------------------------------------------------------------------------
@@ -71,6 +75,7 @@ class NativeStack:
         self.layout: NativeLayout | None = None
         self.specs: list[ProcessSpec] = []
         self._pg_data: Path | None = None
+        self._passed: set[str] = set()  # processes whose health check has passed
         self._moto = None
 
     # public --------------------------------------------------------------------------
@@ -219,6 +224,7 @@ class NativeStack:
         completed: set[str] = set()
         pending = list(self.specs)
         launched: list[tuple[ProcessSpec, Running]] = []
+        checked_at: dict[str, float] = {}  # a process's first check waits a while, then every few seconds
         deadline = time.monotonic() + 900
         while pending or any(spec.service not in healthy for spec, _ in launched):
             for spec in list(pending):
@@ -233,14 +239,20 @@ class NativeStack:
                         completed.add(INIT_SERVICE)
                     else:
                         launched.append((spec, running))
+                        checked_at[spec.name] = time.monotonic() + FIRST_CHECK_AFTER - CHECK_EVERY
             for spec, running in launched:
                 if running.process.poll() is not None:
                     raise StackError(f"{spec.name} exited with {running.process.returncode}:\n{self.tail(spec.name)}")
             waiting = [spec for spec, _ in launched if spec.service not in healthy]
-            passed = self._health_checks(waiting, base_env)
+            due = [spec for spec in waiting if time.monotonic() - checked_at[spec.name] >= CHECK_EVERY]
+            passed = self._health_checks(due, base_env)
+            for spec in due:
+                checked_at[spec.name] = time.monotonic()
+                if passed[spec.name]:
+                    self._passed.add(spec.name)
             for service in {spec.service for spec in waiting}:
                 copies = [spec for spec in waiting if spec.service == service]
-                if all(passed[spec.name] for spec in copies):
+                if all(spec.name in self._passed for spec in copies):
                     healthy.add(service)
                     self.say(f"native stack: {service} healthy ({len(copies)} process(es))")
             if time.monotonic() > deadline:

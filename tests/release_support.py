@@ -59,7 +59,7 @@ def governed_candidate(s3, bucket: str, day: int, profile: dict[str, Any], accur
     run.report.update(per_class_recall=RECALL, links={
         "report_page": "https://s3.example/report.html?X-Amz-Signature=1",
         "confusion_matrix": "https://s3.example/confusion_matrix.png?X-Amz-Signature=2"})
-    run.report["formats"]["openvino_fp32"]["latency_ms_b1"] = 1.25
+    run.report["formats"]["onnx"]["latency_ms_b1"] = 1.25
     run.training["Training"]["BillableTimeInSeconds"] = 3312
     return run
 

@@ -10,10 +10,7 @@ import tensorflow as tf
 
 from headpose.registry import promotion
 from headpose.artifacts.evaluate import evaluate_frozen_graph
-from headpose.artifacts.freeze import freeze_saved_model
 from headpose.planning.layout import RunLayout
-from headpose.training.export import export_saved_model
-from headpose.training.model import build_resnet
 from headpose.training.shards import ShardWriter, shard_paths
 from headpose.artifacts.acceptance import acceptance_problems, validate_frozen_model
 from headpose.registry.champion import evaluate_champion
@@ -26,17 +23,15 @@ POINTER = f"s3://{BUCKET}/headpose/published/latest.json"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tiny_model, tmp_path_factory):
+    """The session's trained model, frozen, on shards of random images of every class."""
     base = tmp_path_factory.mktemp("validation")
     rng = np.random.default_rng(5)
     with ShardWriter(base / "data", "eval", images_per_shard=16) as writer:
         for tilt, pan in [(t, p) for p in (-60, 0, 60) for t in (-30, 0, 30)] * 2:
             writer.write(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8), tilt, pan)
-    tf.keras.utils.set_random_seed(5)
-    saved_model = export_saved_model(build_resnet(10, base_filters=4), base / "model")
-    frozen = freeze_saved_model(saved_model, base / "frozen")
-    return {"base": base, "shards": shard_paths(base / "data", "eval"), "saved_model": saved_model,
-            "pb": frozen.pb_path}
+    return {"base": base, "shards": shard_paths(base / "data", "eval"), "saved_model": tiny_model["saved_model"],
+            "pb": tiny_model["frozen"]}
 
 
 EVAL_SET = {"id": "x@000", "pinned": False, "channel_order": "bgr"}

@@ -305,7 +305,6 @@ def test_the_stack_refuses_to_start_without_a_profile_unless_env_asks_for_the_de
     said = "HEADPOSE_RUN_DEFAULTS (the deployment profile) is not set" in result.stderr
     assert said is refused, result.stderr
     assert ("migrating the metadata database" in result.stdout) is not refused
-    assert native_compose.TEST_ENV["HEADPOSE_ALLOW_DEMO_DEFAULTS"] == "true"  # the test stack runs the demo on purpose
 
 
 def test_the_test_stacks_profile_requires_an_approval_from_its_operator(variables):

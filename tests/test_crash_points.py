@@ -12,6 +12,11 @@ After each step the invariants of DESIGN.md's crash consistency must hold:
 * after the re-run: the operation's outcome (the new version, or the rollback's target),
   and the ``latest/`` mirror equal to the pointer.
 
+The data-version record (``registry.data_versions``) is enumerated too: its claim, first or
+taking over a failed run's, and its settling. The record is always whole JSON naming the
+old or the new claimant; after the re-run the run holds it (or has settled it), and a run
+that starts meanwhile on the same data is refused.
+
 The operations are called as their tasks call them (``make_version``, ``publish_run``,
 ``rollback``), on a run planned by the real ``plan_run``. The table of every operation's
 crash points is written to ``test-artifacts/crash-points.md``.
@@ -31,6 +36,7 @@ import pytest
 from crash_points import Operation, Store, enumerate_crash_points, table
 from headpose.planning.layout import split_s3_uri
 from headpose.planning.plan import plan_run
+from headpose.registry import data_versions
 from headpose.registry import pointer as pointers
 from headpose.registry.promotion import publish_run
 from headpose.registry.rollback import rollback
@@ -102,15 +108,13 @@ def candidate(s3, bucket: str, day: int, mirror: bool = True, accuracy: float = 
         "report_uri": prefix + "report.json", "report_sha256": _put(s3, prefix + "report.json", b'{"accepted": true}'),
         "confusion_png_uri": prefix + "confusion_matrix.png",
         "confusion_png_sha256": _put(s3, prefix + "confusion_matrix.png", b"\x89PNG" + body),
-        "formats": {"openvino_fp32": {"accepted": True, "accuracy": accuracy, "max_abs_diff": 1e-7,
-                                      "latency_ms_b1": 1.0},
+        "formats": {"onnx": {"accepted": True, "accuracy": accuracy, "max_abs_diff": 1e-7, "latency_ms_b1": 1.0},
                     "litert_int8": {"accepted": False, "accuracy": 0.1}},
     }
     edge = {"formats": {
-        "openvino_fp32": {"runtime": "openvino", "precision": "float32", "metadata": {"model_file": "model.xml"},
-                          "files": {name: {"uri": prefix + "edge/" + name,
-                                           "sha256": _put(s3, prefix + "edge/" + name, name.encode() + body)}
-                                    for name in ("model.xml", "model.bin")}},
+        "onnx": {"runtime": "onnxruntime", "precision": "float32", "metadata": {"model_file": "model.onnx"},
+                 "files": {"model.onnx": {"uri": prefix + "edge/model.onnx",
+                                          "sha256": _put(s3, prefix + "edge/model.onnx", b"onnx:" + body)}}},
         "litert_int8": {"runtime": "litert", "precision": "int8", "metadata": {},
                         "files": {"model_int8.tflite": {"uri": prefix + "edge/model_int8.tflite",
                                                         "sha256": _put(s3, prefix + "edge/model_int8.tflite", body)}}},
@@ -282,8 +286,58 @@ def operations(endpoint: str) -> list[Operation]:
                          lambda c, state: rollback(c["s3"], state["run"].plan["bucket"], to_job=state["first"],
                                                    log=lambda line: None), check, must_call="s3.PutObject")
 
+    def data_version_op(kind: str) -> Operation:
+        def prepare(c):
+            s3 = c["s3"]
+            bucket = fresh_bucket(s3)
+            archive = f"s3://{bucket}/headpose/incoming/a.tar.gz"
+            _put(s3, archive, b"archive")
+            plan = plan_run({"s3_bucket": bucket, "backend": "local", "dataset_source": "prima",
+                             "prima_archive_uri": archive}, FIRST_RUN, region="us-east-1", dag_id="headpose_retraining",
+                            run_id="scheduled", environ={}, run_type="scheduled")
+            version = data_versions.identify(s3, plan)
+            uri = data_versions.record_uri(bucket, "headpose", version["id"])
+            if kind != "first claim":  # a run that failed (takeover), or this run's own claim (settle)
+                claim(s3, plan, version, "run-old" if kind == "takeover" else "run-new")
+            if kind == "settle":
+                _put(s3, f"s3://{bucket}/headpose/published/history/{plan['training_job_name']}.json", b"{}")
+            return bucket, {"plan": plan, "version": version, "uri": uri}
+
+        def claim(s3, plan, version, run_id):
+            return data_versions.claim(s3, plan, version, dag_id="headpose_retraining", run_id=run_id,
+                                       run_state=lambda dag, run: "running" if run == "run-new" else "failed",
+                                       lease=timedelta(hours=1))
+
+        def run(c, state):
+            if kind == "settle":
+                outcome = data_versions.outcome_of(c["s3"], state["plan"]["bucket"], "headpose",
+                                                   [state["plan"]["training_job_name"]])
+                return data_versions.settle(c["s3"], state["uri"], "run-new", outcome)
+            return claim(c["s3"], state["plan"], state["version"], "run-new")
+
+        def check(store, state, rerun):
+            try:
+                record, _ = data_versions.read_record(store.s3, state["uri"])
+            except data_versions.DataVersionError as error:
+                return [str(error)]
+            holders = {"first claim": (None, "run-new"), "takeover": ("run-old", "run-new"), "settle": ("run-new",)}
+            holder = record["run_id"] if record else None
+            if holder not in holders[kind]:
+                return [f"the record names {holder}, neither of {holders[kind]}"]
+            if not rerun:
+                return []
+            wanted = "published" if kind == "settle" else "claimed"
+            if holder != "run-new" or record["status"] != wanted:
+                return [f"after the re-run the record is {holder}'s, {record['status']}; wanted run-new's, {wanted}"]
+            other = data_versions.claim(store.s3, state["plan"], state["version"], dag_id="headpose_retraining",
+                                        run_id="run-other", run_state=lambda dag, run: "running",
+                                        lease=timedelta(hours=1))
+            return [] if not other.train else [f"a second run was let train the version: {other.reason}"]
+
+        return Operation(f"data-version record ({kind})", clients, prepare, run, check, must_call="s3.PutObject")
+
     return [upload_op(False), upload_op(True), *(publish_op(r, m) for r in (False, True) for m in (True, False)),
-            rollback_op()]
+            rollback_op(), *(data_version_op(k) for k in ("first claim", "takeover", "settle"))]
 
 
 OPERATION_NAMES = [op.name for op in operations("http://127.0.0.1:9")]

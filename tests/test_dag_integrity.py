@@ -10,8 +10,9 @@ import pytest
 from airflow_support import DAGS, INCLUDE, PLUGINS, load_dag, load_dagbag
 
 TASKS = [
-    "plan_run", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
-    "export_edge_models", "validate_model", "upload_frozen_model", "approve_release", "publish", "cleanup",
+    "plan_run", "claim_data_version", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
+    "export_edge_models", "validate_model", "upload_frozen_model", "approve_release", "publish", "record_data_version",
+    "cleanup",
 ]
 
 
@@ -43,9 +44,11 @@ def test_the_release_decision_is_recorded_whatever_happened_without_turning_a_fa
     assert approve.skip_on_reject == ("publish",)
     assert set(approve.serialized_params) == {"comment"}  # the request's form: the run's params stay out of it
     assert record.trigger_rule == "all_done" and record.upstream_task_ids == {"approve_release"}
-    # Beside publish, not after it: a leaf of its own, so a failed publish (or a failed upstream
-    # that leaves publish upstream_failed) still fails the run.
-    assert record.downstream_task_ids == {"cleanup"} and "record_release" not in dag.task_dict["publish"].upstream_task_ids
+    # Beside publish, not after it: a leaf of its own (only teardowns follow either), so a failed
+    # publish (or a failed upstream that leaves publish upstream_failed) still fails the run.
+    assert "record_release" not in dag.task_dict["publish"].upstream_task_ids
+    for task_id in ("record_release", "publish"):
+        assert all(dag.task_dict[t].is_teardown for t in dag.task_dict[task_id].downstream_task_ids), task_id
 
 
 def test_operators_and_failure_handling(dag):
@@ -55,14 +58,20 @@ def test_operators_and_failure_handling(dag):
     assert isinstance(dag.task_dict["freeze_graph"], FreezeGraphOperator)
     # cleanup runs whatever happened, and as a teardown it cannot turn a failed run green.
     assert dag.task_dict["cleanup"].is_teardown
+    # The data version's claim is the setup of everything that trains; its record, their teardown.
+    claim, record = dag.task_dict["claim_data_version"], dag.task_dict["record_data_version"]
+    assert claim.is_setup and record.is_teardown and "claim_data_version" in record.upstream_task_ids
     assert dag.task_dict["publish"].outlets[0].name == "headpose_frozen_model"
 
 
 def test_templated_fields_of_the_custom_operators():
     from headpose_operators import (
-        ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator, ReleaseApprovalOperator,
+        ClaimDataVersionOperator, ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator,
+        RecordDataVersionOperator, ReleaseApprovalOperator,
     )
 
+    assert set(ClaimDataVersionOperator.template_fields) == {"plan"}
+    assert set(RecordDataVersionOperator.template_fields) == {"plan", "claimed"}
     assert {"training_job_name", "artifact_uri", "artifact_sha256", "output_prefix", "input_node_names",
             "output_node_names", "channel_order", "expected_bucket_owner", "kms_key_id"} <= set(
         FreezeGraphOperator.template_fields)

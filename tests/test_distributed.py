@@ -43,14 +43,13 @@ from stack_support import (
     open_trigger_form, run_to_end, same_link, search_log, stored_object, task_log_tails, task_row, ui_path, ui_state,
     wait_for_run, wrap_log, xcom_link,
 )
-from test_e2e import TINY_CONF
+from dag_batch import TINY_CONF
 
 pytestmark = pytest.mark.distributed
 
 # The tiny settings of the end-to-end test, in the bucket airflow-init created; enough
 # synthetic rounds (4 + 2) that the render pool has work for both of its processes.
-CONF = {**{name: value for name, value in TINY_CONF.items() if name != "s3_bucket"},
-        "synthetic_train_per_pose": 4, "synthetic_eval_per_pose": 2}
+CONF = {**TINY_CONF, "synthetic_train_per_pose": 4, "synthetic_eval_per_pose": 2}
 # (method, path, body, the logins FAB's roles allow it); every other login gets 403.
 # Only requests that change nothing: a dry-run clear, pausing the paused DAG.
 ACCESS = [
@@ -131,7 +130,9 @@ def task_log(native_stack, run_id: str, task_id: str) -> str:
 def test_an_operator_sees_why_a_run_failed_and_reaches_the_report(native_stack, stack_api):
     accepted = accepted_run(stack_api, native_stack, CONF)  # the run test's, when it ran first
     started = time.monotonic()
-    run_id, state = run_to_end(stack_api, native_stack, {**CONF, "min_accuracy": 1})  # refused after training
+    # Refused after training. force_retrain: the test stack retrains on data, and CONF's data
+    # version was trained by the run test's run.
+    run_id, state = run_to_end(stack_api, native_stack, {**CONF, "min_accuracy": 1, "force_retrain": True})
     states = {ti["task_id"]: ti["state"] for ti in stack_api.task_instances(run_id)}
     assert (state, states["validate_model"], states["cleanup"]) == ("failed", "failed", "success"), states
     assert states["upload_frozen_model"] == states["publish"] == "upstream_failed", states
@@ -291,7 +292,8 @@ def test_the_trigger_form_shows_every_parameter_and_starts_a_run(native_stack, s
     from headpose.planning.params import param_schemas
 
     stack_api.set_paused(True)  # created, the run stays queued
-    schemas = param_schemas({"HEADPOSE_S3_BUCKET": native_stack.bucket})
+    schemas = param_schemas({"HEADPOSE_S3_BUCKET": native_stack.bucket,  # as the stack's processes have it
+                             "HEADPOSE_RUN_DEFAULTS": native_stack.variables["HEADPOSE_RUN_DEFAULTS"]})
     before = stack_api.run_ids()
     created: list[str] = []
     try:

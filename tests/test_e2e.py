@@ -1,13 +1,13 @@
-"""One whole DAG run with ``airflow dags test`` against moto's S3 server: the model learns.
+"""Whole DAG runs with ``airflow dags test`` against moto's S3 server: the model learns.
 
-The run trains a small ResNet for a few hundred steps on synthetic data, freezes it,
-judges it through the frozen graph on the held-out split with a meaningful
-``min_accuracy`` and publishes it. Many checks share that one run: the published pointer
-and the files it names, every S3 key the run wrote, the tutorial Lambda's preprocessing
-(BGR frame, resize to 84x84, / 255) reaching the validated accuracy, and each edge
-format published and loaded in its own runtime. A bad conf given to the same command is
-refused before a run (and so any task) exists; a model below min_accuracy leaves its
-evidence under rejected/ and nothing published changes.
+The learning run (``dag_batch``'s "learning") trains a small ResNet for a few hundred steps
+on synthetic data, freezes it, judges it through the frozen graph on the held-out split with
+a meaningful ``min_accuracy`` and publishes it. Many checks share that one run: the published
+pointer and the files it names, every S3 key the run wrote, the tutorial Lambda's
+preprocessing (BGR frame, resize to 84x84, / 255) reaching the validated accuracy, and each
+edge format published (and loaded in its own runtime) or withheld with its figures. A bad
+conf given to the same command is refused before a run (and so any task) exists; a model
+below min_accuracy leaves its evidence under rejected/ and nothing published changes.
 """
 from __future__ import annotations
 
@@ -19,45 +19,19 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 
-from airflow_support import DAG_ID, TINY_TRAINING, new_airflow_home, task_states, last_run
-from airflow_support import dags_test as _dags_test
+from airflow_support import DAG_ID, run_id_of, task_states
 from airflow_support import db as _db
 from airflow_support import xcom as _xcom
+from dag_batch import BY_NAME, LEARNING_CONF
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "headpose-e2e"
-TINY_CONF = {
-    "s3_bucket": BUCKET,
-    "backend": "local",
-    "dataset_source": "synthetic",
-    "synthetic_train_per_pose": 1,
-    "synthetic_eval_per_pose": 1,
-    "images_per_shard": 64,
-    **TINY_TRAINING,
-}
-# Enough to learn: ~1100 training images, 300 steps, a meaningful gate. Label, colour or
-# bin mismatches between training and evaluation leave the accuracy near chance (1/9).
-LEARNING_CONF = {
-    "s3_bucket": BUCKET, "backend": "local", "dataset_source": "synthetic",
-    "synthetic_train_per_pose": 12, "synthetic_eval_per_pose": 4, "images_per_shard": 500,
-    "resnet_size": 10, "base_filters": 8, "batch_size": 32, "training_steps": 300, "evaluation_steps": 4,
-    "learning_rate_decay_epochs": "6,8", "batch_norm_momentum": 0.9,
-    "min_accuracy": 0.45, "min_class_recall": 0.0,
-}
+LEARNING = BY_NAME["learning"]
+BUCKET = LEARNING.bucket
 CHANCE = 1 / 9
-
-
-def _s3(endpoint: str):
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    return client
 
 
 def _get(s3, uri: str) -> bytes:
@@ -66,39 +40,42 @@ def _get(s3, uri: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory, airflow_db_template):
-    return new_airflow_home(airflow_db_template, tmp_path_factory.mktemp("airflow-home"))
-
-
-@pytest.fixture(scope="module")
-def learned(airflow_home, moto_server):
+def learned(dag_batch):
     """The shared learning run: its output, job name, pointer and S3 keys."""
-    s3 = _s3(moto_server.endpoint)
-    result = _dags_test(airflow_home, moto_server.endpoint, LEARNING_CONF, "learning-run.log")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-8000:]
-    job = _xcom(airflow_home, "plan_run", "training_job_name")
+    result = dag_batch.run(LEARNING.name)
+    assert result.exit_code == 0, result.output[-8000:]
+    s3, home = dag_batch.s3(), dag_batch.home
+    run_id = run_id_of(home, LEARNING.when)
+    job = _xcom(home, "plan_run", "training_job_name", run_id=run_id)
     pointer = json.loads(_get(s3, f"s3://{BUCKET}/headpose/published/latest.json"))
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-    return {"s3": s3, "output": output, "job": job, "pointer": pointer, "keys": keys, "home": airflow_home}
+    return {"s3": s3, "output": result.output, "job": job, "pointer": pointer, "keys": keys, "home": home,
+            "run_id": run_id, "endpoint": dag_batch.endpoint}
 
 
-def test_a_bad_conf_is_refused_before_any_task_runs(airflow_home, moto_server):
-    result = _dags_test(airflow_home, moto_server.endpoint, {**TINY_CONF, "training_steps": 0}, "bad-conf.log")
-    assert result.returncode != 0
-    assert "Invalid input for param training_steps" in result.stdout + result.stderr
-    with _db(airflow_home) as db:
-        assert db.execute("SELECT COUNT(*) FROM dag_run WHERE dag_id = ?", (DAG_ID,)).fetchone()[0] == 0
+def test_a_bad_conf_is_refused_before_any_task_runs(dag_batch):
+    scenario = BY_NAME["bad conf"]
+    result = dag_batch.run(scenario.name)
+    assert result.exit_code != 0
+    assert "Invalid input for param training_steps" in result.output
+    assert run_id_of(dag_batch.home, scenario.when) is None  # no run, so no task, exists
 
 
 def test_the_model_learns_through_the_whole_path(learned):
-    report = _xcom(learned["home"], "validate_model")
+    report = _xcom(learned["home"], "validate_model", run_id=learned["run_id"])
     assert report["accepted"] and report["images"] == 4 * 93
     # Measured through the frozen graph by validate_model, the gate a publish depends on.
     assert report["accuracy"] >= LEARNING_CONF["min_accuracy"] > 3 * CHANCE
     assert learned["pointer"]["metrics"]["accuracy"] == report["accuracy"]
     assert "validate_model's gate: accuracy" in learned["output"]
-    assert "progress: step=300/300" in learned["output"]  # training output reached the task log
+    # Trained on two local hosts: both hosts' output reached the task log, the chief's steps
+    # are 300 of the global batch (600 one-replica steps of 16), and the worker exported nothing.
+    output = learned["output"]
+    assert "distribution: strategy=MultiWorkerMirroredStrategy hosts=2 replicas=2" in output
+    assert "[algo-1] progress: step=300/300" in output
+    assert "[algo-2] worker 1: trained; the chief evaluates and writes the model" in output
+    training = _xcom(learned["home"], "train", run_id=learned["run_id"])
+    assert training["Training"]["ResourceConfig"]["InstanceCount"] == 2
 
 
 def test_a_successful_run_logs_no_errors_and_its_train_links_fit_a_local_job(learned):
@@ -106,8 +83,8 @@ def test_a_successful_run_logs_no_errors_and_its_train_links_fit_a_local_job(lea
     errors = [line for line in learned["output"].splitlines() if "[error" in line]
     assert errors == []
     with _db(learned["home"]) as db:
-        links = dict(db.execute("SELECT key, value FROM xcom WHERE dag_id = ? AND task_id = 'train' AND key LIKE "
-                                "'_link_%'", (DAG_ID,)).fetchall())
+        links = dict(db.execute("SELECT key, value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'train' "
+                                "AND key LIKE '_link_%'", (DAG_ID, learned["run_id"])).fetchall())
     # At moto's endpoint, presigned: it opens with no credentials, as from a browser.
     with urllib.request.urlopen(json.loads(links["_link_S3ModelArtifactLink"])) as opened:
         assert opened.read() == _get(learned["s3"], f"s3://{BUCKET}/headpose/TFartifacts/{learned['job']}/output/model.tar.gz")
@@ -131,6 +108,17 @@ def test_the_pointer_names_the_runs_immutable_version_and_the_mirror_equals_it(l
     assert pointer["evaluation_set"]["pinned"] is False and pointer["attempts"] == [job]
 
 
+def test_two_hosts_leave_one_model_archive_with_one_export(learned, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(_get(learned["s3"], f"s3://{BUCKET}/headpose/TFartifacts/{learned['job']}/output/model.tar.gz"))
+    with tarfile.open(archive) as tar:
+        exports = {name.split("/")[2] for name in tar.getnames() if name.startswith("export/Servo/") and
+                   name.count("/") >= 2}
+    assert len(exports) == 1, exports
+
+
 def test_every_key_the_run_wrote_carries_its_job_name(learned):
     job, keys = learned["job"], learned["keys"]
     shared = [k for k in keys if k.startswith(("headpose/datasets/", "headpose/published/latest"))]
@@ -145,7 +133,7 @@ def test_every_key_the_run_wrote_carries_its_job_name(learned):
         f"headpose/TFartifacts/{job}/output/confusion_matrix.png",
         f"headpose/published/history/{job}.json",
     } <= set(run_keys)
-    plan = _xcom(learned["home"], "plan_run")
+    plan = _xcom(learned["home"], "plan_run", run_id=learned["run_id"])
     assert all(job in uri for k, uri in plan.items() if k.endswith("_uri") and not k.startswith("published_"))
     # The worker's scratch is gone: every hand-off went through S3.
     assert not (learned["home"] / "workspace" / job).exists()
@@ -192,27 +180,27 @@ print(json.dumps({{"accuracy": correct / total, "images": total}}))
     assert answer["accuracy"] >= pointer["metrics"]["accuracy"] - 0.03  # the validated figure, within resampling
 
 
-def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alone(learned, moto_server):
-    s3, home = learned["s3"], learned["home"]
+def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alone(dag_batch):
+    scenario = BY_NAME["below min_accuracy"]
+    result = dag_batch.run(scenario.name)
+    s3, home, bucket = dag_batch.s3(), dag_batch.home, scenario.bucket
 
     def published() -> dict:
-        return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="headpose/published/")["Contents"]}
+        return {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="headpose/published/")["Contents"]}
 
-    before = published()
-    result = _dags_test(home, moto_server.endpoint, {**TINY_CONF, "min_accuracy": 1}, "below-min.log")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0  # the run is failed, though its cleanup teardown succeeded
-    run_id, state = last_run(home)
+    output = result.output
+    assert result.exit_code != 0  # the run is failed, though its cleanup teardown succeeded
+    run_id = run_id_of(home, scenario.when)
     states = task_states(home, run_id)
-    assert state == "failed" and states["validate_model"] == "failed"
+    assert states["validate_model"] == "failed"
     assert states["upload_frozen_model"] == states["publish"] == "upstream_failed"
     assert states["cleanup"] == "success"
     job = _xcom(home, "plan_run", "training_job_name", run_id=run_id)
-    rejected = f"s3://{BUCKET}/headpose/TFartifacts/{job}/rejected/report.json"
+    rejected = f"s3://{bucket}/headpose/TFartifacts/{job}/rejected/report.json"
     assert "is below min_accuracy 1.0000" in output and f"Report: {rejected}" in output
     report = json.loads(_get(s3, rejected))
     assert report["accepted"] is False and report["problems"]
-    stored = s3.head_object(Bucket=BUCKET, Key=f"headpose/TFartifacts/{job}/rejected/report.json")
+    stored = s3.head_object(Bucket=bucket, Key=f"headpose/TFartifacts/{job}/rejected/report.json")
     assert stored["ContentType"] == "application/json"  # the S3 console's Open shows it too
     # The UI's way to it: a link in validate_model's XCom, written before the task failed.
     links = _xcom(home, "validate_model", "links", run_id=run_id)
@@ -221,14 +209,19 @@ def test_a_run_below_min_accuracy_fails_keeps_its_evidence_and_leaves_latest_alo
         assert opened.headers["Content-Type"] == "application/json"  # shown in the tab, not downloaded
     with urllib.request.urlopen(links["confusion_matrix"]) as opened:
         assert opened.headers["Content-Type"] == "image/png" and opened.read().startswith(b"\x89PNG")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert f"headpose/TFartifacts/{job}/rejected/confusion_matrix.png" in keys
     assert not any(job in k and ("/output/frozen_model" in k or "published/" in k) for k in keys)
+    before = {key: etag for key, (etag, _) in dag_batch.prepared["before"][scenario.name].items()}
     assert published() == before
 
 
-def test_every_edge_format_is_published_and_runs_from_s3_in_its_own_runtime(learned, moto_server, tmp_path,
-                                                                            monkeypatch):
+def test_each_edge_format_is_published_and_runs_from_s3_or_is_withheld_with_its_figures(learned, tmp_path,
+                                                                                         monkeypatch):
+    """The contract, whatever this CPU makes of a briefly trained model: every float32
+    format is published (it matches TensorFlow); a reduced-precision one is published, or
+    withheld with its figures in the report (an int8 format can lose a few images here;
+    test_edge_formats proves each holds on a model trained long enough)."""
     import numpy as np
     from PIL import Image
 
@@ -241,15 +234,22 @@ def test_every_edge_format_is_published_and_runs_from_s3_in_its_own_runtime(lear
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     pointer, s3 = learned["pointer"], learned["s3"]
-    assert set(pointer["formats"]) == set(DEFAULT_FORMATS)
     report = json.loads(_get(s3, pointer["files"]["report.json"]["uri"]))
-    assert all(report["formats"][name]["accepted"] for name in DEFAULT_FORMATS)  # the per-format table
+    assert set(report["formats"]) == set(DEFAULT_FORMATS)  # every format was judged
+    for name, verdict in report["formats"].items():
+        if verdict["precision"] == "float32":
+            assert verdict["accepted"], (name, verdict)
+        if verdict["accepted"]:
+            assert name in pointer["formats"], name
+        else:  # withheld, with what it scored against the frozen graph and why
+            assert name not in pointer["formats"], name
+            assert verdict["accuracy"] is not None and verdict["reason"].startswith(name + ":"), (name, verdict)
     rgb = generate_image(np.random.default_rng(7), 15, -60)  # a face the model has not seen
     Image.fromarray(rgb).save(tmp_path / "face.png")
     graph = tmp_path / "frozen_model.pb"
     graph.write_bytes(_get(s3, pointer["files"]["frozen_model.pb"]["uri"]))
     expected = int(load_frozen_graph(graph)(rgb[None, ..., ::-1].astype(np.float32) / 255.0).argmax())
-    fetch = default_fetch(moto_server.endpoint)
+    fetch = default_fetch(learned["endpoint"])
     for name, entry in pointer["formats"].items():
         model = load_model(fetch, pointer, tmp_path / "cache", name)  # downloaded, sha256-checked, opened
         assert model.format == name and model.sha256 == entry["sha256"]

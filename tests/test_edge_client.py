@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from edge_support import tiny_edge_models
 from headpose.edge.client import Follower, default_fetch, load_model, read_local, read_record
 from headpose.edge.errors import EdgeClientError
 from headpose.edge.labels import DEEPLENS_LABELS
@@ -25,15 +24,13 @@ JOB_B = "deeplens-TF-headpose-2025-02-02-03-00-00-000"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    built = tiny_edge_models(tmp_path_factory)
-    if "other_edge" not in built:  # the untrained model's ONNX file: the "next" published model
-        from headpose.artifacts.edge.export import export_edge_models
+def models(tiny_edge_models, tmp_path_factory):
+    from headpose.artifacts.edge.export import export_edge_models
 
-        other = built["other"]
-        built["other_edge"] = export_edge_models(other.pb_path, other.metadata, built["base"] / "other-edge",
-                                                 None, ("onnx",)).manifest
-    return built
+    other = tiny_edge_models["other"]  # the untrained model's ONNX file: the "next" published model
+    folder = tmp_path_factory.mktemp("other-edge")
+    other_edge = export_edge_models(other.pb_path, other.metadata, folder, None, ("onnx",)).manifest
+    return {**tiny_edge_models, "other_edge": other_edge, "other_edge_dir": folder}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +190,7 @@ def test_follow_switches_only_to_a_verified_model(published, models, tmp_path):
     before = follower.model.predict(picture)
 
     other = models["other_edge"]
-    record_b = _publish(s3, JOB_B, other, models["base"] / "other-edge",
+    record_b = _publish(s3, JOB_B, other, models["other_edge_dir"],
                         {"onnx": {"accepted": True, "accuracy": 0.1, "max_abs_diff": 0.0, "latency_ms_b1": 1.0}})
     wrong = json.loads(json.dumps(record_b))
     wrong["formats"]["onnx"]["sha256"] = hashlib.sha256(b"something else").hexdigest()

@@ -1,6 +1,6 @@
 """Edge formats of a real tiny model: conversion, edge_models.json, validation in each runtime.
 
-The shared model (``edge_support``) is trained for seconds on the tiny synthetic set and
+The session's shared model (``model_support``) is trained for seconds on the tiny synthetic set and
 converted once per session into every format; tests that need other converters run
 their own export on the same frozen graph.
 """
@@ -18,7 +18,6 @@ import sys
 import numpy as np
 import pytest
 
-from edge_support import tiny_edge_models
 from support import ROOT
 from headpose.artifacts.edge.converter import EdgeFormatError
 from headpose.artifacts.edge.export import DEFAULT_FORMATS, export_edge_models, representative_images
@@ -35,8 +34,8 @@ REDUCED = ("litert_int8", "openvino_fp16", "openvino_bf16", "openvino_int8", "on
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_edge_models(tmp_path_factory)
+def models(tiny_edge_models):
+    return tiny_edge_models
 
 
 def _sha256(path) -> str:

@@ -7,7 +7,6 @@ import json
 import pytest
 
 import airflow_support  # noqa: F401  (a throw-away AIRFLOW_HOME before airflow is imported)
-from edge_support import tiny_edge_models
 from headpose.artifacts.edge.export import DEFAULT_FORMATS
 from headpose.planning.layout import split_s3_uri
 from support import aws_env
@@ -21,8 +20,8 @@ EDGE = OUTPUT + "edge/"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_edge_models(tmp_path_factory)
+def models(tiny_edge_models):
+    return tiny_edge_models
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from headpose.artifacts.archive import find_saved_model, pack_model_dir
+from headpose.artifacts.archive import find_saved_model
 from headpose.backends.container import make_dirs, write_configs
 from headpose.backends.sourcedir import build_sourcedir
 from headpose.planning.plan import plan_run
@@ -80,14 +80,6 @@ def shards_for(work: Path) -> Path:
     shards = work / "shards"
     write_synthetic_dataset(shards, train_per_pose=1, eval_per_pose=1, images_per_shard=200)
     return shards
-
-
-def tiny_model_archive(work: Path) -> Path:
-    """A real ``model.tar.gz`` as SageMaker would upload it, from a tiny run under the toolkit."""
-    sourcedir, _ = build_sourcedir(work / "sourcedir.tar.gz")
-    process, dirs = run_toolkit(tiny_request(), work / "opt-ml", sourcedir, shards_for(work))
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    return pack_model_dir(dirs["model"], work / "model.tar.gz")
 
 
 PROBE = """
@@ -246,29 +238,88 @@ def test_the_code_folder_alone_provides_the_package(toolkit_run):
     assert Path(found).resolve().is_relative_to(code.resolve())
 
 
-def test_a_cluster_is_refused_with_a_failure_file(tmp_path):
-    # The toolkit takes the hosts from resourceconfig.json into SM_HOSTS; the entry point
-    # refuses before TensorFlow is imported, and its reason reaches FailureReason.
+def two_host_job(tmp_path: Path, request: dict, sourcedir: Path, host: str) -> tuple[dict, dict]:
+    """``host``'s ``/opt/ml`` of a two-instance job as SageMaker lays it out; ``(dirs, env)``."""
     channel = tmp_path / "empty-channel"
-    channel.mkdir()
+    channel.mkdir(exist_ok=True)
+    request = {**request, "ResourceConfig": {**request["ResourceConfig"], "InstanceCount": 2}}
+    root = tmp_path / host
+    dirs = make_dirs(root)
+    write_configs(dirs["config"], request, sourcedir, current_host=host)
+    (dirs["data"] / "training").symlink_to(channel, target_is_directory=True)
+    return dirs, toolkit_env(root, request)
+
+
+CLUSTER_PROBE = """
+import json, os
+from pathlib import Path
+from sagemaker_training import environment
+from headpose.training import cluster
+env = environment.Environment()
+try:
+    found = cluster.from_environment()
+    seen = {"tf_config": found.tf_config, "chief": found.is_chief}
+except cluster.ClusterError as error:
+    seen = {"refused": str(error)}
+seen.update(framework_params=json.loads(os.environ["SM_FRAMEWORK_PARAMS"]),
+            distribution_hosts=env.distribution_hosts,
+            distributed=env.current_instance_group in env.distribution_instance_groups)
+Path(os.environ["SM_MODEL_DIR"], "seen.json").write_text(json.dumps(seen))
+"""
+
+
+def cluster_probe_sourcedir(path: Path) -> Path:
+    """A ``sourcedir.tar.gz`` whose ``train.py`` records what the toolkit and ``training.cluster`` make of a cluster."""
+    from headpose.backends.sourcedir import sourcedir_files
+
+    files = sourcedir_files()
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("headpose/__init__.py", "headpose/training/__init__.py", "headpose/training/cluster.py"):
+            tar.add(files[name], arcname=name)
+        info = tarfile.TarInfo("train.py")
+        info.size = len(CLUSTER_PROBE.encode())
+        tar.addfile(info, io.BytesIO(CLUSTER_PROBE.encode()))
+    return path
+
+
+def test_the_toolkit_hands_the_multi_worker_flag_on_as_the_tensorflow_image_reads_it(tmp_path):
+    """What the request's flag becomes: the toolkit's own ``Environment`` is what SageMaker's
+    TensorFlow image (sagemaker_tensorflow_container.training, which cannot be installed beside
+    this toolkit version) reads; it writes ``TF_CONFIG`` from ``distribution_hosts`` with every
+    worker at port 8890 when the flag is true and the host's group is a distribution group."""
+    request = tiny_request(instance_count=2, synthetic_train_per_pose=20, images_per_shard=100)
+    assert request["HyperParameters"]["sagemaker_multi_worker_mirrored_strategy_enabled"] == "true"
+    dirs, env = two_host_job(tmp_path, request, cluster_probe_sourcedir(tmp_path / "probe.tar.gz"), "algo-2")
+    process = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    seen = json.loads((dirs["model"] / "seen.json").read_text())
+    assert seen["framework_params"] == {"sagemaker_multi_worker_mirrored_strategy_enabled": True}
+    assert seen["distributed"] is True and seen["distribution_hosts"] == ["algo-1", "algo-2"]
+    # Where no image wrote TF_CONFIG, the entry point builds the one the image writes.
+    assert seen["tf_config"] == {"cluster": {"worker": ["algo-1:8890", "algo-2:8890"]},
+                                 "environment": "cloud", "task": {"type": "worker", "index": 1}}
+    assert seen["chief"] is False
+
+
+def test_a_cluster_the_request_did_not_enable_is_refused_with_a_failure_file(tmp_path):
+    # Two hosts, no flag and no TF_CONFIG: each would train alone. The entry point refuses
+    # before TensorFlow is imported, and its reason reaches FailureReason.
     request = tiny_request()
+    assert "sagemaker_multi_worker_mirrored_strategy_enabled" not in request["HyperParameters"]
     sourcedir, _ = build_sourcedir(tmp_path / "sourcedir.tar.gz")
-    dirs = lay_out_job(tmp_path / "opt-ml", request, sourcedir, channel)
-    config = dirs["config"] / "resourceconfig.json"
-    resources = json.loads(config.read_text())
-    resources["hosts"] = resources["instance_groups"][0]["hosts"] = ["algo-1", "algo-2"]
-    config.write_text(json.dumps(resources))
-    process = subprocess.run(toolkit_command(), cwd=dirs["code"], env=toolkit_env(tmp_path / "opt-ml", request),
-                             capture_output=True, text=True, timeout=900)
+    dirs, env = two_host_job(tmp_path, request, sourcedir, "algo-2")
+    process = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True,
+                             timeout=900)
     assert process.returncode == 1
     failure = (dirs["output"] / "failure").read_text()
-    assert "instance_count must be 1" in failure and "algo-2" in failure
+    assert "2 hosts ['algo-1', 'algo-2']" in failure
+    assert "does not enable sagemaker_multi_worker_mirrored_strategy_enabled" in failure
 
 
 @pytest.mark.slow
 def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     request = tiny_request(use_spot_instances=True, max_run_seconds=3600, max_wait_seconds=3600,
-                           training_steps=400, mixed_precision="off", xla="off")
+                           training_steps=100, mixed_precision="off", xla="off")
     assert json.loads(request["HyperParameters"]["checkpoint_dir"]) == "/opt/ml/checkpoints"
     # SageMaker restores /opt/ml/checkpoints from S3 before a restarted spot job; here the
     # folder simply survives. It stands in for /opt/ml/checkpoints, as the root does for /opt/ml.
@@ -293,14 +344,14 @@ def test_a_spot_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", output)[1])
-    assert 10 <= resumed < 400 and resumed % 10 == 0
-    assert "progress: step=400/400" in output and "checkpoint saved at step 400" in output
-    assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 400
+    assert 10 <= resumed < 100 and resumed % 10 == 0
+    assert "progress: step=100/100" in output and "checkpoint saved at step 100" in output
+    assert json.loads((dirs["model"] / "metrics.json").read_text())["training_steps"] == 100
 
     # Interrupted after training, before the model was uploaded: nothing is trained again.
     third = subprocess.run(toolkit_command(), cwd=dirs["code"], env=env, capture_output=True, text=True,
                            timeout=900)
     output = third.stdout + third.stderr
     assert third.returncode == 0, output[-4000:]
-    assert "nothing left to train: the checkpoint is at step 400 of 400" in output
+    assert "nothing left to train: the checkpoint is at step 100 of 100" in output
     assert "progress:" not in output

@@ -10,10 +10,7 @@ import tensorflow as tf
 
 from headpose.artifacts.confusion_plot import tick_labels, write_confusion_png
 from headpose.artifacts.evaluate import evaluate_frozen_graph, load_frozen_graph
-from headpose.artifacts.freeze import freeze_saved_model
 from headpose.training import labels
-from headpose.training.export import export_saved_model
-from headpose.training.model import build_resnet
 from headpose.training.shards import ShardWriter, shard_paths
 
 # (tilt, pan) in degrees: every class at least once; 23 images over 3 shards of 8, so
@@ -24,21 +21,19 @@ ANGLES = [(t, p) for p in (-60, 0, 60) for t in (-30, 0, 30)] * 2 + [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_model, tmp_path_factory):
+    """The session's trained model, frozen, on shards of random images of ANGLES."""
     base = tmp_path_factory.mktemp("evaluate")
     rng = np.random.default_rng(3)
     with ShardWriter(base / "data", "eval", images_per_shard=8) as writer:
         for tilt, pan in ANGLES:
             writer.write(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8), tilt, pan)
-    tf.keras.utils.set_random_seed(3)
-    saved_model = export_saved_model(build_resnet(10, base_filters=8), base / "model")
-    frozen = freeze_saved_model(saved_model, base / "frozen")
     return {
         "base": base,
         "shards": shard_paths(base / "data", "eval"),
         "summary": writer.summary(),
-        "saved_model": saved_model,
-        "pb": frozen.pb_path,
+        "saved_model": tiny_model["saved_model"],
+        "pb": tiny_model["frozen"],
     }
 
 

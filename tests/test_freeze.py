@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.artifacts.archive import find_saved_model, pack_model_dir, safe_extract  # noqa: E402
+from headpose.artifacts.archive import find_saved_model, safe_extract  # noqa: E402
 from headpose.artifacts.freeze import FreezeError, freeze_graph, freeze_saved_model  # noqa: E402
 from headpose.artifacts.freeze_cli import build_parser, main  # noqa: E402
 from headpose.training import labels  # noqa: E402
@@ -23,38 +23,17 @@ from headpose.training.model import build_resnet  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_tiny_model(seed: int = 0):
-    """ResNet-10 with 8 base filters, 2 SGD steps on random data, then random BN statistics.
-
-    Two steps barely move the moving averages (momentum 0.997), so the BN statistics
-    and affine parameters are then set to clearly non-trivial values: folding them into
-    the graph must be exact for parity to hold.
-    """
-    tf.keras.utils.set_random_seed(seed)
-    model = build_resnet(10, base_filters=8)
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
-    rng = np.random.default_rng(seed)
-    images = rng.random((8, 84, 84, 3), dtype=np.float32)
-    model.fit(images, rng.integers(0, labels.NUM_CLASSES, 8), batch_size=4, epochs=1, verbose=0)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            channels = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
-            layer.beta.assign(rng.normal(0, 0.2, channels).astype(np.float32))
-            layer.moving_mean.assign(rng.normal(0, 0.3, channels).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype(np.float32))
-    return model
-
-
 @pytest.fixture(scope="module")
-def frozen(tmp_path_factory):
-    """Train -> export -> pack -> safe_extract -> find_saved_model -> freeze, as the DAG does."""
+def frozen(tiny_model, tmp_path_factory):
+    """The session's trained model as training packs it -> safe_extract -> find_saved_model ->
+    freeze, as the DAG does. Its batch norm statistics are far from the initial ones (trained
+    with momentum 0.9): folding them into the graph must be exact for parity to hold."""
     base = tmp_path_factory.mktemp("freeze")
-    export_saved_model(train_tiny_model(), base / "sm_model")
-    archive = pack_model_dir(base / "sm_model", base / "model.tar.gz")
+    archive = tiny_model["archive"]
     saved_model = find_saved_model(safe_extract(archive, base / "extracted"))
     result = freeze_saved_model(saved_model, base / "frozen")
-    return {"base": base, "archive": archive, "saved_model": saved_model, "result": result}
+    return {"base": base, "archive": archive, "saved_model": saved_model, "result": result,
+            "model_dir": tiny_model["model_dir"]}
 
 
 def read_graph_def(path: Path):
@@ -168,7 +147,7 @@ def test_the_tutorials_freeze_graph_call(frozen, tmp_path, monkeypatch):
     # The tutorial: model_dir = glob('export/*/*')[0]; freeze_graph(model_dir, ...) wrote
     # frozen_model.pb in the current folder. Here model_dir is the folder above export/.
     monkeypatch.chdir(tmp_path)
-    result = freeze_graph(frozen["base"] / "sm_model", "Const_1", "softmax_tensor")
+    result = freeze_graph(frozen["model_dir"], "Const_1", "softmax_tensor")
     assert result.pb_path.resolve() == (tmp_path / "frozen_model.pb").resolve()
     graph_def = read_graph_def(result.pb_path)
     nodes = {node.name: node for node in graph_def.node}

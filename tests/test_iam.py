@@ -28,7 +28,8 @@ KEY = f"arn:aws:kms:us-east-1:{MOTO_ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567
 GOVERNED = iam.Deployment(BUCKET, "headpose", "us-east-1", MOTO_ACCOUNT, "deeplens-TF-headpose",
                           "HeadposeSageMakerExecution", KEY, True)
 DOCUMENTS = {"airflow-principal-policy.json": iam.worker_policy,
-             "sagemaker-execution-role-policy.json": iam.execution_role_policy}
+             "sagemaker-execution-role-policy.json": iam.execution_role_policy,
+             "new-data-queue-policy.json": iam.new_data_queue_policy}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ PLAIN = iam.Deployment(BUCKET, "headpose", "eu-west-1", MOTO_ACCOUNT, "deeplens-
 
 
 @pytest.mark.parametrize("deployment", [PLAIN, GOVERNED], ids=["plain", "kms-and-object-lock"])
-@pytest.mark.parametrize("make", [iam.worker_policy, iam.execution_role_policy], ids=["worker", "execution-role"])
+@pytest.mark.parametrize("make", [iam.worker_policy, iam.execution_role_policy, iam.new_data_queue_policy],
+                         ids=["worker", "execution-role", "new-data-queue"])
 def test_parliament_finds_nothing_against_awss_own_definitions(deployment, make):
     from parliament import analyze_policy_string
 
@@ -68,8 +70,16 @@ def test_the_trust_policy_is_linted_too():
         ("MALFORMED", "Statement contains neither Resource nor NotResource")]
 
 
+def test_the_new_data_statements_are_there_only_with_a_queue():
+    with_queue, without = iam.worker_policy(PLAIN), iam.worker_policy(iam.Deployment(**{**PLAIN.__dict__, "new_data_queue": None}))
+    added = {s["Sid"] for s in with_queue["Statement"]} - {s["Sid"] for s in without["Statement"]}
+    assert added == {"WatchTheNewDataQueue", "SetUpTheNewDataQueue", "NotifyTheQueueOfUploads"}
+    queue = iam.new_data_queue_policy(PLAIN)["Statement"][0]
+    assert queue["Condition"]["ArnEquals"]["aws:SourceArn"] == f"arn:aws:s3:::{BUCKET}"  # this bucket's uploads only
+
+
 def test_kms_and_the_bucket_owner_are_in_the_policies_where_configured():
-    for make in DOCUMENTS.values():
+    for make in (iam.worker_policy, iam.execution_role_policy):
         governed, plain = make(GOVERNED), make(iam.Deployment())
         assert any(KEY == s["Resource"] for s in governed["Statement"])
         assert not any("kms:" in json.dumps(s["Action"]) for s in plain["Statement"])

@@ -35,7 +35,7 @@ BAD_VALUES = [
     ("unsupported ResNet depth", {"resnet_size": 20}, "resnet_size"),
     ("too few base filters", {"base_filters": 2}, "base_filters"),
     ("instance type without ml.", {"instance_type": "p3.2xlarge"}, "instance_type"),
-    ("two instances", {"instance_count": 2}, "instance_count"),
+    ("more instances than any quota", {"instance_count": 17}, "instance_count"),
     ("zero volume", {"volume_size_gb": 0}, "volume_size_gb"),
     ("run time over 28 days", {"max_run_seconds": 3_000_000}, "max_run_seconds"),
     ("role that is not an ARN", {"role_arn": "SageMakerRole"}, "role_arn"),
@@ -187,10 +187,29 @@ def test_a_sagemaker_run_needs_a_role_from_the_trigger_or_the_connection():
     assert values["role_arn"] is None  # plan_run puts the connection's role in the request
 
 
-def test_more_than_one_instance_is_refused_with_the_reason():
+@pytest.mark.parametrize("conf, fragment", [
+    # Several CPU instances: slower than one GPU, and what several hosts are for is GPUs.
+    ({"backend": "sagemaker", "role_arn": ARN, "instance_count": 2, "instance_type": "ml.m5.4xlarge"},
+     "instance_count=2 with instance_type='ml.m5.4xlarge', which has no GPU"),
+    ({"backend": "local", "instance_count": 3}, "the local backend runs at most 2 hosts"),
+    # 93 poses x 10 images = 930 training images: one shard of 1000, none for a second host.
+    ({"backend": "local", "instance_count": 2, "synthetic_train_per_pose": 10},
+     "needs a training shard per host, but the synthetic dataset's 930 training images make 1 shard(s) of "
+     "images_per_shard=1000: set images_per_shard to at most 465"),
+])
+def test_instance_counts_that_cannot_work_are_refused(conf, fragment):
     with pytest.raises(RunParamsError) as refused:
-        validate_run_params({"instance_count": 2})
-    assert "trains on one host" in str(refused.value)
+        validate_run_params(conf)
+    assert fragment in str(refused.value)
+
+
+@pytest.mark.parametrize("conf", [
+    {"backend": "sagemaker", "role_arn": ARN, "instance_count": 4, "instance_type": "ml.g5.12xlarge"},
+    {"backend": "local", "instance_count": 2, "synthetic_train_per_pose": 10, "images_per_shard": 465},
+    {"backend": "local", "instance_count": 2, "dataset_source": "s3://data-bucket/headpose/datasets/x/"},
+])
+def test_instance_counts_that_work_are_accepted(conf):
+    assert validate_run_params(conf)["instance_count"] == conf["instance_count"]
 
 
 def test_spot_training_is_off_by_default(run_params):

@@ -69,6 +69,12 @@ def test_the_documented_production_profile_is_the_tutorials_run_on_sagemaker(mon
     ('{"approval_timeout": "3 days"}', "approval_timeout='3 days'"),
     ('{"approvers": "alice"}', "approvers='alice'"),
     ('{"model_package_group": "head pose"}', "model_package_group='head pose'"),
+    ('{"backend": "sagemaker", "instance_count": 4, "instance_type": "ml.c5.18xlarge"}',
+     "instance_count=4 with instance_type='ml.c5.18xlarge', which has no GPU"),
+    ('{"instance_count": 2, "synthetic_train_per_pose": 5}', "needs a training shard per host"),
+    ('{"edge_formats": ["tensorrt"]}', "edge_formats=['tensorrt']: unknown edge formats ['tensorrt']"),
+    ('{"edge_formats": ["openvino_bf16"]}', "openvino_bf16 runs the files of openvino_fp32: request both"),
+    ('{"edge_formats": []}', "edge_formats=[]"),
 ])
 def test_a_bad_profile_is_an_import_error_naming_the_variable_the_key_and_the_rule(monkeypatch, profile, words):
     monkeypatch.setenv(PROFILE_ENV, profile)
@@ -141,3 +147,13 @@ def test_no_profile_means_the_built_in_defaults():
     assert "built-in defaults" in profile.describe()
     with pytest.raises(ProfileError):
         load_profile({PROFILE_ENV: "{}x"})
+
+
+def test_a_deployment_converts_only_the_edge_formats_its_devices_run():
+    profile = {PROFILE_ENV: json.dumps({"edge_formats": ["openvino_int8", "onnx"]})}
+    plan = plan_run({"s3_bucket": "b-headpose"}, WHEN, region="us-east-1", dag_id="d", run_id="r", environ=profile)
+    assert plan["edge_formats"] == ["openvino_int8", "onnx"]
+    everything = plan_run({"s3_bucket": "b-headpose"}, WHEN, region="us-east-1", dag_id="d", run_id="r", environ={})
+    assert "openvino_bf16" in everything["edge_formats"] and "litert_int8" in everything["edge_formats"]
+    with pytest.raises(RunParamsError, match=r"\['edge_formats'\] is a deployment setting"):
+        validate_run_params({"edge_formats": ["onnx"]})

@@ -87,7 +87,7 @@ def test_the_request_shows_what_the_decision_rests_on_and_the_version_waits_in_t
     for words in (f"**{run.job}**", "accuracy on `synthetic-abc@000`", "before: 0.5000", "**after: 0.9000**",
                   "| pan neg / tilt neg | 0.850 | 0.900 | +0.050 |",
                   "| pan ctr / tilt ctr | 0.900 | 0.800 | **-0.100 (worst)** |",
-                  "| openvino_fp32 | 0.9000 | 1.25 |", "`synthetic-abc`", "558 training, 93 evaluation images",
+                  "| onnx | 0.9000 | 1.25 |", "`synthetic-abc`", "558 training, 93 evaluation images",
                   "3312 billable seconds", "[Report](https://s3.example/report.html?X-Amz-Signature=1)",
                   "[Confusion matrices](https://s3.example/confusion_matrix.png", "within 3d"):
         assert words in body, words

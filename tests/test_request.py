@@ -277,3 +277,30 @@ def test_the_channel_order_param_reaches_the_request():
     layout = RunLayout.for_run("bkt", "headpose", JOB, "s3://bkt/headpose/datasets/x/")
     request = training_job_request(layout, params, "image", region="us-east-1")
     assert json.loads(request["HyperParameters"]["channel_order"]) == "rgb"
+
+
+@pytest.mark.parametrize("params", [
+    # Every GPU of four g5.12xlarge hosts (16 A10G), on spot, checkpoints shared by the hosts.
+    {"instance_type": "ml.g5.12xlarge", "instance_count": 4, "use_spot_instances": True,
+     "max_run_seconds": 7200, "max_wait_seconds": 10800},
+    {"instance_type": "ml.p4d.24xlarge", "instance_count": 2, "images_per_shard": 500},
+])
+def test_multi_instance_requests_are_accepted_by_create_training_job(s3_endpoint, params):
+    plan = plan_run({"backend": "sagemaker", "role_arn": ARN, "s3_bucket": "bkt", **params},
+                    LOGICAL, region="us-east-1", dag_id="headpose_retraining", run_id="r")
+    request = plan["training_request"]
+    assert request["ResourceConfig"]["InstanceCount"] == params["instance_count"]
+    # The flag SageMaker's TensorFlow image writes TF_CONFIG on, JSON-encoded like every value;
+    # test_entry_point checks what the toolkit hands the program for it.
+    assert json.loads(request["HyperParameters"]["sagemaker_multi_worker_mirrored_strategy_enabled"]) is True
+    # Every host gets the whole channel and reads its own share of the shards.
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
+    client = _sagemaker(s3_endpoint)
+    client.create_training_job(**request)  # botocore validates the request against the service model first
+    described = client.describe_training_job(TrainingJobName=JOB)
+    assert described["ResourceConfig"] == request["ResourceConfig"]
+    assert described["HyperParameters"] == request["HyperParameters"]
+
+
+def test_one_instance_requests_do_not_carry_the_multi_worker_flag(sagemaker_plan):
+    assert "sagemaker_multi_worker_mirrored_strategy_enabled" not in sagemaker_plan["training_request"]["HyperParameters"]

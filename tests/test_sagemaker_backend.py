@@ -383,67 +383,46 @@ def test_a_new_job_is_deferred_after_its_creation(aws, described):
 
 # -- the whole DAG with backend=sagemaker ----------------------------------------------
 
-E2E_BUCKET = "headpose-sm-e2e"
-E2E_LOGICAL = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory, airflow_db_template):
-    from airflow_support import new_airflow_home
-
-    return new_airflow_home(airflow_db_template, tmp_path_factory.mktemp("airflow-home-sagemaker"))
-
-
 @pytest.mark.e2e
-def test_a_sagemaker_run_reaches_download_artifact_with_the_artifact_sagemaker_wrote(
-    airflow_home, moto_server, tmp_path,
-):
-    from airflow_support import DAG_ID, dags_test, db, xcom
-    from headpose.planning.layout import file_sha256
-    from test_e2e import TINY_CONF
-    from test_entry_point import tiny_model_archive
+def test_a_sagemaker_run_reaches_download_artifact_with_the_artifact_sagemaker_wrote(dag_batch):
+    """The batch's "sagemaker backend" run: train deferred to the provider's trigger, against
+    moto's SageMaker; moto's job runs no code, so the artifact was put where SageMaker
+    would upload it (the job name derives from the logical date alone)."""
+    from airflow_support import DAG_ID, db, run_id_of, xcom
+    from dag_batch import BY_NAME
 
-    moto_server.reset()
-    endpoint = moto_server.endpoint
-    s3, sagemaker = _client("s3", endpoint), _client("sagemaker", endpoint)
-    s3.create_bucket(Bucket=E2E_BUCKET)
-    # moto's job runs no code, so the artifact is put where SageMaker would upload it:
-    # the job name derives from the logical date alone, so it is known before the run.
-    job = training_job_name(E2E_LOGICAL)
-    archive = tiny_model_archive(tmp_path)
-    s3.upload_file(str(archive), E2E_BUCKET, f"headpose/TFartifacts/{job}/output/model.tar.gz")
+    scenario = BY_NAME["sagemaker backend"]
+    result = dag_batch.run(scenario.name)
+    assert result.exit_code == 0, result.output[-6000:]
+    home, job, sagemaker, s3 = dag_batch.home, scenario.job, dag_batch.client("sagemaker"), dag_batch.s3()
+    run_id = run_id_of(home, scenario.when)
+    archive = s3.get_object(Bucket=scenario.bucket, Key=f"headpose/TFartifacts/{job}/output/model.tar.gz")["Body"].read()
 
-    conf = {**TINY_CONF, "s3_bucket": E2E_BUCKET, "backend": "sagemaker", "role_arn": ARN}
-    result = dags_test(airflow_home, endpoint, conf, "sagemaker-run.log", logical_date=E2E_LOGICAL,
-                       extra_env={"AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True"})
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-
-    assert [j["TrainingJobName"] for j in sagemaker.list_training_jobs()["TrainingJobSummaries"]] == [job]
+    jobs = [j["TrainingJobName"] for j in sagemaker.list_training_jobs()["TrainingJobSummaries"]]
+    assert jobs.count(job) == 1
     created = sagemaker.describe_training_job(TrainingJobName=job)
     assert created["RoleArn"] == ARN
     assert created["AlgorithmSpecification"]["TrainingImage"].endswith("tensorflow-training:2.21-gpu-py312")
-    assert "train completed successfully." in output  # the provider's deferrable path ran
+    assert "train completed successfully." in result.output  # the provider's deferrable path ran
 
-    training = xcom(airflow_home, "train")
+    training = xcom(home, "train", run_id=run_id)
     assert training["training_job_name"] == training["Training"]["TrainingJobName"] == job
     assert training["final_metrics"] == {"train:progress": 100.0}
-    download = xcom(airflow_home, "download_artifact")
-    assert download["artifact_uri"] == f"s3://{E2E_BUCKET}/headpose/TFartifacts/{job}/output/model.tar.gz"
-    assert download["sha256"] == file_sha256(archive)
+    download = xcom(home, "download_artifact", run_id=run_id)
+    assert download["artifact_uri"] == f"s3://{scenario.bucket}/headpose/TFartifacts/{job}/output/model.tar.gz"
+    assert download["sha256"] == hashlib.sha256(archive).hexdigest()
 
     # The console links the UI shows: URLs the task stored in XCom under each link's key.
-    with db(airflow_home) as conn:
+    with db(home) as conn:
         rows = conn.execute(
-            "SELECT key, value FROM xcom WHERE dag_id = ? AND task_id = 'train' AND key LIKE '_link_%'",
-            (DAG_ID,),
+            "SELECT key, value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'train' AND key LIKE '_link_%'",
+            (DAG_ID, run_id),
         ).fetchall()
     links = {key: json.loads(value) for key, value in rows}
     assert links["_link_SageMakerTrainingJobLink"].endswith(f"#/jobs/{job}")
     assert f"logStreamNameFilter$3D{job}" in links["_link_SageMakerTrainingLogsLink"]
-    artifact_key = f"headpose/TFartifacts/{job}/output/model.tar.gz"
     with urllib.request.urlopen(links["_link_S3ModelArtifactLink"]) as opened:  # moto's, presigned: no credentials
-        assert opened.read() == archive.read_bytes()
+        assert opened.read() == archive
 
 
 # -- attempts: a new job after a failed one, never two at once -------------------------

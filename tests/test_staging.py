@@ -159,12 +159,15 @@ def test_a_staged_dataset_carries_its_figures_and_is_rechecked_by_etag(bucket, t
     from headpose.datasets.store import DatasetError, read_manifest
 
     prefix = f"s3://{BUCKET}/checked/"
-    staged = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+    # Rendered once per session (the session's cache): what is under test is the validation.
+    staged = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path,
+                                             cache_root=staging.synthetic_cache_root())
     manifest, sha256 = read_manifest(bucket, prefix)
     assert manifest["validation"]["splits"] == staged["validation"] and staged["manifest_sha256"] == sha256
     assert set(manifest["validation"]["etags"]) == {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
     logs: list[str] = []
-    again = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, logs.append, scratch_root=tmp_path)
+    again = staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, logs.append, scratch_root=tmp_path,
+                                            cache_root=staging.synthetic_cache_root())
     assert again["validation"] == staged["validation"]
     assert any("unchanged since it was validated" in line for line in logs)
     # A shard replaced behind the manifest's back: its ETag no longer matches, so it is
@@ -172,14 +175,16 @@ def test_a_staged_dataset_carries_its_figures_and_is_rechecked_by_etag(bucket, t
     _, key_prefix = split_s3_uri(prefix)
     bucket.put_object(Bucket=BUCKET, Key=key_prefix + "eval-00000.tfrecord", Body=b"\x00" * 64)
     with pytest.raises(DatasetError, match="eval shard eval-00000.tfrecord has sha256"):
-        staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+        staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path,
+                                        cache_root=staging.synthetic_cache_root())
 
 
 def test_a_shard_the_manifest_does_not_name_is_refused_even_after_validation(bucket, tmp_path):
     from headpose.datasets.store import DatasetError
 
     prefix = f"s3://{BUCKET}/stray/"
-    staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path)
+    staging.stage_synthetic_dataset(bucket, prefix, SETTINGS, print, scratch_root=tmp_path,
+                                    cache_root=staging.synthetic_cache_root())
     # The channel hands training every shard under the prefix; one dropped in beside the
     # validated ones (its ETag is in no record) would be trained on unchecked.
     _, key_prefix = split_s3_uri(prefix)
@@ -199,9 +204,22 @@ def test_a_dataset_in_the_other_channel_order_is_refused(bucket, tmp_path):
         staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)
 
 
+def test_a_dataset_with_fewer_training_shards_than_hosts_is_refused(bucket, tmp_path):
+    from headpose.datasets.store import DatasetError
+    from headpose.datasets.synthetic import prima_poses
+
+    prefix = _dataset(bucket, tmp_path, "two-shards", prima_poses())  # 93 images, 64 a shard
+    plan = {"bucket": BUCKET, "dataset_prefix": prefix,
+            "run_params": {"dataset_source": prefix, "channel_order": "bgr", "instance_count": 2}}
+    assert staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)["train_shards"] == 2
+    plan["run_params"]["instance_count"] = 3
+    with pytest.raises(DatasetError, match=r"has 2 training shard\(s\) for instance_count=3: every host needs one"):
+        staging.stage_dataset(bucket, plan, print, scratch_root=tmp_path)
+
+
 def _render_in_a_daemon(folder: str, queue) -> None:
     logs: list[str] = []
-    settings = {**SETTINGS, "train_per_pose": 4, "eval_per_pose": 2}
+    settings = {**SETTINGS, "train_per_pose": 2, "eval_per_pose": 2}
     staging._render_synthetic(Path(folder), settings, logs.append)
     queue.put(logs)
 
@@ -217,6 +235,6 @@ def test_rendering_uses_a_process_pool_inside_a_daemonic_process(tmp_path):
     logs = queue.get(timeout=600)
     worker.join(60)
     assert worker.exitcode == 0
-    assert "rendered 6 rounds of 93 poses in 2 processes" in logs, logs
+    assert "rendered 4 rounds of 93 poses in 2 processes" in logs, logs
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["count"] == 4 * 93 and manifest["channel_order"] == "bgr"
+    assert manifest["splits"]["train"]["count"] == 2 * 93 and manifest["channel_order"] == "bgr"

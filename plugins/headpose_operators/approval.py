@@ -12,8 +12,8 @@ not a task failure.
 It asks only where the deployment requires an approval and ``publish`` would promote the
 version; before asking it registers the version in SageMaker's Model Registry as
 ``PendingManualApproval``. A rejection skips ``publish`` (only that task: ``record_release``,
-which runs whatever happened, records the answer). The answer is this task's XCom
-``approval`` - pushed before the skip, which ends the task without a return value.
+which runs whatever happened, records the answer: ``RecordReleaseOperator``). The answer is
+this task's XCom ``approval`` - pushed before the skip, which ends the task without a return value.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
-from airflow.sdk import Param
+from airflow.sdk import BaseOperator, Param
 from airflow.sdk.definitions.param import ParamsDict
 
 from headpose_operators.notify import ReleaseRequestNotifier
@@ -114,3 +114,54 @@ class ReleaseApprovalOperator(ApprovalOperator):
             refused = [t for t in context["task"].get_direct_relatives(upstream=False) if t.task_id in self.skip_on_reject]
             self.skip(ti=context["ti"], tasks=refused)  # ends the task here (DownstreamTasksSkipped)
         return result
+
+
+class RecordReleaseOperator(BaseOperator):
+    """Whatever happened to the request: the answer kept with the version's evidence, a refusal in the Model Registry.
+
+    Runs ``all_done`` beside ``publish`` (not after it, so that a failed run stays failed, and a
+    rejection, which skips ``publish``, is still recorded): adds the answer to the version's
+    ``approval.json``, marks a refused version ``Rejected`` in SageMaker's Model Registry, and
+    ends a refused run with its summary (who, when, why; nothing under ``published/`` changed).
+    Its inputs are pulled, not templated: an upstream task that failed leaves nothing to record.
+
+    :param approval_task_id: the ``ReleaseApprovalOperator``'s task.
+    :param aws_conn_id: the Airflow AWS connection (S3 and SageMaker).
+    :return: the run summary of a refused release (XCom ``summary`` too); None otherwise.
+    """
+
+    ui_color = "#fdebd0"
+    # What the UI shows on the task unless the DAG says otherwise.
+    DOC = ("Runs whatever happened to the release request: keeps the answer (approved, rejected with its comment, "
+           "or no answer in time) in the version's `approval.json`, marks a refused version `Rejected` in SageMaker's "
+           "Model Registry, and ends a refused run with its summary (who, when, why; nothing under `published/` "
+           "changed). Beside `publish`, not after it, so that a failed run stays failed.")
+
+    def __init__(self, *, approval_task_id: str = "approve_release", aws_conn_id: str = "aws_default",
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "all_done")
+        kwargs.setdefault("doc_md", self.DOC)
+        super().__init__(**kwargs)
+        self.approval_task_id = approval_task_id
+        self.aws_conn_id = aws_conn_id
+
+    def execute(self, context: Context) -> Any:
+        from headpose.registry.release import record_release
+        from headpose.registry.summary import format_summary
+        from headpose_operators.s3 import s3_client
+        from headpose_operators.sagemaker import model_registry
+
+        ti = context["ti"]
+        approval = ti.xcom_pull(task_ids=self.approval_task_id, key=APPROVAL_KEY)
+        if approval is None:
+            self.log.info("no release decision to record: %s did not finish (an earlier task's log says why)",
+                          self.approval_task_id)
+            return None
+        plan = ti.xcom_pull(task_ids="plan_run")
+        s3 = s3_client(self.aws_conn_id, plan.get("expected_bucket_owner"), plan.get("kms_key_id"))
+        inputs = (ti.xcom_pull(task_ids=t) for t in ("train", "stage_dataset", "validate_model", "upload_frozen_model"))
+        summary = record_release(s3, plan, *inputs, approval, model_registry(self.aws_conn_id, plan), log=print)
+        if summary:
+            print(format_summary(summary))
+            ti.xcom_push(key="summary", value=summary)
+        return summary

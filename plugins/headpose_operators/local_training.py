@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 class LocalTrainingMixin:
     """``backend="local"``: ``headpose.backends.local`` with the connection's S3 client; stoppable."""
 
-    _process: subprocess.Popen | None = None
+    _processes: list[subprocess.Popen] | None = None  # one toolkit a host
 
     def _execute_local(self) -> dict:
         from headpose.backends.local import run_local_training_job
@@ -42,12 +42,12 @@ class LocalTrainingMixin:
         return self._result(serialize(description))
 
     def _remember_process(self, process: subprocess.Popen) -> None:
-        self._process = process
+        self._processes = [*(self._processes or []), process]
 
     def on_kill(self) -> None:
-        if self._process is not None:
-            from headpose.backends.process import stop_process
+        from headpose.backends.process import stop_process
 
-            self.log.info("Stopping the local training process %s", self._process.pid)
-            stop_process(self._process)
+        for process in self._processes or []:
+            self.log.info("Stopping the local training process %s", process.pid)
+            stop_process(process)
         super().on_kill()

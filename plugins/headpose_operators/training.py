@@ -115,7 +115,7 @@ class HeadposeTrainingOperator(LocalTrainingMixin, SageMakerTrainingOperator):
         self.source_sha256s = source_sha256s
         self._attempts: list[str] = []
         self._status_polls_given = max_status_polls is not None
-        self._process: subprocess.Popen | None = None  # the local backend's program
+        self._processes: list[subprocess.Popen] = []  # the local backend's toolkits, one a host
 
     def pre_execute(self, context: Context) -> None:
         """Times the task by its own request's ``StoppingCondition``.

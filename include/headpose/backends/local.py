@@ -17,6 +17,13 @@ after ``train`` is identical for both backends:
 4. on failure the text of ``<root>/output/failure`` is raised; on success ``<root>/model``
    is packed into ``<S3OutputPath>/<TrainingJobName>/output/model.tar.gz``.
 
+With ``InstanceCount`` 2 (``LOCAL_MAX_INSTANCE_COUNT``) each host is a toolkit of its
+own, started at once: ``algo-1`` in ``<root>``, ``algo-2`` in ``<root>/hosts/algo-2``,
+each with configs naming it the current host, the channels of the first (each host of a
+SageMaker job gets the whole channel: ``FullyReplicated``), and the ``TF_CONFIG`` that
+SageMaker's TensorFlow image writes, on loopback ports. A failing host stops the
+others; the job's output is the first host's (the chief's), the only one that writes it.
+
 The result is shaped like ``describe_training_job``. A ``local-job.json`` record written
 beside the artifact, last, marks the job completed: a retried task finds it and returns
 the recorded result instead of training again (as a retried SageMaker task must attach
@@ -35,11 +42,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from headpose.artifacts.archive import pack_model_dir
-from headpose.backends.container import SUBMIT_DIRECTORY, TOOLKIT_MODULE, make_dirs, toolkit_environment, write_configs
+from headpose.backends.container import (
+    SUBMIT_DIRECTORY, TOOLKIT_MODULE, host_names, host_root, loopback_tf_config, make_dirs, multi_worker,
+    toolkit_environment, write_configs,
+)
 from headpose.backends.job_record import completed_description, job_record_uri, model_artifact_uri, recorded_result, write_record
-from headpose.backends.process import MetricCollector, recording_pid, run_program, stop_previous_program
+from headpose.backends.process import HostCommand, MetricCollector, recording_pid, run_hosts, stop_previous_program
 from headpose.backends.sourcedir import verify_sourcedir
 from headpose.planning.layout import file_sha256, split_s3_uri
+from headpose.planning.params import LOCAL_MAX_INSTANCE_COUNT
 
 Log = Callable[[str], None]
 
@@ -63,8 +74,8 @@ def run_local_training_job(
 
     ``sourcedir_sha256`` is what ``package_code`` recorded: code with another checksum
     is refused (``SourcedirMismatch``) before anything of it runs. ``on_start`` receives
-    the toolkit's process as soon as it runs, so that a caller being killed (Airflow's
-    ``on_kill``) can stop it and the program with ``stop_process``.
+    each host's toolkit process as soon as it runs, so that a caller being killed
+    (Airflow's ``on_kill``) can stop it and the program with ``stop_process``.
     """
     job = request["TrainingJobName"]
     recorded = recorded_result(request, s3_client)
@@ -76,39 +87,49 @@ def run_local_training_job(
     _check_supported(request)
     created = _now()
     root = Path(work_root)
+    hosts = host_names(request)
     if root.exists():
-        stop_previous_program(root, log)
+        for folder in [root, *sorted((root / "hosts").glob("*"))]:
+            stop_previous_program(folder, log)
         shutil.rmtree(root)  # a previous, unfinished try: start from nothing, like a new container
-    dirs = make_dirs(root)
+    host_dirs = {host: make_dirs(host_root(root, host)) for host in hosts}
+    dirs = host_dirs[hosts[0]]
     sourcedir = _fetch_code(s3_client, request, root / "sourcedir.tar.gz", sourcedir_sha256, log)
     log(f"training job {job}: downloading input channels")
     for channel in request.get("InputDataConfig", []):
         count = _download_channel(s3_client, channel, dirs["data"] / channel["ChannelName"])
         log(f"channel {channel['ChannelName']}: {count} files")
-    write_configs(dirs["config"], request, sourcedir)
+        for host in hosts[1:]:  # the same files, as every host of a FullyReplicated channel has
+            (host_dirs[host]["data"] / channel["ChannelName"]).symlink_to(dirs["data"] / channel["ChannelName"])
+    tf_configs = loopback_tf_config(hosts, hosts[0]) if len(hosts) > 1 and multi_worker(request) else {}
+    runs = []
+    for host in hosts:
+        write_configs(host_dirs[host]["config"], request, sourcedir, current_host=host)
+        env = toolkit_environment(host_root(root, host), job, environ)
+        if host in tf_configs:
+            env["TF_CONFIG"] = tf_configs[host]
+        # The code folder as working directory, as in SageMaker's image: the toolkit runs the
+        # program there, and stop_previous_program recognises a leftover by it.
+        runs.append(HostCommand(host, [python, "-m", TOOLKIT_MODULE], host_dirs[host]["code"], env,
+                                recording_pid(host_root(root, host), on_start)))
 
     metrics = MetricCollector(request["AlgorithmSpecification"].get("MetricDefinitions", []))
-    command = [python, "-m", TOOLKIT_MODULE]
-    log(f"running the SageMaker training toolkit: {' '.join(command)} (SAGEMAKER_BASE_DIR={root})")
+    log(f"running the SageMaker training toolkit on {len(hosts)} host(s) {hosts}: {' '.join(runs[0].command)} "
+        f"(SAGEMAKER_BASE_DIR={root}{' and ' + str(root / 'hosts') + '/<host>' if len(hosts) > 1 else ''})")
     started = _now()
-    # The code folder as working directory, as in SageMaker's image: the toolkit runs the
-    # program there, and stop_previous_program recognises a leftover by it.
-    exit_code, timed_out = run_program(
-        command, dirs["code"], toolkit_environment(root, job, environ), metrics, log,
-        request["StoppingCondition"]["MaxRuntimeInSeconds"], recording_pid(root, on_start),
-    )
+    exit_codes, timed_out = run_hosts(runs, metrics, log, request["StoppingCondition"]["MaxRuntimeInSeconds"])
     ended = _now()
     if timed_out:
         raise LocalTrainingError(
             f"training job {job} stopped: it ran past MaxRuntimeInSeconds="
             f"{request['StoppingCondition']['MaxRuntimeInSeconds']}"
         )
-    if exit_code != 0:
-        failure = _failure_text(dirs["output"])
-        raise LocalTrainingError(
-            f"training job {job} failed (exit code {exit_code}): "
-            f"{failure or 'the program wrote no output/failure file; see the log above'}"
-        )
+    failed = [(host, code) for host, code in exit_codes.items() if code != 0]
+    if failed:
+        raise LocalTrainingError(f"training job {job} failed " + "; ".join(
+            f"{'' if len(hosts) == 1 else 'on ' + host + ' '}(exit code {code}): "
+            f"{_failure_text(host_dirs[host]['output']) or _no_failure_text(host, failed[0][0])}"
+            for host, code in failed))
 
     artifact = pack_model_dir(dirs["model"], root / "model.tar.gz")
     artifact_sha256 = file_sha256(artifact)
@@ -120,7 +141,7 @@ def run_local_training_job(
         s3_client.upload_file(str(data_archive), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
 
     result = completed_description(request, created, started, ended, metrics.final(ended))
-    result["LocalBackend"] = {"ArtifactSha256": artifact_sha256, "ExitCode": exit_code}
+    result["LocalBackend"] = {"ArtifactSha256": artifact_sha256, "ExitCode": 0, "Hosts": hosts}
     write_record(request, s3_client, result)
     log(f"training job {job} completed in {result['TrainingTimeInSeconds']} s; "
         f"final metrics: {metrics.summary()}")
@@ -128,8 +149,12 @@ def run_local_training_job(
 
 
 def _check_supported(request: Mapping[str, Any]) -> None:
-    if int(request["ResourceConfig"].get("InstanceCount", 1)) != 1:
-        raise LocalTrainingError("the local backend runs one host: InstanceCount must be 1")
+    count = int(request["ResourceConfig"].get("InstanceCount", 1))
+    if not 1 <= count <= LOCAL_MAX_INSTANCE_COUNT:
+        raise LocalTrainingError(
+            f"the local backend runs 1 to {LOCAL_MAX_INSTANCE_COUNT} hosts on this machine: "
+            f"InstanceCount={count}"
+        )
     mode = request["AlgorithmSpecification"].get("TrainingInputMode", "File")
     for channel in request.get("InputDataConfig", []):
         source = channel["DataSource"].get("S3DataSource")
@@ -188,6 +213,12 @@ def _submit_directory(request: Mapping[str, Any]) -> str:
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise LocalTrainingError(f"{SUBMIT_DIRECTORY} must be an s3:// URI, got {uri!r}")
     return uri
+
+
+def _no_failure_text(host: str, first_failed: str) -> str:
+    if host != first_failed:
+        return f"stopped after {first_failed} failed"
+    return "the program wrote no output/failure file; see the log above"
 
 
 def _failure_text(output_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""Supervising the training toolkit and its program: streamed output, metrics, the run-time limit, stopping.
+"""Supervising the training toolkit and its program on each host: streamed output, metrics, the run-time limit, stopping.
 
 The toolkit leads its own process group, which the training program it starts (and
 that program's children) share, so a stop reaches all of them; its pid is recorded in
@@ -7,11 +7,13 @@ the job's folder so that a retry can stop one a killed task left behind.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -42,42 +44,81 @@ class MetricCollector:
         return ", ".join(f"{n}={v:g}" for n, v in self.values.items()) or "none"
 
 
-def run_program(
-    command: list[str], cwd: Path, env: dict[str, str], metrics: MetricCollector, log: Log,
-    max_runtime: int, on_start: Callable[[subprocess.Popen], None] | None,
-) -> tuple[int, bool]:
-    """Run ``command``, each output line to ``log`` as it comes; stop it after ``max_runtime`` s."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, encoding="utf-8", errors="replace", bufsize=1,
-        start_new_session=True,  # its own process group, so a stop reaches its children too
-    )
-    if on_start is not None:
-        on_start(process)
+@dataclass(frozen=True)
+class HostCommand:
+    """One host's toolkit: its command, folder, environment and what to call once it runs."""
+
+    host: str
+    command: list[str]
+    cwd: Path
+    env: dict[str, str]
+    on_start: Callable[[subprocess.Popen], None] | None = None
+
+
+def run_hosts(
+    runs: list[HostCommand], metrics: MetricCollector, log: Log, max_runtime: int,
+) -> tuple[dict[str, int], bool]:
+    """Run every host's command at once, each output line to ``log`` as it comes.
+
+    Returns ``({host: exit code}, timed out)``, hosts in the order they ended. The lines
+    of a job of several hosts are prefixed ``[<host>]`` (SageMaker keeps one log stream a
+    host); metrics are read from the first host's, as only the chief prints them. When a
+    host fails the others are stopped, as SageMaker ends a job whose host failed (they
+    would wait for it in their next collective step), and after ``max_runtime`` s all are.
+    """
+    processes: dict[str, subprocess.Popen] = {}
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     timed_out = threading.Event()
 
-    def stop() -> None:
-        timed_out.set()
-        stop_process(process)
+    def stop_all() -> None:
+        for process in processes.values():
+            stop_process(process)
 
-    timer = threading.Timer(max_runtime, stop)
+    def stop_at_limit() -> None:
+        timed_out.set()
+        stop_all()
+
+    timer = threading.Timer(max_runtime, stop_at_limit)
     timer.daemon = True
-    timer.start()
+    ended: dict[str, int] = {}
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            log(line)
-            metrics.feed(line)
-        exit_code = process.wait()
+        for run in runs:
+            processes[run.host] = process = subprocess.Popen(
+                run.command, cwd=run.cwd, env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, encoding="utf-8", errors="replace", bufsize=1,
+                start_new_session=True,  # its own process group, so a stop reaches its children too
+            )
+            if run.on_start is not None:
+                run.on_start(process)
+            threading.Thread(target=_pump, args=(run.host, process, lines), daemon=True).start()
+        timer.start()
+        chief, prefixed = runs[0].host, len(runs) > 1
+        while len(ended) < len(runs):
+            host, line = lines.get()
+            if line is None:  # its output closed: it has ended, or is about to
+                ended[host] = processes[host].wait()
+                if ended[host] != 0:
+                    stop_all()
+                continue
+            log(f"[{host}] {line}" if prefixed else line)
+            if host == chief:
+                metrics.feed(line)
     except BaseException:
         # The task itself is being stopped (timeout, kill): do not leave training behind.
-        stop_process(process)
-        process.wait()
+        stop_all()
+        for process in processes.values():
+            process.wait()
         raise
     finally:
         timer.cancel()
-    return exit_code, timed_out.is_set()
+    return ended, timed_out.is_set()
+
+
+def _pump(host: str, process: subprocess.Popen, lines: queue.Queue) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.put((host, line.rstrip("\n")))
+    lines.put((host, None))
 
 
 PID_FILE = "training.pid"

@@ -62,6 +62,14 @@ def stage_dataset(
         summary = stage_prima_dataset(s3_client, prefix, plan["dataset_settings"], log, scratch_root=scratch_root)
     else:
         summary = check_dataset_prefix(s3_client, prefix, log, scratch_root=scratch_root)
+    hosts = int(plan["run_params"].get("instance_count", 1))
+    if summary["train_shards"] < hosts:
+        # Each host reads its own share of the shards (training.distribution): none may go without.
+        raise DatasetError(
+            f"{prefix} has {summary['train_shards']} training shard(s) for instance_count={hosts}: every "
+            "host needs one of its own. Write the dataset with more shards (images_per_shard), or train "
+            "on fewer instances"
+        )
     wanted = plan["run_params"]["channel_order"]
     if summary["channel_order"] != wanted:
         raise DatasetError(

@@ -36,19 +36,9 @@ from headpose.datasets.settings import (
     checked_channel_order,
     from_rgb,
 )
-from headpose.training import labels
+from headpose.training.labels import prima_poses
 
 log = logging.getLogger(__name__)
-
-
-def prima_poses() -> list[tuple[int, int]]:
-    """(tilt, pan) in degrees of the Prima grid: 93 poses, tilt +-90 only at pan 0."""
-    return [
-        (tilt, pan)
-        for tilt in labels.TILT_ANGLES
-        for pan in labels.PAN_ANGLES
-        if abs(tilt) != 90 or pan == 0
-    ]
 
 
 SPLITS = ("train", "eval")

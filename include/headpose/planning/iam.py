@@ -7,7 +7,7 @@ placeholders (``tests/test_iam.py`` keeps them equal); a deployment prints its o
 
     PYTHONPATH=include python -m headpose.planning.iam --bucket my-bucket --account 123456789012 \\
         --region eu-west-1 --execution-role HeadposeSageMakerExecution [--kms-key-id arn:aws:kms:...] \\
-        [--object-lock] [--model-package-group headpose] worker|execution-role|trust
+        [--object-lock] [--new-data-queue NAME] [--model-package-group headpose] worker|execution-role|new-data-queue|trust
 
 Every S3 statement on objects or the bucket carries ``s3:ResourceAccount``: a bucket of
 the expected name that another account owns is refused by IAM as well as by
@@ -36,6 +36,8 @@ class Deployment:
     execution_role: str = "EXECUTION-ROLE"
     kms_key_id: str | None = None
     object_lock: bool = False
+    # retrain_on data or either: the queue's name (the last part of new_data_queue); None: no queue.
+    new_data_queue: str | None = "NEW-DATA-QUEUE"
     model_package_group: str = "MODEL-PACKAGE-GROUP"  # the profile's; empty: no Model Registry
 
     @property
@@ -56,6 +58,10 @@ class Deployment:
         group = self.model_package_group.lower()
         prefix = f"arn:aws:sagemaker:{self.region}:{self.account}"
         return [f"{prefix}:model-package-group/{group}", f"{prefix}:model-package/{group}/*"]
+
+    @property
+    def queue_arn(self) -> str:
+        return f"arn:aws:sqs:{self.region}:{self.account}:{self.new_data_queue}"
 
     @property
     def training_log(self) -> str:
@@ -85,6 +91,14 @@ def worker_policy(d: Deployment) -> dict[str, Any]:
                    ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], d.objects, d.owned),
         _statement("TheJobsLogInTheTaskLog", ["logs:DescribeLogStreams", "logs:GetLogEvents"], d.training_log),
     ]
+    if d.new_data_queue:
+        # The triggerer's watcher receives and deletes; airflow-init creates the queue, gives it
+        # the queue policy and points the bucket's notification at it.
+        statements.append(_statement("WatchTheNewDataQueue", ["sqs:ReceiveMessage", "sqs:DeleteMessage"], d.queue_arn))
+        statements.append(_statement("SetUpTheNewDataQueue",
+                                     ["sqs:CreateQueue", "sqs:SetQueueAttributes"], d.queue_arn))
+        statements.append(_statement("NotifyTheQueueOfUploads", ["s3:GetBucketNotification", "s3:PutBucketNotification"],
+                                     d.bucket_arn, d.owned))
     if d.model_package_group:
         # SageMaker's Model Registry: the group, and each version's package in it, created and
         # moved between PendingManualApproval, Approved and Rejected (registry.model_packages).
@@ -146,6 +160,15 @@ def trust_policy() -> dict[str, Any]:
     }]}
 
 
+def new_data_queue_policy(d: Deployment) -> dict[str, Any]:
+    """The queue's own policy: S3 may send it the bucket's notifications, no other bucket or account."""
+    return {"Version": VERSION, "Statement": [{
+        "Sid": "TheBucketNotifiesUploads", "Effect": "Allow", "Principal": {"Service": "s3.amazonaws.com"},
+        "Action": "sqs:SendMessage", "Resource": d.queue_arn,
+        "Condition": {"ArnEquals": {"aws:SourceArn": d.bucket_arn}, "StringEquals": {"aws:SourceAccount": d.account}},
+    }]}
+
+
 def s3_part(policy: dict[str, Any]) -> dict[str, Any]:
     """The policy's S3 statements only: what moto's enforcement evaluates with resources."""
     return {**policy, "Statement": [s for s in policy["Statement"] if all(a.startswith("s3:") for a in s["Action"])]}
@@ -163,7 +186,7 @@ def widened(policy: dict[str, Any]) -> dict[str, Any]:
     ]}
 
 
-DOCUMENTS = {"worker": worker_policy, "execution-role": execution_role_policy}
+DOCUMENTS = {"worker": worker_policy, "execution-role": execution_role_policy, "new-data-queue": new_data_queue_policy}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,12 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object-lock", action="store_true", help="the profile sets object_lock_days")
     parser.add_argument("--model-package-group", default="headpose",
                         help="the profile's model_package_group ('' for none: no Model Registry statements)")
+    parser.add_argument("--new-data-queue", default=None, help="the queue's name, where retrain_on is data or either")
     args = parser.parse_args(argv)
     if args.document == "trust":
         document = trust_policy()
     else:
         deployment = Deployment(args.bucket, args.folder, args.region, args.account, args.base_job_name,
-                                args.execution_role, args.kms_key_id, args.object_lock, args.model_package_group)
+                                args.execution_role, args.kms_key_id, args.object_lock, args.new_data_queue,
+                                model_package_group=args.model_package_group)
         document = DOCUMENTS[args.document](deployment)
     print(json.dumps(document, indent=2))
 

@@ -30,12 +30,11 @@ DATASET_SOURCE_PATTERN = r"^(synthetic|prima|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-
 INSTANCE_TYPE_PATTERN = r"^ml\.[a-z0-9-]+\.[a-z0-9]+$"
 
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
-# Shown in the trigger form and in the refusal of a larger count, so the reason is given
-# where the value is chosen (the entry point refuses a cluster too, in _check_cluster).
-SINGLE_HOST_REASON = (
-    "Training instances. Only 1: the entry point trains on one host and refuses a cluster "
-    "(SM_HOSTS with more than one host) rather than train N unsynchronised copies."
-)
+# A bound against typos: accounts start with lower SageMaker quotas than this anyway.
+MAX_INSTANCE_COUNT = 16
+# Hosts the local backend runs as processes of one worker: two prove the multi-host path;
+# more would only divide the same CPU between more TensorFlow runtimes.
+LOCAL_MAX_INSTANCE_COUNT = 2
 # Where the sagemaker backend finds the execution role when role_arn is empty.
 CONNECTION_ROLE_EXTRA = "sagemaker_role_arn"
 # SageMaker ends any training job 30 days after it starts, waiting included.
@@ -146,7 +145,8 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
         "training_steps": {
             "default": 1000, "type": "integer", "minimum": 1, "maximum": 10_000_000,
             "title": "Training steps",
-            "description": "Optimizer steps (tutorial: 25000).",
+            "description": "Steps of batch_size images, as on one GPU (tutorial: 25000); on R GPUs "
+            "the job runs ceil(training_steps / R) steps of the global batch, the same images.",
             "section": "Training",
         },
         "evaluation_steps": {
@@ -159,7 +159,8 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
         "batch_size": {
             "default": 64, "type": "integer", "minimum": 1, "maximum": 8192,
             "title": "Batch size",
-            "description": "Images per step (tutorial: 200).",
+            "description": "Images per step of one GPU (tutorial: 200); the global batch is this "
+            "times the GPUs of all instances.",
             "section": "Training",
         },
         "resnet_size": {
@@ -225,9 +226,13 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "section": "SageMaker",
         },
         "instance_count": {
-            "default": 1, "type": "integer", "minimum": 1, "maximum": 1,
+            "default": 1, "type": "integer", "minimum": 1, "maximum": MAX_INSTANCE_COUNT,
             "title": "Instance count",
-            "description": SINGLE_HOST_REASON,
+            "description": "Training hosts. Above 1 they train as one (MultiWorkerMirroredStrategy, "
+            "every GPU of every host): batch_size images per GPU, training_steps in images of one "
+            "GPU, the learning rate scaled with the global batch; backend=sagemaker needs a GPU "
+            f"instance type, backend=local runs at most {LOCAL_MAX_INSTANCE_COUNT} hosts as "
+            "processes; the dataset needs a training shard per host.",
             "section": "SageMaker",
         },
         "volume_size_gb": {
@@ -318,6 +323,14 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
             "title": "Force publish",
             "description": "Publish the new model even if it is less accurate than the published "
             "one (it must still pass min_accuracy and parity).",
+            "section": "Acceptance",
+        },
+        "force_retrain": {
+            "default": False, "type": "boolean",
+            "title": "Force retrain",
+            "description": "Train even if a model was already trained on this data version (the same "
+            "data with the same dataset and training settings, published or refused); without it such "
+            "a run trains nothing and says so. Scheduled and data-started runs never set it.",
             "section": "Acceptance",
         },
         # -- synthetic dataset --------------------------------------------------------

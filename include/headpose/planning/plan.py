@@ -9,7 +9,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
+from headpose.artifacts.edge.export import DEFAULT_FORMATS
 from headpose.datasets.settings import GENERATOR_VERSION, prima_settings, synthetic_settings
+from headpose.planning.data_version import data_version_plan
 from headpose.planning.governed import deployment_problems, governed_request
 from headpose.planning.layout import (
     RunLayout,
@@ -18,7 +20,8 @@ from headpose.planning.layout import (
     run_workspace,
     training_job_name,
 )
-from headpose.planning.profile import load_profile
+from headpose.planning.new_data import NewData, NewDataError, choose, started_by, uploads_of_events
+from headpose.planning.profile import DeploymentSettings, load_profile
 from headpose.planning.release_settings import approval_time_problems, release_problems
 from headpose.planning.rules import RunParamsError, validate_run_params
 from headpose.planning.scheduling import run_time_problems, train_timeout
@@ -52,6 +55,9 @@ def plan_run(
     connection_role: str | None = None,
     connection_owner: str | None = None,
     environ: Mapping[str, str] | None = None,
+    run_type: str = "manual",
+    triggered_by: str | None = None,
+    new_data_events: list[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything later tasks need, as JSON-ready values (``RunParamsError`` if invalid).
 
@@ -59,9 +65,13 @@ def plan_run(
     and the deployment settings; ``connection_role`` is the AWS connection's
     ``sagemaker_role_arn`` extra and ``connection_owner`` its ``expected_bucket_owner``
     (the profile's wins). With ``dagrun_timeout``, a training job that could
-    outlast the run is refused too.
+    outlast the run is refused too. A run started by data (``run_type`` ``asset_triggered``)
+    trains on the upload its ``new_data_events`` (the consumed asset events' extras) name.
     """
     profile = load_profile(environ)
+    new_data = _new_data(profile.settings, run_type, new_data_events)
+    if new_data is not None:  # the upload's dataset; everything else from the profile
+        raw_params = {**raw_params, **new_data.params()}
     params = validate_run_params(raw_params, profile.settings, connection_role=connection_role, environ=environ)
     refused = deployment_problems(profile.settings, params, region) + release_problems(profile.settings)
     if refused:
@@ -93,8 +103,32 @@ def plan_run(
         "profile": profile.describe(),
         "region": region,
         "dataset_settings": dataset_settings,
+        "started_by": started_by(run_type, triggered_by, new_data),
+        "new_data": new_data.to_dict() if new_data else None,
+        # Runs started by the schedule or by data never train a version twice; a person's
+        # run only where the deployment retrains on data (force_retrain overrides).
+        "data_version": data_version_plan(params, dataset_settings, enforced=(
+            run_type in ("scheduled", "asset_triggered") or profile.settings.watches_new_data)),
         "workspace_dir": str(run_workspace(job)),
         "training_request": request,
+        # What export_edge_models converts: the deployment's formats, else every one.
+        "edge_formats": list(profile.settings.edge_formats or DEFAULT_FORMATS),
         # bucket, folder and every URI, one XCom key each; RunLayout.from_dict(plan) rebuilds it.
         **layout.to_dict(),
     }
+
+
+def _new_data(
+    settings: DeploymentSettings, run_type: str, events: list[Mapping[str, Any]] | None,
+) -> NewData | None:
+    """The upload a run started by data trains on; None for any other run."""
+    if run_type != "asset_triggered":
+        return None
+    if not settings.watches_new_data:
+        raise RunParamsError("this run was started by an asset event, but the deployment does not retrain on "
+                             "data (retrain_on=schedule): nothing says what to train on")
+    uploads, others = uploads_of_events(events or [])
+    try:
+        return choose(uploads, others, settings.new_data_prefix)
+    except NewDataError as error:
+        raise RunParamsError(str(error)) from None

@@ -14,6 +14,8 @@ allowed to trigger must not change and which no trigger's conf may carry:
                              base filters, for refusing a local run that cannot finish in time
 ``publish_latest_mirror``    also copy the published files to ``published/latest/`` for devices
                              that cannot read ``latest.json`` (default true)
+``edge_formats``             the edge formats this deployment's devices run (default: every
+                             one); converting ResNet-50 to all of them takes minutes
 
 and, for a governed AWS account (``planning.governed`` puts them into the request):
 
@@ -36,10 +38,19 @@ and release governance (``planning.release_settings``; the approval task and the
 ``model_package_group``      SageMaker Model Registry group every accepted version is registered
                              in (default ``headpose``; empty: no Model Registry)
 
+and, for retraining when new data arrives (``planning.new_data``):
+
+``retrain_on``               ``schedule`` (the cron alone, the default), ``data`` (an upload under
+                             ``new_data_prefix``) or ``either``
+``new_data_prefix``          ``s3://`` prefix where new data is uploaded: a Prima-layout archive or
+                             a staged dataset's ``manifest.json``
+``new_data_queue``           URL of the SQS queue the bucket notifies of those uploads
+
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
-unknown key or a value its schema refuses is a DAG import error naming the variable, the
-key and the rule. Standard library only at import time.
+unknown key, a value its schema refuses, or an ``instance_count`` that its own backend,
+instance type or dataset cannot train with is a DAG import error naming the variable,
+the key and the rule. Standard library only at import time.
 """
 from __future__ import annotations
 
@@ -59,6 +70,7 @@ APPROVAL_TIMEOUT_PATTERN = r"^[1-9][0-9]{0,6}(s|m|h|d)$"
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Shorter waits cannot be answered: the scheduler sweeps for timed-out requests every 15 s.
 MIN_APPROVAL_SECONDS = 60
+RETRAIN_ON = ("schedule", "data", "either")
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluation_set": {
@@ -120,6 +132,24 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "description": "a SageMaker model package group name (letters, digits, hyphens; at most 63), "
         "or '' for no Model Registry",
     },
+    "edge_formats": {
+        "type": "array", "items": {"type": "string"}, "minItems": 1,
+        "description": 'edge format names, e.g. ["openvino_int8", "onnx"]',
+    },
+    "retrain_on": {
+        "type": "string", "enum": list(RETRAIN_ON),
+        "description": "schedule (the cron alone), data (an upload under new_data_prefix) or either",
+    },
+    "new_data_prefix": {
+        "type": ["string", "null"],
+        "pattern": r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(\S+/)?$",
+        "description": "an s3:// prefix ending in '/', e.g. s3://my-bucket/headpose/incoming/",
+    },
+    "new_data_queue": {
+        "type": ["string", "null"],
+        "pattern": r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[A-Za-z0-9_-]{1,80}$",
+        "description": "an SQS queue URL, https://sqs.<region>.amazonaws.com/<account>/<name>",
+    },
 }
 
 
@@ -150,10 +180,19 @@ class DeploymentSettings:
     approvers: list[str] | None = None
     approval_timeout: str = "3d"
     model_package_group: str = "headpose"
+    edge_formats: list[str] | None = None  # None: every format
+    retrain_on: str = "schedule"
+    new_data_prefix: str | None = None
+    new_data_queue: str | None = None
 
     @property
     def approval_timeout_seconds(self) -> int:
         return approval_seconds(self.approval_timeout)
+
+    @property
+    def watches_new_data(self) -> bool:
+        """Whether an upload under ``new_data_prefix`` starts a run."""
+        return self.retrain_on != "schedule"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +258,24 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
             problems.append(f"{name}={value!r}: {_rule(error, schema)}")
             continue
         target[name] = value
+    if "edge_formats" in settings:
+        from headpose.artifacts.edge.export import requested_formats  # light: converters import lazily
+
+        try:
+            requested_formats(settings["edge_formats"])
+        except ValueError as error:
+            problems.append(f"edge_formats={settings['edge_formats']!r}: {error}")
+    if settings.get("retrain_on", "schedule") != "schedule":
+        missing = [name for name in ("new_data_prefix", "new_data_queue") if not settings.get(name)]
+        if missing:
+            problems.append(f"retrain_on={settings['retrain_on']!r} needs {' and '.join(missing)}: where new data "
+                            "is uploaded and the SQS queue its bucket notifies")
+    if not problems:
+        # The profile's instance count must work with its own backend, type and dataset, or
+        # every scheduled run would be refused in plan_run.
+        from headpose.planning.rules import instance_problems
+
+        problems = instance_problems({name: params.get(name, schema["default"]) for name, schema in schemas.items()})
     if problems:
         raise ProfileError(f"${PROFILE_ENV} is refused:\n  - " + "\n  - ".join(problems))
     if "local_images_per_second" in settings:

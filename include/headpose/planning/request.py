@@ -22,6 +22,7 @@ import re
 from typing import Any, Mapping
 
 from headpose.planning.layout import RunLayout, join_uri
+from headpose.training.cluster import MULTI_WORKER_FLAG
 from headpose.training.entry import METRIC_REGEXES  # entry.py imports TF only inside functions
 from headpose.training.serving import DEFAULT_CHANNEL_ORDER
 
@@ -144,6 +145,7 @@ def training_job_request(
         "decay_epochs": _hp(params["learning_rate_decay_epochs"]),
         "channel_order": _hp(params.get("channel_order") or DEFAULT_CHANNEL_ORDER),
         **speed_hyperparameters(params),
+        **cluster_hyperparameters(params),
     }
     tags = [
         {"Key": "airflow-dag-id", "Value": _tag_value(dag_id)},
@@ -191,7 +193,9 @@ def training_job_request(
         request["CheckpointConfig"] = {
             "S3Uri": checkpoint_uri(layout), "LocalPath": CHECKPOINT_LOCAL_PATH,
         }
-        # An interrupted spot job restarts the program with the folder restored from S3.
+        # An interrupted spot job restarts the program with the folder restored from S3. Every
+        # host of a cluster syncs its folder to this one URI and restores all of it; only the
+        # chief writes checkpoints (training.distribution.checkpoint_write_dir).
         hyperparameters["checkpoint_dir"] = _hp(CHECKPOINT_LOCAL_PATH)
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = int(params["max_wait_seconds"])
     return request
@@ -220,6 +224,17 @@ def speed_hyperparameters(params: Mapping[str, Any]) -> dict[str, str]:
         "dtype_policy": _hp(MIXED_PRECISION_POLICY if mixed else "float32"),
         "jit_compile": _hp(int(xla)),
     }
+
+
+def cluster_hyperparameters(params: Mapping[str, Any]) -> dict[str, str]:
+    """With several instances, the flag on which SageMaker's TensorFlow image writes ``TF_CONFIG``.
+
+    The toolkit hands it to the program too (``SM_FRAMEWORK_PARAMS``), which builds the
+    same ``TF_CONFIG`` itself where no image wrote one (``training.cluster``).
+    """
+    if int(params.get("instance_count", 1)) > 1:
+        return {MULTI_WORKER_FLAG: _hp(True)}
+    return {}
 
 
 def checkpoint_uri(layout: RunLayout) -> str:

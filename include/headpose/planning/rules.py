@@ -16,8 +16,10 @@ import re
 from typing import Any, Mapping
 
 from headpose.planning.layout import is_valid_bucket_name, split_s3_uri
-from headpose.planning.params import BUCKET_ENV, SINGLE_HOST_REASON, param_schemas
+from headpose.planning.params import BUCKET_ENV, LOCAL_MAX_INSTANCE_COUNT, param_schemas
 from headpose.planning.profile import DEPLOYMENT_SETTINGS, PROFILE_ENV, DeploymentSettings
+from headpose.planning.request import is_gpu_instance_type
+from headpose.training.labels import prima_poses
 
 # SageMaker's TensorFlow 2.12+ images refuse P2 instances (the sagemaker SDK's image_uris
 # raises for them), so the tutorial's ml.p2.xlarge only works with the local backend.
@@ -73,8 +75,6 @@ def schema_problem(name: str, spec: Mapping[str, Any], error: Any) -> str:
     """A schema refusal in words a person triggering a run can act on."""
     if error.validator in ("pattern", "not"):  # a regex or sub-schema means nothing to a user
         return f"breaks the naming rules: {spec['description']}"
-    if name == "instance_count":
-        return f"{error.message}. {SINGLE_HOST_REASON}"
     return error.message
 
 
@@ -105,12 +105,48 @@ def cross_field_problems(
             f"{values['max_run_seconds']}: SageMaker needs MaxWaitTimeInSeconds >= "
             "MaxRuntimeInSeconds for spot training (the wait includes the run)"
         )
+    problems.extend(instance_problems(values))
     source = values["dataset_source"]
     if source.startswith("s3://"):
         try:
             split_s3_uri(source)
         except ValueError as error:
             problems.append(f"dataset_source={source!r}: {error}")
+    return problems
+
+
+def instance_problems(values: Mapping[str, Any]) -> list[str]:
+    """The rules on ``instance_count``, for a run and for a deployment profile's defaults.
+
+    Several hosts need GPUs (with ``backend=sagemaker``), at most ``LOCAL_MAX_INSTANCE_COUNT``
+    of them with the local backend, and a training shard each: a synthetic dataset's shards
+    are known from its settings (``stage_dataset`` counts any other's and refuses it alike).
+    """
+    hosts = values["instance_count"]
+    if hosts == 1:
+        return []
+    problems = []
+    if values["backend"] == "sagemaker" and not is_gpu_instance_type(values["instance_type"]):
+        problems.append(
+            f"instance_count={hosts} with instance_type={values['instance_type']!r}, which has no GPU: "
+            "several hosts train together to use more GPUs; one larger instance trains faster than CPU "
+            "hosts that exchange their gradients over the network (GPU types: ml.g*, ml.p*)"
+        )
+    if values["backend"] != "sagemaker" and hosts > LOCAL_MAX_INSTANCE_COUNT:
+        problems.append(
+            f"instance_count={hosts}: the local backend runs at most {LOCAL_MAX_INSTANCE_COUNT} hosts, "
+            "as processes of this worker (they share its CPU); train on SageMaker for more"
+        )
+    if values["dataset_source"] != "synthetic":
+        return problems
+    images = values["synthetic_train_per_pose"] * len(prima_poses())
+    shards = math.ceil(images / values["images_per_shard"])
+    if shards < hosts:
+        problems.append(
+            f"instance_count={hosts} needs a training shard per host, but the synthetic dataset's "
+            f"{images} training images make {shards} shard(s) of images_per_shard={values['images_per_shard']}: "
+            f"set images_per_shard to at most {images // hosts}"
+        )
     return problems
 
 

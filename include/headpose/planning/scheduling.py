@@ -15,6 +15,9 @@ value everywhere), not by editing the DAG:
 ``HEADPOSE_TRAINING_POLL_SECONDS``    how often ``train`` asks SageMaker for its job's status, and
                                       the provider's trigger when it defers (default 30); a store
                                       whose jobs end at once (moto) sets it low
+``HEADPOSE_NEW_DATA_POLL_SECONDS``    with ``retrain_on`` data or either: the pause of the new-data
+                                      watcher after a 20 s long poll of the queue found nothing
+                                      (default 60, the provider's ``waiter_delay``)
 
 Environment rather than an Airflow Variable: it is read at every DAG parse, and a
 Variable lookup there is a metadata-database query per parse.
@@ -34,6 +37,8 @@ DEFAULT_SCHEDULE = "@weekly"
 DISABLED = ("none", "off", "manual")
 TRAINING_POLL_ENV = "HEADPOSE_TRAINING_POLL_SECONDS"
 DEFAULT_TRAINING_POLL_SECONDS = 30
+NEW_DATA_POLL_ENV = "HEADPOSE_NEW_DATA_POLL_SECONDS"
+DEFAULT_NEW_DATA_POLL_SECONDS = 60
 
 # The train task's timeout at parse time, before the run's request is known: the default
 # spot wait ceiling (max_wait_seconds, 7 days). ``train_timeout`` sets the run's own.
@@ -46,6 +51,7 @@ TRAIN_MARGIN = timedelta(hours=1)
 # database; a few GB of shards and a ~100 MB model); generous, they stop hung tasks.
 TASK_TIMEOUTS: dict[str, timedelta] = {
     "plan_run": timedelta(minutes=10),
+    "claim_data_version": timedelta(minutes=30),  # the sha256 of the archive: streams it once
     "stage_dataset": timedelta(hours=3),  # generate / convert and upload every shard
     "package_code": timedelta(minutes=15),
     "train": timedelta(seconds=DEFAULT_TRAIN_SECONDS) + TRAIN_MARGIN,
@@ -62,11 +68,13 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
     "approve_release": timedelta(minutes=15),
     "publish": timedelta(minutes=15),
     "record_release": timedelta(minutes=15),
+    "record_data_version": timedelta(minutes=15),
     "cleanup": timedelta(minutes=15),
 }
 # Tasks whose failures are mostly the network or AWS: these retry with backoff. The
 # others retry once, for a worker that died under them.
 AWS_TASKS = frozenset({
+    "claim_data_version", "record_data_version",
     "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph", "export_edge_models",
     "validate_model", "upload_frozen_model", "approve_release", "publish", "record_release",
 })
@@ -116,6 +124,15 @@ def training_poll_seconds(environ: Mapping[str, str] | None = None) -> int:
     wait one whole interval for nothing.
     """
     return int(_number(_env(environ), TRAINING_POLL_ENV, DEFAULT_TRAINING_POLL_SECONDS, minimum=1))
+
+
+def new_data_poll_seconds(environ: Mapping[str, str] | None = None) -> int:
+    """The new-data watcher's ``waiter_delay``: seconds between long polls that found nothing.
+
+    The 20 s long poll already returns as soon as a message arrives; the pause only spaces
+    the requests on an empty queue. Tests set it to 1.
+    """
+    return int(_number(_env(environ), NEW_DATA_POLL_ENV, DEFAULT_NEW_DATA_POLL_SECONDS, minimum=0))
 
 
 def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:

@@ -11,7 +11,9 @@ directory and these environment variables:
 ``SM_MODEL_DIR``         where the model goes; SageMaker tars it into model.tar.gz
 ``SM_OUTPUT_DIR``        ``failure`` is written here when training fails
 ``SM_OUTPUT_DATA_DIR``   extra outputs (metrics.json)
-``SM_HOSTS`` / ``SM_CURRENT_HOST``  the cluster; only one host is supported
+``SM_HOSTS`` / ``SM_CURRENT_HOST``  the cluster; several hosts train together under
+                         ``TF_CONFIG`` (``headpose.training.cluster``), and only the
+                         chief (the first) evaluates and writes the model
 
 Lines that a SageMaker ``MetricDefinitions`` regex reads (see ``METRIC_REGEXES``)::
 
@@ -21,6 +23,10 @@ Lines that a SageMaker ``MetricDefinitions`` regex reads (see ``METRIC_REGEXES``
 the precision in force, once, before training::
 
     precision: dtype_policy=mixed_float16 jit_compile=True channel_order=bgr
+
+how the work is spread (``headpose.training.distribution``)::
+
+    distribution: strategy=MultiWorkerMirroredStrategy hosts=2 replicas=2 (...); batch 200 per replica, ...
 
 and a progress line every ``--log_every`` steps::
 
@@ -58,11 +64,15 @@ def argument_parser() -> argparse.ArgumentParser:
         "under <SM_MODEL_DIR>/export/Servo/<timestamp>/.",
     )
     add = parser.add_argument
-    add("--training_steps", type=int, default=25000, help="optimizer steps to train (default 25000)")
+    add("--training_steps", type=int, default=25000,
+        help="steps of --batch_size images, as on one device (default 25000); on R replicas "
+        "ceil(training_steps / R) optimizer steps of the global batch see the same images")
     add("--evaluation_steps", type=int, default=700,
         help="at most this many eval batches after training (default 700; stops early when "
         "the eval split is exhausted)")
-    add("--batch_size", type=int, default=200, help="images per step (default 200)")
+    add("--batch_size", type=int, default=200,
+        help="images per step of one device (default 200); on R replicas (GPUs, hosts) the "
+        "global batch is R times this")
     add("--resnet_size", type=int, default=50, choices=(10, 18, 34, 50),
         help="ResNet v2 depth (default 50; 10 is a small size for demos)")
     add("--base_filters", type=int, default=64, help="filters of the first stage (default 64)")
@@ -71,7 +81,8 @@ def argument_parser() -> argparse.ArgumentParser:
         help="moving-average momentum of the batch-norm statistics (default 0.99)")
     add("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     add("--learning_rate", type=float, default=None,
-        help="initial learning rate (default 0.1 * batch_size / 128, as in the tutorial)")
+        help="initial learning rate of the global batch (default 0.1 * global batch / 128, "
+        "the tutorial's rule, which scales it linearly with the replicas)")
     add("--decay_epochs", type=str, default="100,150,200",
         help="epochs at which the learning rate is divided by 10 (default 100,150,200)")
     add("--log_every", type=int, default=100, help="steps between progress and metric lines")
@@ -96,7 +107,10 @@ def argument_parser() -> argparse.ArgumentParser:
         help="save the training state here and resume from the latest one found (SageMaker "
         "syncs /opt/ml/checkpoints for managed spot training); unset: no checkpoints")
     add("--checkpoint_every", type=int, default=500,
-        help="steps between checkpoints when --checkpoint_dir is set (default 500)")
+        help="optimizer steps between checkpoints when --checkpoint_dir is set (default 500)")
+    add("--cpu_devices", type=int, default=0,
+        help="on a host without GPUs, train over this many logical CPU devices as over as many "
+        "GPUs (MirroredStrategy; tests and the local backend); 0 (default): one device")
     add("--manifest_sha256", default=None,
         help="sha256 of the training channel's manifest.json; with it, the manifest and every shard "
         "are verified before the first step (training.integrity)")
@@ -113,9 +127,11 @@ def log(line: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser().parse_args(argv)
     try:
-        _check_cluster()
+        from headpose.training import cluster
+
+        found = cluster.from_environment()
         _verify_inputs(args)
-        metrics = train(args)
+        metrics = train(args, found)
     except Exception as error:  # every failure must reach the job's FailureReason
         reason = f"{type(error).__name__}: {error}"
         log(traceback.format_exc())
@@ -124,16 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log(f"training finished: {json.dumps(metrics, sort_keys=True)}")
     return 0
-
-
-def _check_cluster() -> None:
-    hosts = json.loads(os.environ.get("SM_HOSTS", '["algo-1"]'))
-    if len(hosts) > 1:
-        # Why refused rather than distributed: the head-pose model trains in hours on one
-        # GPU; a MultiWorkerMirroredStrategy set-up is not worth its failure modes here.
-        raise TrainingError(
-            f"instance_count must be 1: this entry point trains on one host, got hosts {hosts}"
-        )
 
 
 def _verify_inputs(args: argparse.Namespace) -> None:
@@ -173,76 +179,92 @@ def _count_records(paths: list[Path]) -> int:
     return int(tf.data.TFRecordDataset([str(p) for p in paths]).reduce(0, lambda n, _: n + 1))
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, cluster) -> dict:
     # model.py builds on whichever Keras backend is chosen; training and export need
     # TensorFlow's, so a KERAS_BACKEND left in the container's environment cannot win.
     os.environ["KERAS_BACKEND"] = "tensorflow"
     # Heavy imports here, after argument parsing, so that --help is instant.
     import tensorflow as tf
 
-    from headpose.training import export, model, shards
+    from headpose.training import distribution, export, model, shards
 
     for name in ("training_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    layout = distribution.start(cluster, args.cpu_devices)  # before any other TensorFlow op
     tf.keras.utils.set_random_seed(args.seed)
     tf.keras.mixed_precision.set_global_policy(args.dtype_policy)
 
     train_paths = _shards(args.train_dir, "train")
     eval_paths = _shards(args.eval_dir or args.train_dir, "eval")
     num_train = _count_records(train_paths)
-    steps_per_epoch = max(1, num_train // args.batch_size)
+    global_batch = args.batch_size * layout.replicas
+    steps, steps_per_epoch = layout.optimizer_steps(args.training_steps), max(1, num_train // global_batch)
+    log(layout.describe(args.batch_size, args.training_steps))
     log(f"data: {num_train} training images in {len(train_paths)} shards, "
         f"{len(eval_paths)} eval shards, {steps_per_epoch} steps per epoch")
 
-    net = model.build_resnet(
-        args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
-    )
-    schedule = _learning_rate(args, steps_per_epoch, model)
-    net.compile(
-        optimizer=tf.keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        # Explicit: Keras' default ("auto") would turn XLA on wherever a GPU is visible.
-        jit_compile=bool(args.jit_compile),
-    )
+    with layout.strategy.scope():
+        net = model.build_resnet(
+            args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
+        )
+        schedule = _learning_rate(args, global_batch, steps_per_epoch, model)
+        net.compile(
+            optimizer=tf.keras.optimizers.SGD(learning_rate=schedule, momentum=args.momentum),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            # Explicit: Keras' default ("auto") would turn XLA on wherever a GPU is visible.
+            jit_compile=bool(args.jit_compile),
+        )
     # What is in force, not what was asked: Keras drops XLA for a model it cannot compile.
     log(f"precision: dtype_policy={net.dtype_policy.name} jit_compile={bool(net.jit_compile)} "
         f"channel_order={args.channel_order}")
     done, callbacks = 0, []
     if args.checkpoint_dir:
-        done, saver = resume_from_checkpoint(net, args.checkpoint_dir, args.checkpoint_every)
+        with layout.strategy.scope():
+            done, saver = resume_from_checkpoint(net, args.checkpoint_dir, args.checkpoint_every,
+                                                 distribution.checkpoint_write_dir(layout, args.checkpoint_dir))
         callbacks.append(saver)
-    callbacks.append(progress_logger(args.training_steps, args.batch_size, args.log_every, done))
-    if done < args.training_steps:
-        train_data = shards.dataset(train_paths, args.batch_size, training=True, seed=args.seed)
+    if layout.is_chief:  # the lines SageMaker reads metrics from, once per job
+        callbacks.append(progress_logger(steps, global_batch, args.log_every, done))
+    if done < steps:
+        train_data = distribution.training_data(layout, train_paths, args.batch_size, args.seed)
         started = time.monotonic()
-        net.fit(train_data, epochs=1, steps_per_epoch=args.training_steps - done, verbose=0,
-                callbacks=callbacks)
+        if layout.replicated:
+            distribution.train_replicated(net, layout, train_data, steps - done, global_batch,
+                                          bool(net.jit_compile), callbacks)
+        else:
+            net.fit(train_data, epochs=1, steps_per_epoch=steps - done, verbose=0, callbacks=callbacks)
         # Each phase's time in the log: where a slow run spent it, without a profiler.
         log(f"training loop returned after {time.monotonic() - started:.1f} s")
     else:
-        log(f"nothing left to train: the checkpoint is at step {done} of {args.training_steps}")
+        log(f"nothing left to train: the checkpoint is at step {done} of {steps}")
+    if not layout.is_chief:
+        log(f"worker {layout.cluster.worker_index}: trained; the chief evaluates and writes the model")
+        distribution.wait_for_chief(layout)
+        return {"training_steps": args.training_steps, "optimizer_steps": steps, "chief": False}
 
     started = time.monotonic()
+    exported = float32_twin(net, args, model, replicated=layout.replicated)
     eval_data = shards.dataset(eval_paths, args.batch_size, training=False)
     eval_data = eval_data.take(args.evaluation_steps)
-    results = net.evaluate(eval_data, verbose=0, return_dict=True)
+    results = exported.evaluate(eval_data, verbose=0, return_dict=True)
     log(f"metric: eval_loss={results['loss']:.4f} eval_accuracy={results['accuracy']:.4f}")
     log(f"(eval_accuracy is a quick check on at most {args.evaluation_steps} batches; validate_model's "
         "accuracy on the whole evaluation set is the figure that gates publishing)")
     log(f"evaluated in {time.monotonic() - started:.1f} s")
 
     started = time.monotonic()
-    export_path = export.export_saved_model(
-        float32_twin(net, args, model), args.output_model_dir, args.channel_order
-    )
+    export_path = export.export_saved_model(exported, args.output_model_dir, args.channel_order)
     log(f"exported SavedModel to {export_path} in {time.monotonic() - started:.1f} s")
     metrics = {
         "eval_loss": float(results["loss"]),
         "eval_accuracy": float(results["accuracy"]),
         "training_steps": args.training_steps,
         "batch_size": args.batch_size,
+        "optimizer_steps": steps,
+        "replicas": layout.replicas,
+        "hosts": layout.cluster.size,
         "resnet_size": args.resnet_size,
         "base_filters": args.base_filters,
         "train_images": num_train,
@@ -252,33 +274,38 @@ def train(args: argparse.Namespace) -> dict:
         "export_dir": str(export_path.relative_to(args.output_model_dir)),
     }
     _write_metrics(metrics, Path(args.output_model_dir))
+    distribution.wait_for_chief(layout)
     return metrics
 
 
-def float32_twin(net, args: argparse.Namespace, model_module):
-    """``net`` itself if it computes in float32, else the same weights in a float32 model.
+def float32_twin(net, args: argparse.Namespace, model_module, replicated: bool = False):
+    """``net`` itself if it computes in float32 on one device, else its weights in a plain float32 model.
 
     The export must be a float32 graph whatever the training precision: edge runtimes
     and the frozen graph's consumers expect float32 ops, and the parity checks compare
     against float32. A mixed-precision model keeps its variables in float32 already, so
-    copying them into a model built under the float32 policy loses nothing.
+    copying them into a model built under the float32 policy loses nothing. A
+    ``replicated`` model's variables belong to its strategy; the copy, built outside it,
+    is what the chief evaluates and exports alone. The evaluation runs on the model that
+    is exported.
     """
     import tensorflow as tf
 
-    if net.dtype_policy.compute_dtype == "float32":
+    if net.dtype_policy.compute_dtype == "float32" and not replicated:
         return net
     tf.keras.mixed_precision.set_global_policy("float32")
     twin = model_module.build_resnet(
         args.resnet_size, args.base_filters, args.weight_decay, args.batch_norm_momentum
     )
     twin.set_weights(net.get_weights())
+    twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # for the evaluation
     return twin
 
 
-def _learning_rate(args, steps_per_epoch: int, model_module):
+def _learning_rate(args, global_batch: int, steps_per_epoch: int, model_module):
     if args.learning_rate is None:
         decay_epochs = tuple(int(e) for e in args.decay_epochs.split(",") if e.strip())
-        return model_module.learning_rate_schedule(args.batch_size, steps_per_epoch, decay_epochs)
+        return model_module.learning_rate_schedule(global_batch, steps_per_epoch, decay_epochs)
     return args.learning_rate
 
 
@@ -291,8 +318,11 @@ def _write_metrics(metrics: dict, model_dir: Path) -> None:
         (Path(data_dir) / "metrics.json").write_text(text)
 
 
-def resume_from_checkpoint(net, directory: str, every: int):
+def resume_from_checkpoint(net, directory: str, every: int, write_directory: str | None = None):
     """``(steps already trained, a callback saving the state every ``every`` steps)``.
+
+    The state is restored from ``directory`` and saved to ``write_directory`` (default:
+    the same): on several hosts only the chief writes there (``distribution``).
 
     The state is the model's and the optimizer's variables (its step counter, hence the
     learning-rate schedule, included), as a ``tf.train.Checkpoint``: what a spot
@@ -305,12 +335,13 @@ def resume_from_checkpoint(net, directory: str, every: int):
         raise TrainingError(f"--checkpoint_every must be at least 1, got {every}")
     net.optimizer.build(net.trainable_variables)  # its slots must exist to be restored
     checkpoint = tf.train.Checkpoint(model=net, optimizer=net.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
+    manager = tf.train.CheckpointManager(checkpoint, write_directory or directory, max_to_keep=2)
+    latest = tf.train.latest_checkpoint(directory)
     done = 0
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
         done = int(net.optimizer.iterations.numpy())
-        log(f"resumed from {manager.latest_checkpoint} at step {done}")
+        log(f"resumed from {latest} at step {done}")
 
     class CheckpointSaver(tf.keras.callbacks.Callback):
         saved_step = done

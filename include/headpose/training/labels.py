@@ -22,6 +22,16 @@ NUM_CLASSES = NUM_BINS * NUM_BINS
 _BIN_NAMES = ("negative", "centre", "positive")
 
 
+def prima_poses() -> list[tuple[int, int]]:
+    """(tilt, pan) in degrees of the Prima grid: 93 poses, tilt +-90 only at pan 0."""
+    return [
+        (tilt, pan)
+        for tilt in TILT_ANGLES
+        for pan in PAN_ANGLES
+        if abs(tilt) != 90 or pan == 0
+    ]
+
+
 def normalise(angle_degrees: float) -> float:
     """Degrees to the tutorial's [-1, 1] scale."""
     return angle_degrees / 90.0

@@ -102,7 +102,7 @@ def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
 # approval, as a governed deployment's does, from .env.example's operator only, with a deadline
 # short enough for tests/test_approval.py to wait for.
 TEST_APPROVER = "operator"
-TEST_APPROVAL_TIMEOUT_SECONDS = 75
+TEST_APPROVAL_TIMEOUT_SECONDS = 60
 NEW_DATA_QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data"  # moto's account
 NEW_DATA_FOLDER = "headpose/incoming/"
 STACK_PROFILE = {

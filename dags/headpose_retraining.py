@@ -7,8 +7,8 @@ evaluation set against the published model and publishes it for edge devices - o
 per step:
 
 `plan_run` -> `claim_data_version` -> `stage_dataset` -> `package_code` -> `train` -> `download_artifact` ->
-`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `publish` ->
-`record_data_version` -> `cleanup`
+`freeze_graph` -> `export_edge_models` -> `validate_model` -> `upload_frozen_model` -> `approve_release` ->
+`publish` (and `record_release`) -> `record_data_version` -> `cleanup`
 
 * **plan_run** checks every parameter and rule across them (nothing is written before),
   derives the run's `training_job_name` (`<base_job_name>-<logical time>`, the same on a
@@ -27,9 +27,11 @@ per step:
   same images - the pinned evaluation set when the deployment names one; below
   `min_accuracy` or `min_class_recall` it fails, and its report lands under the run's
   `rejected/` prefix.
-* **publish** promotes the new model only if it compares fairly and its accuracy is at least
-  the champion's minus `promotion_margin` (or `force_publish` is set); otherwise it is
-  **skipped** (the run stays green, the reason is in its log and XCom `summary`).
+* **approve_release** asks a person (UI, REST API) where the deployment requires it and `publish`
+  would promote; Reject or no answer skips `publish` (**record_release** keeps the answer).
+* **publish** promotes the new model only if, paired with the champion on the same images, it
+  passes `promotion_rule` (or `force_publish` is set); otherwise it is **skipped** (the run stays
+  green, the reason is in its log and XCom `summary`). The Model Registry follows the pointer.
 
 #### Operating
 * Tasks hand files to each other through S3 (names, URIs and sha256s in XCom), so any task
@@ -40,14 +42,14 @@ per step:
   (the asset `headpose_training_data`, watched through `new_data_queue`) starts a run too.
 * A failure logs one line `HEADPOSE FAILURE ... task=... training_job_name=... reason=...`
   (`$HEADPOSE_NOTIFIER` can forward it, e.g. to Slack; see `headpose_operators.notify`).
-* Every run's summary (job, accuracy before/after, billable seconds, where the model went)
-  is in the log of **publish** and its XCom `summary`.
+* Every run's summary (job, accuracy before/after, the comparison, the approval, billable
+  seconds, where the model went) is in **publish**'s log and XCom `summary` (refused: **record_release**'s).
 * Roll back: `python -m headpose.registry --bucket <bucket> rollback [--to <training_job_name>]`.
 """
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from airflow.sdk import Asset, Param, chain, dag, get_current_context, task, teardown
@@ -66,12 +68,10 @@ from headpose.planning import scheduling  # noqa: E402
 from headpose.planning.params import param_schemas  # noqa: E402
 from headpose.planning.profile import load_profile  # noqa: E402
 from headpose_operators import (  # noqa: E402
-    ClaimDataVersionOperator,
-    ExportEdgeModelsOperator,
-    FreezeGraphOperator,
-    HeadposeTrainingOperator,
-    RecordDataVersionOperator,
+    ClaimDataVersionOperator, ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator,
+    RecordDataVersionOperator, RecordReleaseOperator, ReleaseApprovalOperator,
 )
+from headpose_operators.approval import APPROVAL_KEY  # noqa: E402
 from headpose_operators.new_data import dag_schedule, training_data_asset  # noqa: E402
 from headpose_operators.notify import failure_notifier, run_alert  # noqa: E402
 
@@ -213,6 +213,7 @@ def headpose_retraining():
                 get_current_context()["ti"].xcom_push(key="links", value=_links(plan, error.evidence))
             raise _fail(str(error)) from None
         return {**outcome, "links": _links(plan, {"report": outcome["report_uri"],
+                                                   "report_page": outcome["report_html_uri"],
                                                    "confusion_matrix": outcome["confusion_png_uri"]})}
 
     @task(**scheduling.task_args("upload_frozen_model"))
@@ -231,21 +232,24 @@ def headpose_retraining():
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
-        """Promotes the new version if it compares fairly and is at least as accurate as the
-        published one (minus `promotion_margin`), or `force_publish` is set: history record,
-        then the `published/latest.json` pointer (conditional on the pointer it was compared
-        with), then the `published/latest/` mirror. Otherwise this task is **skipped** and
-        nothing under `published/` changes. Either way the log and XCom `summary` hold the
-        run summary: job, accuracy before/after, billable seconds, where the model went."""
+        """Promotes the new version if it passes `promotion_rule` against the published one (or
+        `force_publish`) and, where required, a person approved it: history record, the
+        `published/latest.json` pointer (conditional on the one compared with), the mirror, the
+        Model Registry. Otherwise **skipped**, nothing under `published/` changes; the log and XCom
+        `summary` hold the run summary either way."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
-        from headpose.registry.promotion import format_summary, publish_run
+        from headpose.registry.promotion import publish_run
+        from headpose.registry.summary import format_summary
+        from headpose_operators.sagemaker import model_registry
 
         context = get_current_context()
         try:
             decision, summary = publish_run(
                 _s3(plan), plan, training, dataset, report, version, dag_id=DAG_ID, run_id=context["dag_run"].run_id,
+                approval=context["ti"].xcom_pull(task_ids="approve_release", key=APPROVAL_KEY),
+                model_registry=model_registry(AWS_CONN_ID, plan),
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None
@@ -342,12 +346,24 @@ def headpose_retraining():
     )
     report = validate_model(plan, dataset, artifact, freeze.output, edge.output)
     version = upload_frozen_model(plan, freeze.output, report, edge.output)
+    approve = ReleaseApprovalOperator(
+        task_id="approve_release",
+        plan=plan, training=train.output, dataset=dataset, report=report, version=version,
+        aws_conn_id=AWS_CONN_ID,
+        response_timeout=timedelta(seconds=load_profile().settings.approval_timeout_seconds),  # the plan's rules
+        doc_md="Asks a person to approve the new model where the deployment requires it and `publish` would "
+        "promote it (the UI's *Required Actions*, or the REST API); Reject or no answer in time skips `publish`.",
+        **scheduling.task_args("approve_release"),
+    )
     published = publish(plan, train.output, dataset, report, version)
+    recorded = RecordReleaseOperator(task_id="record_release", aws_conn_id=AWS_CONN_ID, **scheduling.task_args("record_release"))
     # The claim is the setup of everything that trains, its record their teardown: it runs
     # however the run ends, and clearing any task between them runs the claim again.
     record = RecordDataVersionOperator(task_id="record_data_version", plan=plan, claimed=claim.output,
                                        aws_conn_id=AWS_CONN_ID, **scheduling.task_args("record_data_version"))
-    chain(plan, claim, dataset, code, train, artifact, freeze, edge, report, version, published, record, cleanup())
+    chain(plan, claim, dataset, code, train, artifact, freeze, edge, report, version, approve, published, record,
+          cleanup())
+    approve >> recorded >> record
     record.as_teardown(setups=claim)
 
 

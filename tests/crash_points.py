@@ -22,6 +22,9 @@ costs the operation's own calls and a few more, not a rebuilt bucket. Where an e
 call k ended the operation at once (no call after it), a death at call k would leave the
 very same store - the same calls made, no other - and is counted as covered by it
 rather than run again; where the code went on after the error, the death is run too.
+State the snapshot cannot hold - SageMaker's Model Registry in moto, which has no export -
+is rebuilt by the operation's ``reset`` before each scenario: a fresh model package group
+with the packages the starting state has (a few calls), so no scenario sees another's packages.
 """
 from __future__ import annotations
 
@@ -191,6 +194,8 @@ class Operation:
     ``(bucket, context)``; ``run(clients, context)`` is the operation as its task calls it;
     ``check(store, context, rerun)`` lists what is inconsistent (empty: nothing), ``rerun``
     saying whether the clean re-run has happened. ``clients()`` makes a client set.
+    ``reset(clients, context)``, when given, rebuilds before every run what the bucket's
+    snapshot does not hold (it may change ``context``), outside the fault injection.
     """
 
     name: str
@@ -199,6 +204,7 @@ class Operation:
     run: Callable[[dict[str, Any], Any], Any]
     check: Callable[[Store, Any, bool], list[str]]
     must_call: str  # the call the operation is about (its pointer write, say): the enumeration must reach it
+    reset: Callable[[dict[str, Any], Any], None] | None = None
 
 
 @dataclass
@@ -223,6 +229,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
     saved = snapshot(s3, bucket)
     known = {item.etag: item.sha256 for item in saved.values()}
 
+    if operation.reset:
+        operation.reset(clients, context)
     counter = FaultInjector(clients.values())
     try:
         operation.run(clients, context)
@@ -246,6 +254,8 @@ def enumerate_crash_points(operation: Operation, modes: Iterable[str] = MODES) -
             report.equivalent += 1
             continue
         restore(s3, bucket, saved)
+        if operation.reset:
+            operation.reset(clients, context)
         injector = FaultInjector(faulted.values(), at, mode)
         try:
             operation.run(faulted, context)

@@ -59,6 +59,7 @@ NATIVE_ONLY_ENV = {
     "AIRFLOW__CELERY__FLOWER_HOST": "the address the compose file publishes Flower's port on",
     "AIRFLOW__CELERY__FLOWER_PORT": "5555 may be taken",
     "AIRFLOW__API__WORKERS": "one uvicorn worker: the test machine has 2 cores",
+    "AIRFLOW__API__BASE_URL": "the api-server's address here, which approval requests link to",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": "8974 may be taken",
     "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": "8794 may be taken",
     "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "two workers on one host need two log ports",
@@ -97,7 +98,11 @@ def env_example_names(path: Path = ENV_EXAMPLE) -> dict[str, str]:
 # the scheduler would start a run of the tutorial's defaults (hours of ResNet-50 on 2 cores).
 # The test stack's profile makes every run it starts itself tiny - a run started by new data
 # (tests/test_new_data.py) too - and converts two edge formats; it retrains on data, and
-# its watcher polls the queue every second instead of every minute.
+# its watcher polls the queue every second instead of every minute. It asks for a release
+# approval, as a governed deployment's does, from .env.example's operator only, with a deadline
+# short enough for tests/test_approval.py to wait for.
+TEST_APPROVER = "operator"
+TEST_APPROVAL_TIMEOUT_SECONDS = 60
 NEW_DATA_QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/headpose-new-data"  # moto's account
 NEW_DATA_FOLDER = "headpose/incoming/"
 STACK_PROFILE = {
@@ -105,6 +110,7 @@ STACK_PROFILE = {
     "min_accuracy": 0, "min_class_recall": 0, "edge_formats": ["onnx", "openvino_fp32"],
     "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
     "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}",
+    "release_approval": "required", "approvers": [TEST_APPROVER], "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s",
 }
 TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
             "HEADPOSE_RUN_DEFAULTS": json.dumps(STACK_PROFILE)}
@@ -323,6 +329,7 @@ def _native_env(services: dict[str, Any], name: str, hostname: str, layout: Nati
         "AIRFLOW_HOME": str(layout.home),
         **_listen_env(services["airflow-apiserver"], "airflow-apiserver", layout, variables),
         "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__BASE_URL": layout.api_url,
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(layout.scheduler_health),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(layout.trigger_log),
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "airflow_local_settings.native_hostname",

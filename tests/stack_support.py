@@ -158,8 +158,10 @@ def same_link(opened: str, given: str) -> bool:
         and parse_qs(a.query) == parse_qs(b.query)
 
 
-def wait_for_run(api: Api, stack: NativeStack, run_id: str) -> str:
-    """The run's final state; prints each task's state as it changes."""
+def wait_for_run(api: Api, stack: NativeStack, run_id: str, approver: Api | None = None) -> str:
+    """The run's final state; prints each task's state as it changes. The stack's profile requires
+    a release approval: ``approver`` approves the run's request through the REST API when it
+    waits for one (without, it waits for the request's timeout, a rejection)."""
     seen: dict[str, str] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -169,11 +171,47 @@ def wait_for_run(api: Api, stack: NativeStack, run_id: str) -> str:
             if seen.get(ti["task_id"]) != state:
                 seen[ti["task_id"]] = state
                 stack.say(f"{ti['task_id']}: {state}")
+            if approver and ti["task_id"] == APPROVAL_TASK and ti["state"] == AWAITING_INPUT:
+                assert answer_release(approver, run_id, "Approve") == 200
+                stack.say(f"{APPROVAL_TASK}: approved through the REST API")
         run_state = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
         if run_state in ("success", "failed"):
             return run_state
         time.sleep(5)
     return "timed out"
+
+
+# -- release approval requests -----------------------------------------------------------
+
+APPROVAL_TASK = "approve_release"
+AWAITING_INPUT = "awaiting_input"
+
+
+def hitl_path(run_id: str) -> str:
+    """The REST API's address of the run's release request (Human-in-the-loop detail)."""
+    return f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{APPROVAL_TASK}/-1/hitlDetails"
+
+
+def answer_release(api: Api, run_id: str, option: str, comment: str | None = None) -> int:
+    """Answers the run's release request as ``api``'s user; the HTTP status (200, or 403 for one who may not)."""
+    return api.status("PATCH", hitl_path(run_id), {"chosen_options": [option], "params_input": {"comment": comment}})
+
+
+def task_states(api: Api, run_id: str) -> dict[str, str | None]:
+    return {ti["task_id"]: ti["state"] for ti in api.task_instances(run_id)}
+
+
+def wait_for_task(api: Api, stack: NativeStack, run_id: str, task_id: str, states: set[str],
+                  timeout: float = 300) -> float:
+    """Waits until ``task_id`` of the run is in one of ``states``; the monotonic time it was seen so."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        if task_states(api, run_id).get(task_id) in states:
+            return time.monotonic()
+        time.sleep(1)
+    raise AssertionError(f"{task_id} of {run_id} is {task_states(api, run_id).get(task_id)}, not in {states}, "
+                         f"after {timeout}s:\n{task_log_tails(stack, run_id)}")
 
 
 def task_log_tails(stack: NativeStack, run_id: str) -> str:

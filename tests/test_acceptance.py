@@ -126,6 +126,37 @@ def test_the_report_records_the_champion_the_evaluation_set_and_every_class(mode
     assert (tmp_path / "report" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_champion_is_compared_image_by_image_and_the_report_page_shows_it(model, s3_client, tmp_path):
+    from headpose.artifacts.report_html import render_report_html
+
+    publish_graph(s3_client, model["pb"].read_bytes())
+    found = champion(s3_client, model, tmp_path / "champion")
+    assert len(found["per_image_correct"]) == found["images"] and len(found["confusion_matrix"]) == 9
+    outcome = validate_frozen_model(
+        model["pb"], model["saved_model"], model["shards"], tmp_path / "report", min_accuracy=0,
+        training_job_name="deeplens-TF-headpose-2025-01-13-03-00-00-000", champion=found,
+        evaluation_set=EVAL_SET, dataset=DATASET, promotion_rule="significantly_better",
+    )
+    # The same graph on the same images: no image tells them apart.
+    comparison = outcome["comparison"]
+    assert comparison["difference"] == 0 and comparison["champion_only"] == comparison["challenger_only"] == 0
+    assert comparison["promote"] is False and comparison["rule"] == "significantly_better"
+    assert "per_image_correct" not in outcome["champion"]  # XCom gets names and figures, report.json the rest
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["comparison"] == comparison and len(report["champion"]["per_image_correct"]) == report["images"]
+    decision = promotion.promotion_decision(outcome["accuracy"], outcome["champion"], comparison=comparison)
+    assert not decision.promote and "not significantly better" in decision.reason
+
+    report["formats"] = {"onnx": {"accepted": True, "accuracy": 0.5, "latency_ms_b1": 1.25, "max_abs_diff": 1e-7},
+                         "litert_int8": {"accepted": False, "reason": "lost 3 points <b>"}}
+    page = render_report_html(report, tmp_path / "report" / "confusion_matrix.png")
+    assert "deeplens-TF-headpose-2025-01-13-03-00-00-000" in page and f"published: {JOB}" in page
+    assert "difference +0.0000" in page and "not significantly better" in page
+    assert "pan neg / tilt ctr" in page and "No class got worse." in page
+    assert "1.25" in page and "lost 3 points &lt;b&gt;" in page  # data, escaped, never markup
+    assert 'src="data:image/png;base64,iVBOR' in page  # the picture travels with the page
+
+
 def test_a_model_that_misses_a_class_is_refused_however_accurate_overall():
     per_class = [{"index": i, "name": f"c{i}", "count": 10, "correct": 10 if i else 0, "accuracy": 1.0 if i else 0.0}
                  for i in range(9)]

@@ -29,7 +29,7 @@ AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
 COMMANDS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
             "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
             WORKER_SERVICE: "celery worker"}
-FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+AUTH_MANAGER = "headpose_operators.auth.HeadposeAuthManager"
 LOGIN_VARIABLES = [f"AIRFLOW_{who}_{part}" for who in ("ADMIN", "OPERATOR", "VIEWER") for part in ("USER", "PASSWORD")]
 CONTAINER_ADDRESS = re.compile(r"[/@](postgres|redis|object-store|airflow-apiserver)[:/]")
 
@@ -194,10 +194,38 @@ def test_every_airflow_process_logs_in_through_fab(compose, variables):
 
     for name in [*AIRFLOW_SERVICES, INIT_SERVICE, "flower"]:
         env = service_environment(compose["services"][name], variables)
-        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == FAB_AUTH_MANAGER, name
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == AUTH_MANAGER, name
         assert not [key for key in env if "SIMPLE_AUTH_MANAGER" in key], name
-    module, _, name = FAB_AUTH_MANAGER.rpartition(".")
-    assert issubclass(getattr(importlib.import_module(module), name), BaseAuthManager)  # the pinned provider has it
+    from airflow.providers.fab.auth_manager.fab_auth_manager import FabAuthManager
+
+    import airflow_support  # noqa: F401  (plugins/ on the path, as Airflow puts it for its processes)
+
+    module, _, name = AUTH_MANAGER.rpartition(".")
+    manager = getattr(importlib.import_module(module), name)  # plugins/ is on the path of every Airflow process
+    assert issubclass(manager, FabAuthManager) and issubclass(manager, BaseAuthManager)
+
+
+class _User:
+    def __init__(self, user_id: int, name: str):
+        self.id, self.name = user_id, name
+
+    def get_id(self) -> str:
+        return str(self.id)
+
+    def get_name(self) -> str:
+        return self.name
+
+
+def test_an_approver_is_known_by_name_as_well_as_by_fabs_numeric_id():
+    import airflow_support  # noqa: F401
+    from headpose.planning.release_settings import assigned_users
+    from headpose_operators.auth import HeadposeAuthManager
+
+    manager = HeadposeAuthManager.__new__(HeadposeAuthManager)  # the check needs no app or database
+    named = {user["id"] for user in assigned_users(["operator"])}
+    assert manager.is_authorized_hitl_task(assigned_users=named, user=_User(2, "operator"))
+    assert not manager.is_authorized_hitl_task(assigned_users=named, user=_User(1, "admin"))
+    assert manager.is_authorized_hitl_task(assigned_users={"1"}, user=_User(1, "admin"))  # FAB's own ids still work
 
 
 def test_airflow_init_gets_an_admin_an_operator_and_a_viewer_from_env(compose, variables):
@@ -277,3 +305,12 @@ def test_the_stack_refuses_to_start_without_a_profile_unless_env_asks_for_the_de
     said = "HEADPOSE_RUN_DEFAULTS (the deployment profile) is not set" in result.stderr
     assert said is refused, result.stderr
     assert ("migrating the metadata database" in result.stdout) is not refused
+
+
+def test_the_test_stacks_profile_requires_an_approval_from_its_operator(variables):
+    from headpose.planning.profile import PROFILE_ENV, load_profile
+
+    settings = load_profile({PROFILE_ENV: variables["HEADPOSE_RUN_DEFAULTS"]}).settings  # a valid profile
+    assert settings.release_approval == "required"
+    assert settings.approvers == [native_compose.env_example_names()["AIRFLOW_OPERATOR_USER"]]
+    assert settings.approval_timeout_seconds == native_compose.TEST_APPROVAL_TIMEOUT_SECONDS

@@ -89,9 +89,11 @@ class Run:
         return self.plan["training_job_name"]
 
 
-def candidate(s3, bucket: str, day: int, mirror: bool = True, accuracy: float = 0.9) -> Run:
-    """The candidate of the run of ``day``, as freeze_graph, export_edge_models and validate_model leave it."""
-    plan = _plan(bucket, day, mirror)
+def candidate(s3, bucket: str, day: int, mirror: bool = True, accuracy: float = 0.9,
+              plan: dict[str, Any] | None = None) -> Run:
+    """The candidate of the run of ``day`` (or of ``plan``), as freeze_graph, export_edge_models and
+    validate_model leave it."""
+    plan = plan or _plan(bucket, day, mirror)
     job, prefix = plan["training_job_name"], plan["candidate_prefix"]
     body = f"graph of {job}".encode()
     frozen = {

@@ -11,7 +11,8 @@ from airflow_support import DAGS, INCLUDE, PLUGINS, load_dag, load_dagbag
 
 TASKS = [
     "plan_run", "claim_data_version", "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph",
-    "export_edge_models", "validate_model", "upload_frozen_model", "publish", "record_data_version", "cleanup",
+    "export_edge_models", "validate_model", "upload_frozen_model", "approve_release", "publish", "record_data_version",
+    "cleanup",
 ]
 
 
@@ -27,11 +28,27 @@ def test_the_dag_folder_imports_without_errors():
 
 
 def test_tasks_run_in_the_documented_order(dag):
-    assert sorted(dag.task_ids) == sorted(TASKS)
+    assert sorted(dag.task_ids) == sorted([*TASKS, "record_release"])
     for before, after in zip(TASKS, TASKS[1:]):
         assert before in dag.task_dict[after].upstream_task_ids, f"{before} -> {after}"
-    order = [t.task_id for t in dag.topological_sort()]
+    order = [t.task_id for t in dag.topological_sort() if t.task_id != "record_release"]
     assert order == TASKS
+
+
+def test_the_release_decision_is_recorded_whatever_happened_without_turning_a_failed_run_green(dag):
+    from headpose_operators import ReleaseApprovalOperator
+
+    approve, record = dag.task_dict["approve_release"], dag.task_dict["record_release"]
+    assert isinstance(approve, ReleaseApprovalOperator)
+    assert approve.defaults == ["Reject"] and approve.options == ["Approve", "Reject"]  # a timeout rejects
+    assert approve.skip_on_reject == ("publish",)
+    assert set(approve.serialized_params) == {"comment"}  # the request's form: the run's params stay out of it
+    assert record.trigger_rule == "all_done" and record.upstream_task_ids == {"approve_release"}
+    # Beside publish, not after it: a leaf of its own (only teardowns follow either), so a failed
+    # publish (or a failed upstream that leaves publish upstream_failed) still fails the run.
+    assert "record_release" not in dag.task_dict["publish"].upstream_task_ids
+    for task_id in ("record_release", "publish"):
+        assert all(dag.task_dict[t].is_teardown for t in dag.task_dict[task_id].downstream_task_ids), task_id
 
 
 def test_operators_and_failure_handling(dag):
@@ -50,7 +67,7 @@ def test_operators_and_failure_handling(dag):
 def test_templated_fields_of_the_custom_operators():
     from headpose_operators import (
         ClaimDataVersionOperator, ExportEdgeModelsOperator, FreezeGraphOperator, HeadposeTrainingOperator,
-        RecordDataVersionOperator,
+        RecordDataVersionOperator, ReleaseApprovalOperator,
     )
 
     assert set(ClaimDataVersionOperator.template_fields) == {"plan"}
@@ -62,9 +79,11 @@ def test_templated_fields_of_the_custom_operators():
             "manifest_sha256", "source_sha256s"} <= set(HeadposeTrainingOperator.template_fields)
     assert {"frozen_model_uri", "frozen_model_sha256", "frozen_model_json_uri", "frozen_model_json_sha256",
             "dataset_prefix", "output_prefix", "formats", "kms_key_id"} <= set(ExportEdgeModelsOperator.template_fields)
+    assert {"plan", "training", "dataset", "report", "version", "subject", "body"} <= set(
+        ReleaseApprovalOperator.template_fields)
 
 
-def test_importing_the_dag_loads_no_tensorflow_numpy_or_sagemaker():
+def test_importing_the_dag_loads_no_tensorflow_numpy_sagemaker_or_plotting():
     # A fresh interpreter: this test process has imported those modules already.
     script = f"""
 import json, sys, importlib.util
@@ -72,7 +91,8 @@ sys.path[:0] = [{str(INCLUDE)!r}, {str(PLUGINS)!r}]
 spec = importlib.util.spec_from_file_location("headpose_retraining_dag", {str(DAGS / 'headpose_retraining.py')!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "numpy", "sagemaker", "keras"))
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] in ("tensorflow", "numpy", "sagemaker", "keras", "matplotlib", "scipy"))
 print(json.dumps(heavy))
 """
     import os

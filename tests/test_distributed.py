@@ -73,7 +73,9 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
         run_id = run["dag_run_id"]
         assert run["conf"] == CONF
         native_stack.say(f"triggered {run_id}")
-        state = wait_for_run(stack_api, native_stack, run_id)
+        # The stack's profile requires a release approval: the operator gives it through the REST API.
+        operator = Api(native_stack.api_url, *native_stack.login("operator"))
+        state = wait_for_run(stack_api, native_stack, run_id, approver=operator)
     finally:
         stack_api.set_paused(True)
     assert state == "success", task_log_tails(native_stack, run_id)
@@ -93,6 +95,7 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
     s3 = native_stack.s3_client()
     pointer = json.loads(s3.get_object(Bucket=native_stack.bucket, Key="headpose/published/latest.json")["Body"].read())
     assert pointer["training_job_name"] == job and set(pointer["formats"])
+    assert (pointer["approval"]["decision"], pointer["approval"]["by"]) == ("approved", native_stack.login("operator")[0])
     graph = s3.head_object(Bucket=native_stack.bucket, Key="headpose/published/latest/frozen_model.pb")
     assert graph["ContentLength"] > 0
     # Rendering ran in a pool of two processes inside a Celery prefork worker (a daemonic

@@ -1,15 +1,15 @@
 """Evaluating a frozen graph on real shards: counts, confusion, parity with the SavedModel."""
 from __future__ import annotations
 
-import struct
-import zlib
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from headpose.artifacts.evaluate import evaluate_frozen_graph, load_frozen_graph, write_confusion_png
+from headpose.artifacts.confusion_plot import tick_labels, write_confusion_png
+from headpose.artifacts.evaluate import evaluate_frozen_graph, load_frozen_graph
 from headpose.training import labels
 from headpose.training.shards import ShardWriter, shard_paths
 
@@ -69,6 +69,9 @@ def test_accuracy_and_confusion(setup):
     expected = np.zeros_like(matrix)
     np.add.at(expected, (truth, predicted), 1)
     assert (matrix == expected).all()
+    # One answer per image, in the shards' order: what the paired comparison pairs.
+    assert report["per_image_correct"] == "".join("1" if t == p else "0" for t, p in zip(truth, predicted))
+    assert report["labels_sha256"] == hashlib.sha256(truth.astype(np.int8).tobytes()).hexdigest()
 
     assert 0.0 <= report["parity_max_abs_diff"] < 1e-5
 
@@ -112,29 +115,16 @@ def test_wrong_node_and_bad_file(setup, tmp_path):
         load_frozen_graph(bad)
 
 
-def read_png(path: Path) -> tuple[int, int, bytes]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    offset, chunks = 8, {}
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset:offset + 4])
-        kind, body = data[offset + 4:offset + 8], data[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks[kind] = body
-        offset += 12 + length
-    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
-    return width, height, zlib.decompress(chunks[b"IDAT"])
+def test_the_confusion_picture_names_the_classes_and_sets_the_published_model_beside_the_new_one(tmp_path):
+    from PIL import Image
 
-
-def test_confusion_png(tmp_path):
+    assert tick_labels()[:4] == ["pan neg / tilt neg", "pan neg / tilt ctr", "pan neg / tilt pos", "pan ctr / tilt neg"]
     matrix = np.eye(labels.NUM_CLASSES, dtype=int) * 5
     matrix[0, 1] = 5
-    path = write_confusion_png(matrix, tmp_path / "confusion.png", cell=4)
-    width, height, raw = read_png(path)
-    assert width == height == 36
-    assert len(raw) == height * (1 + width * 3)
-    row = raw[(1 + 1) * (1 + width * 3):][: 1 + width * 3]  # pixel row 2, inside cell row 0
-    pixel = lambda x: tuple(row[1 + 3 * x:4 + 3 * x])  # noqa: E731
-    assert pixel(2) == pixel(6) != pixel(10)  # half-filled cells (0,0), (0,1); empty (0,2)
-    assert pixel(10) == (255, 255, 255)
+    alone = write_confusion_png(tmp_path / "alone.png", matrix.tolist(), "new: job-b")
+    paired = write_confusion_png(tmp_path / "paired.png", matrix.tolist(), "new: job-b", np.eye(9, dtype=int).tolist(),
+                                 "published: job-a")
+    with Image.open(alone) as one, Image.open(paired) as two:
+        assert one.format == two.format == "PNG"
+        assert one.height == two.height and 1.7 < two.width / one.width < 2.3  # side by side, the same scale
+        assert one.width > 500  # big enough for its labels, counts and recalls (the old one was 216 px)

@@ -228,3 +228,33 @@ def test_the_trace_is_evaluated_per_statement_without_a_rerun():
     # Read is shadowed by ReadAll: neither alone is needed, which is what a reviewer must see.
     assert necessity(policy, trace) == {"Read": [], "ReadAll": [], "Write": [("s3:PutObject", "arn:aws:s3:::b/o")]}
 
+
+
+def test_the_model_registry_as_the_worker_principal(enforcing):
+    """approve_release's and publish's Model Registry calls (moto's SageMaker) with only the worker policy:
+    its two Model Registry statements suffice and each is needed (actions only: moto checks SageMaker
+    requests against ``*``, so the worker policy is widened for it)."""
+    from headpose.registry.model_packages import APPROVED, PENDING, ModelRegistry, sync_package
+
+    worker = worker_for_dag_run(enforcing, "headpose-registry", name="headpose-registrar")
+    prefix = f"s3://headpose-registry/headpose/TFartifacts/{'deeplens-TF-headpose-2025-01-06-03-00-00-000'}/output/"
+    record = {"version": 3, "training_job_name": "deeplens-TF-headpose-2025-01-06-03-00-00-000",
+              "model_artifact_uri": prefix + "model.tar.gz", "channel_order": "bgr",
+              "files": {"frozen_model.pb": {"uri": prefix + "frozen_model.pb", "sha256": "ab"},
+                        "report.json": {"uri": prefix + "report.json", "sha256": "cd"}}}
+
+    def register(principal) -> None:
+        registry = ModelRegistry(principal.client("sagemaker"), "headpose", lambda: "tensorflow-inference:2.20-cpu")
+        sync_package(registry, record, PENDING, "a person is asked")
+        sync_package(registry, record, APPROVED, "published", published={"uri": prefix + "h.json", "sha256": "ef"})
+
+    register(worker)
+    proof = check_enforced_run(enforcing, worker, must_use=("RegisterEveryVersionInTheModelRegistry",
+                                                            "FindAVersionsPackage"))
+    assert {action for action, _ in proof["trace"]} == {
+        "sagemaker:DescribeModelPackageGroup", "sagemaker:CreateModelPackageGroup", "sagemaker:ListModelPackages",
+        "sagemaker:CreateModelPackage", "sagemaker:UpdateModelPackage"}
+    less = enforcing.principal("headpose-registrar-less",
+                               without(worker.policy, "RegisterEveryVersionInTheModelRegistry"))
+    with pytest.raises(ClientError, match="AccessDenied"):
+        register(less)

@@ -50,6 +50,9 @@ def test_the_documented_production_profile_is_the_tutorials_run_on_sagemaker(mon
     assert plan["deployment"]["evaluation_set"].endswith("/prima-persons-05-10-15/")
     assert plan["expected_bucket_owner"] == "123456789012"
     assert plan["profile"].startswith(f"deployment profile ${PROFILE_ENV}")
+    # Production: a person approves each release within 3 days; every version is in the Model Registry.
+    assert plan["deployment"]["release_approval"] == "required" and plan["deployment"]["approval_timeout"] == "3d"
+    assert plan["deployment"]["model_package_group"] == "headpose"
 
 
 @pytest.mark.parametrize("profile, words", [
@@ -62,6 +65,10 @@ def test_the_documented_production_profile_is_the_tutorials_run_on_sagemaker(mon
     ('{"evaluation_set": "eval/"}', "evaluation_set='eval/'"),
     ('{"expected_bucket_owner": "me"}', "expected_bucket_owner='me'"),
     ('{"local_images_per_second": {"51": 3}}', "local_images_per_second"),
+    ('{"release_approval": "maybe"}', "release_approval='maybe': 'maybe' is not one of ['none', 'required']"),
+    ('{"approval_timeout": "3 days"}', "approval_timeout='3 days'"),
+    ('{"approvers": "alice"}', "approvers='alice'"),
+    ('{"model_package_group": "head pose"}', "model_package_group='head pose'"),
     ('{"backend": "sagemaker", "instance_count": 4, "instance_type": "ml.c5.18xlarge"}',
      "instance_count=4 with instance_type='ml.c5.18xlarge', which has no GPU"),
     ('{"instance_count": 2, "synthetic_train_per_pose": 5}', "needs a training shard per host"),
@@ -83,6 +90,41 @@ def test_deployment_settings_are_refused_in_a_trigger_conf():
     message = str(refused.value)
     assert "['evaluation_set', 'expected_bucket_owner'] are deployment settings" in message
     assert f"${PROFILE_ENV}" in message
+    # A person allowed to trigger cannot skip the approval, name the approvers or move the Model Registry.
+    with pytest.raises(RunParamsError) as refused:
+        validate_run_params({"release_approval": "none", "approvers": ["me"], "approval_timeout": "1m",
+                             "model_package_group": ""})
+    assert ("['approval_timeout', 'approvers', 'model_package_group', 'release_approval'] are deployment settings"
+            in str(refused.value))
+
+
+@pytest.mark.parametrize("profile, words", [
+    ({"approvers": ["alice"]}, "approvers are named but release_approval is 'none'"),
+    ({"release_approval": "required", "approval_timeout": "30s"}, "approval_timeout='30s' is shorter than 60 s"),
+])
+def test_release_settings_that_cannot_work_are_refused_before_anything_is_written(profile, words):
+    with pytest.raises(RunParamsError, match="invalid deployment settings") as refused:
+        plan_run({"s3_bucket": "bkt"}, WHEN, region="us-east-1", dag_id="d", run_id="r",
+                 environ={PROFILE_ENV: json.dumps(profile)})
+    assert words in str(refused.value)
+
+
+def test_a_run_waits_for_an_approval_only_inside_its_own_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from headpose.planning.scheduling import dagrun_timeout
+
+    required = {PROFILE_ENV: json.dumps({"release_approval": "required", "approval_timeout": "3d"})}
+    # By default the run's timeout grows by the wait; a deployment's own timeout is checked against it.
+    assert dagrun_timeout(required) == timedelta(hours=192 + 72)
+    assert dagrun_timeout({}) == timedelta(hours=192)
+    plan = plan_run({"s3_bucket": "bkt"}, WHEN, region="us-east-1", dag_id="d", run_id="r", environ=required,
+                    dagrun_timeout=dagrun_timeout(required))
+    assert plan["deployment"]["release_approval"] == "required" and plan["deployment"]["approval_timeout"] == "3d"
+    with pytest.raises(RunParamsError) as refused:
+        plan_run({"s3_bucket": "bkt", "max_run_seconds": 4 * 86400}, WHEN, region="us-east-1", dag_id="d", run_id="r",
+                 environ=required, dagrun_timeout=timedelta(hours=120))
+    assert "the approval may wait 3 days, 0:00:00 (approval_timeout=3d)" in str(refused.value)
 
 
 def test_a_local_run_that_cannot_finish_in_time_is_refused_with_the_estimate():

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 
-from headpose.registry import pointer as pointers, promotion, rollback as rollbacks
+from headpose.registry import pointer as pointers, promotion, rollback as rollbacks, summary as summaries
 from registry_support import (
     BUCKET,
     DATASET,
@@ -143,7 +143,7 @@ def test_nothing_published_reads_as_none(s3):
 
 def test_the_run_summary_names_everything_ops_ask_for():
     champion = {"present": True, "accuracy": 0.8, "training_job_name": "job-a"}
-    summary = promotion.run_summary(
+    summary = summaries.run_summary(
         training_job_name="job-b", decision=promotion.Decision(False, "accuracy 0.7 < published 0.8"),
         report={**report_with(0.7, champion), "formats": {"onnx": {"accepted": True}, "litert_int8": {}}},
         training={"BillableTimeInSeconds": 120, "TrainingTimeInSeconds": 130},
@@ -151,7 +151,7 @@ def test_the_run_summary_names_everything_ops_ask_for():
     )
     assert summary["accuracy_before"] == 0.8 and summary["accuracy_after"] == 0.7
     assert summary["promoted"] is False and summary["billable_time_in_seconds"] == 120
-    text = promotion.format_summary(summary)
+    text = summaries.format_summary(summary)
     for words in ("job-b", "on synthetic-abc@000: before 0.8000 (job-a)", "after 0.7000", "billable seconds: 120",
                   "edge formats: onnx", "TFartifacts/job-b/output/frozen_model.pb", "latest.json unchanged"):
         assert words in text
@@ -281,5 +281,10 @@ def test_the_registry_command(s3, s3_endpoint):
     done = cli("rollback", "--to", first.training_job_name)
     assert done.returncode == 0, done.stderr
     assert json.loads(cli("show").stdout)["training_job_name"] == first.training_job_name
+    # ... and SageMaker's Model Registry after the pointer (moto serves it at the same endpoint).
+    from release_support import packages, sagemaker
+
+    statuses = {prefix: p["ModelApprovalStatus"] for prefix, p in packages(sagemaker(s3_endpoint)).items()}
+    assert statuses == {first.version_prefix: "Approved", second.version_prefix: "Rejected"}
     refused = cli("rollback", "--to", "deeplens-TF-headpose-1999-01-01-00-00-00-000")
     assert refused.returncode == 1 and "never published" in refused.stderr

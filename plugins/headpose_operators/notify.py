@@ -16,8 +16,14 @@ the template context as ``headpose_failure_line``::
     HEADPOSE_NOTIFIER_KWARGS='{"slack_conn_id": "slack", "channel": "#ml-ops",
                                "text": "{{ headpose_failure_line }}"}'
 
+The same notifier carries release approval requests (``ReleaseRequestNotifier``): a
+``HEADPOSE APPROVAL REQUEST`` line with the link to the page where it is answered. Both
+lines are in the context as ``headpose_line`` (the failure line also as
+``headpose_failure_line``, the request as ``headpose_approval_line``), so one
+``HEADPOSE_NOTIFIER_KWARGS`` template serves both.
+
 A notifier that fails to send is logged, never raised: an alert must not turn into a
-second failure.
+second failure, nor a request into a failed task.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ if TYPE_CHECKING:
 NOTIFIER_ENV = "HEADPOSE_NOTIFIER"
 NOTIFIER_KWARGS_ENV = "HEADPOSE_NOTIFIER_KWARGS"
 LINE_KEY = "headpose_failure_line"
+ANY_LINE_KEY = "headpose_line"
+APPROVAL_LINE_KEY = "headpose_approval_line"
 _MAX_REASON = 500
 
 
@@ -129,9 +137,43 @@ class HeadposeRunAlert(BaseNotifier):
             self.log.error("HEADPOSE ALERT %s", line)
             return
         try:
-            self.forward({**context, LINE_KEY: line})
+            self.forward({**context, LINE_KEY: line, ANY_LINE_KEY: line})
         except Exception:
             self.log.exception("the %s notifier could not send the failure line", type(self.forward).__name__)
+
+
+class ReleaseRequestNotifier(BaseNotifier):
+    """A release approval request: the line with the page where it is answered, to the log or a notifier.
+
+    One of the Human-in-the-loop operator's ``notifiers``: called once the request is written.
+    """
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Nothing to render: the line is made from the request itself (see ``HeadposeRunAlert``)."""
+
+    def notify(self, context: Context) -> None:
+        line = approval_request_line(context)
+        forward = forwarded_notifier()
+        self.log.info("%s", line)
+        if forward is None:
+            return
+        try:
+            forward({**context, APPROVAL_LINE_KEY: line, ANY_LINE_KEY: line})
+        except Exception:
+            self.log.exception("the %s notifier could not send the approval request", type(forward).__name__)
+
+
+def approval_request_line(context: Context) -> str:
+    """``HEADPOSE APPROVAL REQUEST dag=... run=... training_job_name=... answer at <url>: <subject>``."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    ti, task = context.get("ti"), context.get("task")
+    try:
+        link = HITLOperator.generate_link_to_ui_from_context(context=context)
+    except ValueError:  # no [api] base_url: the page is under the UI's Required Actions
+        link = "the Airflow UI's Required Actions (set AIRFLOW__API__BASE_URL for a link)"
+    return (f"HEADPOSE APPROVAL REQUEST dag={getattr(ti, 'dag_id', '-')} run={getattr(ti, 'run_id', '-')} "
+            f"training_job_name={_job_name(ti) or '-'} answer at {link}: {getattr(task, 'subject', '')}")
 
 
 def _recorded_line(context: Context) -> str | None:
@@ -154,11 +196,15 @@ def failure_notifier() -> HeadposeFailureNotifier:
 
 def run_alert(environ: dict[str, str] | None = None) -> HeadposeRunAlert:
     """The DAG's ``on_failure_callback``: the alert ``$HEADPOSE_NOTIFIER`` selects."""
+    return HeadposeRunAlert(forward=forwarded_notifier(environ))
+
+
+def forwarded_notifier(environ: dict[str, str] | None = None) -> BaseNotifier | None:
+    """The notifier ``$HEADPOSE_NOTIFIER`` names, with ``$HEADPOSE_NOTIFIER_KWARGS`` (None: the log)."""
     env = os.environ if environ is None else environ
     choice = env.get(NOTIFIER_ENV, "").strip() or "log"
     if choice == "log":
-        return HeadposeRunAlert()
+        return None
     module, _, name = choice.rpartition(".")
     forward_class = getattr(importlib.import_module(module), name)
-    kwargs = json.loads(env.get(NOTIFIER_KWARGS_ENV) or "{}")
-    return HeadposeRunAlert(forward=forward_class(**kwargs))
+    return forward_class(**json.loads(env.get(NOTIFIER_KWARGS_ENV) or "{}"))

@@ -7,7 +7,11 @@ evaluation of the published model (the champion). A model is accepted when its t
 accuracy reaches ``min_accuracy``, every class present in the set is recognised at
 least ``min_class_recall`` of the time (a model that never predicts a class fails however
 accurate it is overall), and the frozen graph computes what the SavedModel computes.
-Whether an accepted model replaces the champion is ``registry.promotion``'s call.
+Where the champion was scored on the same images, the two are compared image by image
+(``artifacts.comparison``: the difference with its interval and the promotion rule's
+verdict); whether an accepted model replaces the champion is ``registry.promotion``'s call
+on that verdict. The confusion matrices, the new model's beside the champion's, are drawn
+into ``confusion_matrix.png``.
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, file_sha25
 # The frozen graph must compute what the SavedModel computes; float32 reordering by
 # Grappler's folding stays orders of magnitude below this.
 MAX_PARITY_ABS_DIFF = 1e-4
+# What report.json keeps of an evaluation but XCom does not: one entry per image or cell.
+BULKY = ("per_image_correct", "labels_sha256", "confusion_matrix")
 
 
 class ModelRefused(RuntimeError):
     """The new model must not be published; the message says why. Retrying cannot help.
 
-    ``evidence``: ``{"report": uri, "confusion_matrix": uri}`` of the refused model's
+    ``evidence``: ``{"report": uri, "report_page": uri, "confusion_matrix": uri}`` of the refused model's
     report where one was written (not for a graph that cannot even be scored).
     """
 
@@ -80,8 +86,14 @@ def validate_frozen_model(
     evaluation_set: Mapping[str, Any] | None = None,
     dataset: Mapping[str, Any] | None = None,
     reverse_channels: bool = False,
+    promotion_rule: str = "not_worse",
+    promotion_margin: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate, write ``report.json`` (+ confusion PNG) in ``out_dir``; return the summary.
+
+    ``champion`` is ``registry.champion.evaluate_champion``'s result on the same shards;
+    with its per-image results the report holds the paired ``comparison`` under
+    ``promotion_rule`` and ``promotion_margin``.
 
     ``problems`` in the result is empty when the model may be published. A graph that
     breaks the contract (missing nodes, wrong output shape, not a GraphDef) raises
@@ -89,7 +101,8 @@ def validate_frozen_model(
     """
     import tensorflow as tf
 
-    from headpose.artifacts.evaluate import evaluate_frozen_graph, write_confusion_png
+    from headpose.artifacts.confusion_plot import write_confusion_png
+    from headpose.artifacts.evaluate import evaluate_frozen_graph
 
     shards = [Path(p) for p in eval_shards]
     try:
@@ -102,6 +115,7 @@ def validate_frozen_model(
                          f"{type(error).__name__}: {error.message}") from error
     problems = acceptance_problems(evaluation, min_accuracy, min_class_recall, max_parity)
     worst, worst_class = lowest_recall(evaluation["per_class"])
+    comparison = compare_with_champion(evaluation, champion, promotion_rule, promotion_margin)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     report = {
@@ -120,10 +134,12 @@ def validate_frozen_model(
         "problems": problems,
         **evaluation,
         "champion": dict(champion) if champion else None,
+        "comparison": comparison,
     }
     report_path = folder / REPORT_FILE
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    png_path = write_confusion_png(evaluation["confusion_matrix"], folder / CONFUSION_PNG_FILE)
+    png_path = write_confusion_png(folder / CONFUSION_PNG_FILE, evaluation["confusion_matrix"],
+                                   *_matrix_titles(training_job_name, evaluation, champion))
     return {
         "accepted": not problems,
         "accuracy": evaluation["accuracy"],
@@ -134,9 +150,38 @@ def validate_frozen_model(
         "problems": problems,
         "report_path": str(report_path),
         "confusion_png_path": str(png_path),
-        "champion": dict(champion) if champion else None,
+        "champion": light(champion) if champion else None,
+        "comparison": comparison,
         "evaluation_set": dict(evaluation_set) if evaluation_set else None,
     }
+
+
+def light(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation without its per-image and per-cell results (those stay in report.json)."""
+    return {key: value for key, value in evaluation.items() if key not in BULKY}
+
+
+def compare_with_champion(
+    evaluation: Mapping[str, Any], champion: Mapping[str, Any] | None, rule: str, margin: float,
+) -> dict[str, Any] | None:
+    """The paired comparison with a champion scored on the same images (None: there is none)."""
+    from headpose.artifacts.comparison import paired_comparison
+
+    champion = champion or {}
+    if not champion.get("per_image_correct") or not champion.get("comparable", True):
+        return None
+    if champion.get("labels_sha256") != evaluation["labels_sha256"]:
+        # The same shards in the same order give the same labels; anything else is a bug, not a model to judge.
+        raise RuntimeError("the published model was scored on other images than the new one (their labels differ)")
+    return paired_comparison(evaluation["per_image_correct"], champion["per_image_correct"], rule=rule, margin=margin)
+
+
+def _matrix_titles(job: str, evaluation: Mapping[str, Any], champion: Mapping[str, Any] | None) -> tuple:
+    title = f"new: {job}\naccuracy {evaluation['accuracy']:.4f} on {evaluation['images']} images"
+    if not (champion or {}).get("confusion_matrix"):
+        return title, None, ""
+    return (title, champion["confusion_matrix"],
+            f"published: {champion['training_job_name']}\naccuracy {champion['accuracy']:.4f}, same images")
 
 
 def outcome_lines(outcome: Mapping[str, Any], min_accuracy: float, min_class_recall: float) -> list[str]:
@@ -155,6 +200,10 @@ def outcome_lines(outcome: Mapping[str, Any], min_accuracy: float, min_class_rec
         figure = f"accuracy {champion['accuracy']:.4f}" if "accuracy" in champion else champion["error"]
         lines.append(f"published model {champion['training_job_name']} on the same images: {figure}; "
                      f"{champion.get('comparison', '')}")
+    if outcome.get("comparison"):
+        from headpose.artifacts.comparison import describe
+
+        lines.append("paired comparison: " + describe(outcome["comparison"]))
     return lines
 
 

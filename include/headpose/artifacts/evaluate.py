@@ -5,10 +5,9 @@ The graph is run the way a consumer would run the published file - imported from
 """
 from __future__ import annotations
 
-import struct
-import zlib
+import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable
 
 from headpose.training import labels
 from headpose.training.serving import signature_key_for
@@ -100,7 +99,10 @@ def evaluate_frozen_graph(
 ) -> dict:
     """Accuracy and 9x9 confusion (rows = true class) of the frozen graph on the shards.
 
-    With ``saved_model_dir``, the SavedModel runs on the same batches and
+    ``per_image_correct`` has one character per image, in the shards' order: ``1`` where
+    the top class is the true one. Two models scored on the same shards are compared
+    image by image with it (``artifacts.comparison``); ``labels_sha256`` (of the true
+    classes in that order) tells that the images were the same. With ``saved_model_dir``, the SavedModel runs on the same batches and
     ``parity_max_abs_diff`` is the largest absolute difference between the two outputs.
     ``reverse_channels`` feeds the images BGR<->RGB swapped: for a model trained in the
     other channel order than the shards hold (a champion from before BGR, say).
@@ -115,6 +117,7 @@ def evaluate_frozen_graph(
     )
     confusion = np.zeros((labels.NUM_CLASSES, labels.NUM_CLASSES), dtype=np.int64)
     parity = 0.0
+    correct, truth = [], hashlib.sha256()
     for images, classes in shards.dataset(list(eval_shard_paths), batch_size, training=False):
         if reverse_channels:
             images = images[..., ::-1]
@@ -123,10 +126,16 @@ def evaluate_frozen_graph(
             raise ValueError(
                 f"{output_node} gives shape {probabilities.shape}, expected [N, {labels.NUM_CLASSES}]"
             )
-        np.add.at(confusion, (classes.numpy(), probabilities.argmax(axis=1)), 1)
+        true, predicted = classes.numpy(), probabilities.argmax(axis=1)
+        np.add.at(confusion, (true, predicted), 1)
+        correct.append(true == predicted)
+        truth.update(true.astype(np.int8).tobytes())
         if reference is not None:
             parity = max(parity, float(np.max(np.abs(probabilities - reference(images)))))
-    return _report(confusion, parity if reference is not None else None)
+    report = _report(confusion, parity if reference is not None else None)
+    hits = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
+    return {**report, "per_image_correct": "".join("1" if hit else "0" for hit in hits),
+            "labels_sha256": truth.hexdigest()}
 
 
 def _report(confusion: np.ndarray, parity: float | None) -> dict:
@@ -159,38 +168,3 @@ def _report(confusion: np.ndarray, parity: float | None) -> dict:
         "parity_max_abs_diff": parity,
     }
 
-
-def write_confusion_png(
-    matrix: Sequence[Sequence[int]] | np.ndarray, path: str | Path, cell: int = 24
-) -> Path:
-    """A heat map of the confusion matrix (rows = true), each row scaled to its own total.
-
-    Hand-written PNG encoder (zlib + CRC, ~15 lines) so that no imaging library is
-    needed for one small picture; white = 0, dark blue = the whole row.
-    """
-    import numpy as np
-
-    counts = np.asarray(matrix, dtype=np.float64)
-    rows = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
-    colours = (white + share[..., None] * (blue - white)).round().astype(np.uint8)
-    image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    image[::cell, :] = image[:, ::cell] = 200  # grid lines
-    target = Path(path)
-    target.write_bytes(_png(image))
-    return target
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    height, width, _ = rgb.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))  # filter type 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    )

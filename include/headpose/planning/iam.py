@@ -7,7 +7,7 @@ placeholders (``tests/test_iam.py`` keeps them equal); a deployment prints its o
 
     PYTHONPATH=include python -m headpose.planning.iam --bucket my-bucket --account 123456789012 \\
         --region eu-west-1 --execution-role HeadposeSageMakerExecution [--kms-key-id arn:aws:kms:...] \\
-        [--object-lock] [--new-data-queue NAME] worker|execution-role|new-data-queue|trust
+        [--object-lock] [--new-data-queue NAME] [--model-package-group headpose] worker|execution-role|new-data-queue|trust
 
 Every S3 statement on objects or the bucket carries ``s3:ResourceAccount``: a bucket of
 the expected name that another account owns is refused by IAM as well as by
@@ -38,6 +38,7 @@ class Deployment:
     object_lock: bool = False
     # retrain_on data or either: the queue's name (the last part of new_data_queue); None: no queue.
     new_data_queue: str | None = "NEW-DATA-QUEUE"
+    model_package_group: str = "MODEL-PACKAGE-GROUP"  # the profile's; empty: no Model Registry
 
     @property
     def owned(self) -> dict[str, Any]:
@@ -50,6 +51,13 @@ class Deployment:
     @property
     def bucket_arn(self) -> str:
         return f"arn:aws:s3:::{self.bucket}"
+
+    @property
+    def model_packages(self) -> list[str]:
+        """The deployment's model package group and its versions (SageMaker lower-cases names in ARNs)."""
+        group = self.model_package_group.lower()
+        prefix = f"arn:aws:sagemaker:{self.region}:{self.account}"
+        return [f"{prefix}:model-package-group/{group}", f"{prefix}:model-package/{group}/*"]
 
     @property
     def queue_arn(self) -> str:
@@ -91,6 +99,14 @@ def worker_policy(d: Deployment) -> dict[str, Any]:
                                      ["sqs:CreateQueue", "sqs:SetQueueAttributes"], d.queue_arn))
         statements.append(_statement("NotifyTheQueueOfUploads", ["s3:GetBucketNotification", "s3:PutBucketNotification"],
                                      d.bucket_arn, d.owned))
+    if d.model_package_group:
+        # SageMaker's Model Registry: the group, and each version's package in it, created and
+        # moved between PendingManualApproval, Approved and Rejected (registry.model_packages).
+        statements.append(_statement("RegisterEveryVersionInTheModelRegistry", [
+            "sagemaker:CreateModelPackageGroup", "sagemaker:DescribeModelPackageGroup",
+            "sagemaker:CreateModelPackage", "sagemaker:UpdateModelPackage"], d.model_packages))
+        # A version's package is found again by listing the group; list calls take no resource.
+        statements.append(_statement("FindAVersionsPackage", ["sagemaker:ListModelPackages"], "*"))
     if d.object_lock:
         statements.append(_statement("LockThePublishedVersions", ["s3:GetBucketObjectLockConfiguration"],
                                      d.bucket_arn, d.owned))
@@ -182,13 +198,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-job-name", default="deeplens-TF-headpose")
     parser.add_argument("--kms-key-id", default=None, help="the profile's kms_key_id, if any")
     parser.add_argument("--object-lock", action="store_true", help="the profile sets object_lock_days")
+    parser.add_argument("--model-package-group", default="headpose",
+                        help="the profile's model_package_group ('' for none: no Model Registry statements)")
     parser.add_argument("--new-data-queue", default=None, help="the queue's name, where retrain_on is data or either")
     args = parser.parse_args(argv)
     if args.document == "trust":
         document = trust_policy()
     else:
         deployment = Deployment(args.bucket, args.folder, args.region, args.account, args.base_job_name,
-                                args.execution_role, args.kms_key_id, args.object_lock, args.new_data_queue)
+                                args.execution_role, args.kms_key_id, args.object_lock, args.new_data_queue,
+                                model_package_group=args.model_package_group)
         document = DOCUMENTS[args.document](deployment)
     print(json.dumps(document, indent=2))
 

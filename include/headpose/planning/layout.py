@@ -68,6 +68,7 @@ _FOLDER_RE = re.compile(FOLDER_PATTERN)
 FROZEN_MODEL_FILE = "frozen_model.pb"
 FROZEN_MODEL_JSON_FILE = "frozen_model.json"
 REPORT_FILE = "report.json"
+REPORT_HTML_FILE = "report.html"
 CONFUSION_PNG_FILE = "confusion_matrix.png"
 MODEL_ARCHIVE_FILE = "model.tar.gz"
 POINTER_FILE = "latest.json"

@@ -45,6 +45,8 @@ MAX_JOB_LIFETIME_SECONDS = 2_592_000
 MAX_BASE_JOB_NAME = 36
 BASE_JOB_NAME_PATTERN = TRAINING_JOB_NAME_PATTERN.replace("{0,62}", "{0,%d}" % (MAX_BASE_JOB_NAME - 1))
 CHANNEL_ORDERS = ("bgr", "rgb")
+# How a challenger must compare with the champion (artifacts.comparison).
+PROMOTION_RULES = ("not_worse", "significantly_better")
 # Training jobs one run may start (the run parameter max_training_attempts); not to be
 # confused with the status polls of one job's deferred wait (the operator's max_status_polls).
 DEFAULT_MAX_TRAINING_ATTEMPTS = 3
@@ -295,8 +297,17 @@ def built_in_param_schemas(environ: Mapping[str, str] | None = None) -> dict[str
         "promotion_margin": {
             "default": 0.0, "type": "number", "minimum": 0, "maximum": 1,
             "title": "Promotion margin",
-            "description": "The new model replaces the published one if its held-out accuracy is at "
+            "description": "The new model replaces the published one only if its held-out accuracy is at "
             "least the published model's (on the same shards) minus this margin (0..1).",
+            "section": "Acceptance",
+        },
+        "promotion_rule": {
+            "default": "not_worse", "type": "string", "enum": list(PROMOTION_RULES),
+            "title": "Promotion rule",
+            "description": "How the new model must compare with the published one, both scored on the same "
+            "images (McNemar's exact test on the images where they disagree, 95% confidence): "
+            "'not_worse' promotes it unless it is significantly worse (or below the margin); "
+            "'significantly_better' only when it is significantly better.",
             "section": "Acceptance",
         },
         "max_training_attempts": {

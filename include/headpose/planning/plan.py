@@ -22,8 +22,9 @@ from headpose.planning.layout import (
 )
 from headpose.planning.new_data import NewData, NewDataError, choose, started_by, uploads_of_events
 from headpose.planning.profile import DeploymentSettings, load_profile
+from headpose.planning.release_settings import approval_time_problems, release_problems
 from headpose.planning.rules import RunParamsError, validate_run_params
-from headpose.planning.scheduling import run_time_problems
+from headpose.planning.scheduling import run_time_problems, train_timeout
 from headpose.planning.request import image_uri_for_backend, training_job_request
 
 ImageResolver = Callable[[str, str, str], str]
@@ -72,7 +73,7 @@ def plan_run(
     if new_data is not None:  # the upload's dataset; everything else from the profile
         raw_params = {**raw_params, **new_data.params()}
     params = validate_run_params(raw_params, profile.settings, connection_role=connection_role, environ=environ)
-    refused = deployment_problems(profile.settings, params, region)
+    refused = deployment_problems(profile.settings, params, region) + release_problems(profile.settings)
     if refused:
         raise RunParamsError("invalid deployment settings:\n  - " + "\n  - ".join(refused))
     job = training_job_name(logical_time, params["base_job_name"])
@@ -89,7 +90,8 @@ def plan_run(
     request = governed_request(request, profile.settings, layout.sourcedir_uri)
     if not request["RoleArn"]:  # backend=sagemaker without role_arn: the connection's (rules checked it)
         request["RoleArn"] = connection_role
-    too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout)
+    too_long = run_time_problems(request["StoppingCondition"], dagrun_timeout) + approval_time_problems(
+        profile.settings, train_timeout(request["StoppingCondition"]), dagrun_timeout)
     if too_long:
         raise RunParamsError("invalid run parameters: " + "; ".join(too_long))
     return {

@@ -28,6 +28,16 @@ and, for a governed AWS account (``planning.governed`` puts them into the reques
 ``object_lock_days``         published version files kept in S3 Object Lock governance mode
                              this many days, where the bucket has Object Lock (0: off)
 
+and release governance (``planning.release_settings``; the approval task and the Model Registry):
+
+``release_approval``         ``none`` (publish what beats the champion) or ``required`` (a person
+                             approves it in the Airflow UI or API first)
+``approvers``                Airflow user names who may answer; none: every user allowed to edit
+                             Human-in-the-loop details
+``approval_timeout``         how long a request waits (``<n>s|m|h|d``); unanswered is a rejection
+``model_package_group``      SageMaker Model Registry group every accepted version is registered
+                             in (default ``headpose``; empty: no Model Registry)
+
 and, for retraining when new data arrives (``planning.new_data``):
 
 ``retrain_on``               ``schedule`` (the cron alone, the default), ``data`` (an upload under
@@ -55,6 +65,11 @@ PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
 # work on the machine: bench/recorded/local_throughput-cpu-2026-12-01.json). A deployment's
 # own workers override them with local_images_per_second.
 MEASURED_IMAGES_PER_SECOND = {"10": 185.0, "18": 96.0, "34": 25.0, "50": 25.0}
+RELEASE_APPROVALS = ("none", "required")
+APPROVAL_TIMEOUT_PATTERN = r"^[1-9][0-9]{0,6}(s|m|h|d)$"
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Shorter waits cannot be answered: the scheduler sweeps for timed-out requests every 15 s.
+MIN_APPROVAL_SECONDS = 60
 RETRAIN_ON = ("schedule", "data", "either")
 
 DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
@@ -99,6 +114,24 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "type": "integer", "minimum": 0, "maximum": 36500,
         "description": "days (0-36500; 0: no Object Lock)",
     },
+    "release_approval": {
+        "type": "string", "enum": list(RELEASE_APPROVALS),
+        "description": "'none' or 'required'",
+    },
+    "approvers": {
+        "type": ["array", "null"], "minItems": 1, "maxItems": 100, "uniqueItems": True,
+        "items": {"type": "string", "minLength": 1, "maxLength": 256},
+        "description": "Airflow user names, e.g. [\"alice\", \"bob\"]",
+    },
+    "approval_timeout": {
+        "type": "string", "pattern": APPROVAL_TIMEOUT_PATTERN,
+        "description": "a duration such as 3d, 12h, 90m or 600s (at least 1 minute)",
+    },
+    "model_package_group": {
+        "type": "string", "pattern": r"^([a-zA-Z0-9](-*[a-zA-Z0-9]){0,62})?$",
+        "description": "a SageMaker model package group name (letters, digits, hyphens; at most 63), "
+        "or '' for no Model Registry",
+    },
     "edge_formats": {
         "type": "array", "items": {"type": "string"}, "minItems": 1,
         "description": 'edge format names, e.g. ["openvino_int8", "onnx"]',
@@ -120,6 +153,11 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def approval_seconds(duration: str) -> int:
+    """``3d`` -> 259200: an ``approval_timeout`` in seconds."""
+    return int(duration[:-1]) * _SECONDS_PER_UNIT[duration[-1]]
+
+
 class ProfileError(ValueError):
     """``$HEADPOSE_RUN_DEFAULTS`` cannot be used; the message names the key and the rule."""
 
@@ -138,10 +176,18 @@ class DeploymentSettings:
     inter_container_encryption: bool = False
     network_isolation: bool = False
     object_lock_days: int = 0
+    release_approval: str = "none"
+    approvers: list[str] | None = None
+    approval_timeout: str = "3d"
+    model_package_group: str = "headpose"
     edge_formats: list[str] | None = None  # None: every format
     retrain_on: str = "schedule"
     new_data_prefix: str | None = None
     new_data_queue: str | None = None
+
+    @property
+    def approval_timeout_seconds(self) -> int:
+        return approval_seconds(self.approval_timeout)
 
     @property
     def watches_new_data(self) -> bool:

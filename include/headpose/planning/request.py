@@ -75,6 +75,21 @@ def training_image_uri(region: str, instance_type: str) -> str:
     )
 
 
+# The newest TensorFlow Serving image the pinned sagemaker SDK knows (it has none for 2.21);
+# Serving loads SavedModels of the next minor version unless they use ops added there, and a
+# ResNet uses none. CPU instances: the edge-sized model needs no GPU to serve.
+TF_INFERENCE_VERSION = "2.20"
+INFERENCE_INSTANCE_TYPE = "ml.m5.large"
+
+
+def inference_image_uri(region: str) -> str:
+    """SageMaker's TensorFlow Serving image that a Model Registry package names (sagemaker SDK, no network)."""
+    from sagemaker.core import image_uris
+
+    return image_uris.retrieve("tensorflow", region=region, version=TF_INFERENCE_VERSION,
+                               instance_type=INFERENCE_INSTANCE_TYPE, image_scope="inference")
+
+
 def image_uri_for_backend(backend: str, region: str, instance_type: str) -> str:
     """The image the request names: the instance type's with SageMaker, none locally."""
     if backend == "sagemaker":

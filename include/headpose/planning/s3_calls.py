@@ -18,7 +18,8 @@ from typing import Any
 
 # Documents a person opens from a link: S3 stores everything else as binary/octet-stream,
 # which a browser downloads (and a new tab for it closes) instead of showing.
-VIEWABLE_TYPES = {".json": "application/json", ".png": "image/png", ".txt": "text/plain"}
+VIEWABLE_TYPES = {".json": "application/json", ".png": "image/png", ".txt": "text/plain",
+                  ".html": "text/html; charset=utf-8"}
 
 
 def viewable_type(key: str) -> str | None:

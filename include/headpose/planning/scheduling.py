@@ -9,7 +9,8 @@ value everywhere), not by editing the DAG:
 ``HEADPOSE_RETRY_DELAY_SECONDS``      first retry delay; doubles per try (default 60)
 ``HEADPOSE_MAX_RETRY_DELAY_SECONDS``  cap of that delay (default 1800)
 ``HEADPOSE_DAGRUN_TIMEOUT_HOURS``     a run still going after this fails (default 192 = 8 days:
-                                      the 7-day spot wait ceiling plus every other task)
+                                      the 7-day spot wait ceiling plus every other task, plus the
+                                      profile's approval_timeout where it requires an approval)
 ``HEADPOSE_OWNER``                    the team the UI shows as the DAG's owner (default ml-platform)
 ``HEADPOSE_TRAINING_POLL_SECONDS``    how often ``train`` asks SageMaker for its job's status, and
                                       the provider's trigger when it defers (default 30); a store
@@ -62,7 +63,11 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
     "export_edge_models": timedelta(hours=1),
     "validate_model": timedelta(hours=3),  # two models over the whole held-out split on CPU
     "upload_frozen_model": timedelta(minutes=30),
+    # The wait for a person is the operator's response_timeout (approval_timeout), not this:
+    # this bounds only the work before and after it (the request, the Model Registry).
+    "approve_release": timedelta(minutes=15),
     "publish": timedelta(minutes=15),
+    "record_release": timedelta(minutes=15),
     "record_data_version": timedelta(minutes=15),
     "cleanup": timedelta(minutes=15),
 }
@@ -71,7 +76,7 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
 AWS_TASKS = frozenset({
     "claim_data_version", "record_data_version",
     "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph", "export_edge_models",
-    "validate_model", "upload_frozen_model", "publish",
+    "validate_model", "upload_frozen_model", "approve_release", "publish", "record_release",
 })
 
 
@@ -136,8 +141,13 @@ def dagrun_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
     A run longer than the schedule's interval does not overlap the next one
     (``max_active_runs=1``): the next waits for it.
     """
-    hours = _number(_env(environ), "HEADPOSE_DAGRUN_TIMEOUT_HOURS", 192, minimum=1)
-    return timedelta(hours=hours)
+    env = _env(environ)
+    if env.get("HEADPOSE_DAGRUN_TIMEOUT_HOURS", "").strip():
+        return timedelta(hours=_number(env, "HEADPOSE_DAGRUN_TIMEOUT_HOURS", 192, minimum=1))
+    from headpose.planning.profile import load_profile
+    from headpose.planning.release_settings import approval_wait
+
+    return timedelta(hours=192) + approval_wait(load_profile(env).settings)
 
 
 def retry_args(task_id: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:

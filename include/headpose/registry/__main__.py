@@ -8,6 +8,8 @@ from typing import Sequence
 
 from headpose.planning.s3_calls import pin_bucket_owner
 from headpose.planning.layout import DEFAULT_FOLDER, join_uri
+from headpose.planning.request import inference_image_uri
+from headpose.registry.model_packages import ModelRegistry
 from headpose.registry.pointer import POINTER_NAME, PublishError, history, published_prefix, read_pointer
 from headpose.registry.rollback import rollback
 
@@ -23,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint (e.g. moto, MinIO)")
     parser.add_argument("--expected-bucket-owner", default=None, metavar="ACCOUNT",
                         help="refuse a bucket that another AWS account owns (sent with every S3 call)")
+    parser.add_argument("--model-package-group", default="headpose", metavar="GROUP",
+                        help="SageMaker Model Registry group a rollback updates (the profile's "
+                        "model_package_group; default headpose; '' leaves the Model Registry alone)")
+    parser.add_argument("--sagemaker-endpoint-url", default=None,
+                        help="SageMaker's endpoint (default: --endpoint-url, which moto serves too)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("show", help="print latest.json")
     commands.add_parser("history", help="list every published model, oldest first")
@@ -48,11 +55,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accuracy = (record.get("metrics") or {}).get("accuracy")
                 print(f"{record.get('published_at')}  {record['training_job_name']}  accuracy={accuracy}")
         else:
-            rollback(s3_client, args.bucket, args.folder, args.to_job, mirror=args.mirror)
+            rollback(s3_client, args.bucket, args.folder, args.to_job, mirror=args.mirror,
+                     model_registry=_model_registry(args))
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_registry(args: argparse.Namespace) -> ModelRegistry | None:
+    import boto3
+
+    if not args.model_package_group:
+        return None
+    client = boto3.client("sagemaker", endpoint_url=args.sagemaker_endpoint_url or args.endpoint_url)
+    return ModelRegistry(client, args.model_package_group,
+                         lambda: inference_image_uri(client.meta.region_name))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def evaluate_champion(
     return {
         **result, "accuracy": evaluation["accuracy"], "images": evaluation["images"], "channel_order": channel_order,
         "per_class_recall": {c["name"]: c["accuracy"] for c in evaluation["per_class"]},
+        # For the paired comparison and the matrix beside the new one's; report.json keeps them, XCom does not.
+        **{key: evaluation[key] for key in ("per_image_correct", "labels_sha256", "confusion_matrix")},
     }
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, RunLayout
+from headpose.planning.layout import CONFUSION_PNG_FILE, REPORT_FILE, REPORT_HTML_FILE, RunLayout
 
 Log = Callable[[str], None]
 
@@ -41,6 +41,7 @@ def validate_candidate(
     import_tensorflow(log)
     from headpose.artifacts.acceptance import ModelRefused, outcome_lines, validate_frozen_model
     from headpose.artifacts.archive import find_saved_model, safe_extract
+    from headpose.artifacts.report_html import write_report_html
     from headpose.datasets.evaluation_set import fetch_evaluation_set
     from headpose.planning.handoff import download_verified, upload_file
     from headpose.registry.champion import evaluate_champion
@@ -70,20 +71,25 @@ def validate_candidate(
             input_node_names=frozen["input_node_names"], output_node_names=frozen["output_node_names"],
             champion=champion, evaluation_set=evaluation_set.to_dict(), dataset=_dataset_section(dataset),
             reverse_channels=frozen["channel_order"] != evaluation_set.channel_order,
+            promotion_rule=params["promotion_rule"], promotion_margin=params["promotion_margin"],
         )
     except ValueError as error:  # the graph itself is wrong
         raise ModelRefused(f"the frozen model breaks the graph contract: {error}") from None
     for line in outcome_lines(outcome, params["min_accuracy"], params["min_class_recall"]):
         log(line)
+    report_path = Path(outcome["report_path"])
     if edge and outcome["accepted"]:
         outcome["formats"] = _edge_verdicts(s3_client, edge, pb_path, shards, work / "edge", log)
-        report_path = Path(outcome["report_path"])
         report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "formats": outcome["formats"]},
                                           indent=2) + "\n")
+    html_path = write_report_html(json.loads(report_path.read_text()), outcome["confusion_png_path"],
+                                  report_path.with_name(REPORT_HTML_FILE))
     where = layout.candidate_prefix if outcome["accepted"] else layout.rejected_prefix
     uploaded = {
         "report_uri": where + REPORT_FILE,
         "report_sha256": upload_file(s3_client, outcome.pop("report_path"), where + REPORT_FILE),
+        "report_html_uri": where + REPORT_HTML_FILE,
+        "report_html_sha256": upload_file(s3_client, html_path, where + REPORT_HTML_FILE),
         "confusion_png_uri": where + CONFUSION_PNG_FILE,
         "confusion_png_sha256": upload_file(s3_client, outcome.pop("confusion_png_path"), where + CONFUSION_PNG_FILE),
     }
@@ -92,7 +98,8 @@ def validate_candidate(
         raise ModelRefused(
             f"the frozen model is not published. Report: {uploaded['report_uri']}, confusion matrix: "
             f"{uploaded['confusion_png_uri']}. Why: " + "; ".join(outcome["problems"]),
-            evidence={"report": uploaded["report_uri"], "confusion_matrix": uploaded["confusion_png_uri"]},
+            evidence={"report": uploaded["report_uri"], "report_page": uploaded["report_html_uri"],
+                      "confusion_matrix": uploaded["confusion_png_uri"]},
         )
     return {**outcome, **uploaded, "training_job_name": layout.training_job_name}
 

@@ -99,9 +99,19 @@ def pointer_summary(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def json_body(document: Mapping[str, Any]) -> bytes:
+    """The bytes ``put_json`` stores for ``document``."""
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def record_sha256(record: Mapping[str, Any]) -> str:
+    """The sha256 of a record as ``put_json`` stores it (its history record's, once published)."""
+    return hashlib.sha256(json_body(record)).hexdigest()
+
+
 def put_json(s3_client: Any, uri: str, document: Mapping[str, Any], **conditions: str) -> None:
     bucket, key = split_s3_uri(uri)
-    body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    body = json_body(document)
     s3_client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **conditions)
 
 

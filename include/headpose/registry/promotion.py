@@ -11,8 +11,13 @@ The files the record names are the version's immutable ``TFartifacts/<job>/outpu
 objects, written by ``upload_frozen_model`` before; nothing published is overwritten.
 
 Champion and challenger: ``validate_model`` scores the new model and the published one on
-the same images (``registry.champion``); ``promotion_decision`` says whether the new one
-replaces it, and refuses a comparison that would not be fair.
+the same images (``registry.champion``) and compares them image by image
+(``artifacts.comparison``); ``promotion_decision`` says whether the new one replaces it on
+that paired verdict, and refuses a comparison that would not be fair. Where the deployment
+requires a person's approval (``registry.approval``), nothing is published without it.
+
+After the pointer, SageMaker's Model Registry (``registry.model_packages``) is brought in
+line: the version's package ``Approved`` when published, ``Rejected`` when not promoted.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from headpose.planning.layout import RunLayout
+from headpose.registry.approval import approval_refusal, approval_summary
+from headpose.registry.model_packages import APPROVED, PENDING, REJECTED, ModelRegistry, sync_package
 from headpose.registry.pointer import (
     PointerChangedError,
     now_iso,
@@ -27,9 +34,11 @@ from headpose.registry.pointer import (
     put_json,
     put_pointer,
     read_pointer,
+    record_sha256,
     sync_mirror,
 )
 from headpose.registry.record import RECORD_VERSION, record_files
+from headpose.registry.summary import run_summary
 
 
 @dataclass(frozen=True)
@@ -43,13 +52,17 @@ def promotion_decision(
     champion: Mapping[str, Any] | None,
     margin: float = 0.0,
     force: bool = False,
+    comparison: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Whether a validated model with ``accuracy`` on the evaluation set replaces the published one.
 
-    ``champion`` is ``champion.evaluate_champion``'s result on the same images. The new
-    model is promoted when ``accuracy >= champion accuracy - margin`` and the comparison
-    is fair (``comparable``), or when ``force`` is set. A published model that could not
-    be evaluated (missing file, wrong checksum, broken graph) does not protect itself.
+    ``champion`` is ``champion.evaluate_champion``'s result on the same images, and
+    ``comparison`` the paired comparison with it (``artifacts.comparison``): its rule's
+    ``promote`` decides. Without one (an evaluation with no per-image results) the new model
+    is promoted when ``accuracy >= champion accuracy - margin``. A comparison that is not
+    fair (``comparable`` false) decides nothing; ``force`` promotes anyway. A published
+    model that could not be evaluated (missing file, wrong checksum, broken graph) does not
+    protect itself.
     """
     if force:
         return Decision(True, "force_publish is set")
@@ -60,12 +73,17 @@ def promotion_decision(
     if not champion.get("comparable", True):
         return Decision(False, f"not compared: {champion.get('comparison')} "
                         f"({champion.get('training_job_name')} stays published; force_publish replaces it)")
-    old = float(champion["accuracy"])
+    old, job = float(champion["accuracy"]), champion.get("training_job_name")
+    if comparison:
+        low, high = comparison["interval"]
+        figures = (f"accuracy {accuracy:.4f} vs published {old:.4f}, difference {comparison['difference']:+.4f} "
+                   f"({comparison['confidence']:.0%} interval {low:+.4f} to {high:+.4f})")
+        if comparison["promote"]:
+            return Decision(True, f"{figures}: {comparison['reason']} ({job})")
+        return Decision(False, f"{figures}: {comparison['reason']} ({job} stays published)")
     if accuracy >= old - margin:
-        return Decision(True, f"accuracy {accuracy:.4f} >= published {old:.4f} - margin {margin:g} "
-                        f"({champion.get('training_job_name')})")
-    return Decision(False, f"accuracy {accuracy:.4f} < published {old:.4f} - margin {margin:g} "
-                    f"({champion.get('training_job_name')} stays published)")
+        return Decision(True, f"accuracy {accuracy:.4f} >= published {old:.4f} - margin {margin:g} ({job})")
+    return Decision(False, f"accuracy {accuracy:.4f} < published {old:.4f} - margin {margin:g} ({job} stays published)")
 
 
 def publish_record(
@@ -130,6 +148,34 @@ def _published(layout: RunLayout, mirrored: list[str]) -> dict[str, Any]:
     }
 
 
+def pending_decision(
+    s3_client: Any,
+    layout: RunLayout,
+    version: Mapping[str, Any],
+    report: Mapping[str, Any],
+    margin: float = 0.0,
+    force: bool = False,
+) -> tuple[Decision, dict[str, Any] | None, str | None, bool]:
+    """What ``publish`` would decide now: ``(decision, pointer record, its ETag, already published)``.
+
+    The approval task asks a person only when this promotes; ``publish`` acts on it.
+    """
+    champion = report.get("champion") or {}
+    current, etag = read_pointer(s3_client, layout.published_pointer_uri)
+    frozen_sha = version["files"]["frozen_model.pb"]["sha256"]
+    if current and current["training_job_name"] == layout.training_job_name and (
+        record_files(current)["frozen_model.pb"]["sha256"] == frozen_sha
+    ):
+        return Decision(True, "already published (by an earlier try)"), current, etag, True
+    decision = promotion_decision(float(report["accuracy"]), champion, margin, force, report.get("comparison"))
+    if decision.promote and etag != champion.get("pointer_etag") and not force:
+        decision = Decision(False, (
+            f"latest.json changed after the comparison (it now names "
+            f"{(current or {}).get('training_job_name')}); run again to compare, or set force_publish"
+        ))
+    return decision, current, etag, False
+
+
 def promote_if_better(
     s3_client: Any,
     layout: RunLayout,
@@ -142,89 +188,64 @@ def promote_if_better(
     extra: Mapping[str, Any] | None = None,
     dataset: Mapping[str, Any] | None = None,
     attempts: list[str] | None = None,
+    approval: Mapping[str, Any] | None = None,
+    model_registry: ModelRegistry | None = None,
 ) -> tuple[Decision, dict[str, Any] | None]:
-    """Publish the run's validated version if ``promotion_decision`` says so.
+    """Publish the run's validated version if ``promotion_decision`` says so (and, where required, a person).
 
     ``report`` is ``validate_model``'s outcome, with the champion it compared against (and
-    the pointer's ETag then). Returns the decision and, when promoted, the published URIs.
-    Safe to repeat: a pointer that already names this version counts as published, and
-    the mirror is synced again (a crash may have left it half-written).
+    the pointer's ETag then); ``approval`` the approval task's answer. Returns the decision
+    and, when promoted, the published URIs. Safe to repeat: a pointer that already names
+    this version counts as published, and the mirror and the Model Registry are synced
+    again (a crash may have left them behind the pointer).
     """
-    champion = report.get("champion") or {}
-    current, etag = read_pointer(s3_client, layout.published_pointer_uri)
-    frozen_sha = version["files"]["frozen_model.pb"]["sha256"]
-    if current and current["training_job_name"] == layout.training_job_name and (
-        record_files(current)["frozen_model.pb"]["sha256"] == frozen_sha
-    ):
+    decision, current, etag, already = pending_decision(s3_client, layout, version, report, margin, force)
+    if already:
         mirrored = sync_mirror(s3_client, current, layout.published_mirror_prefix) if mirror else []
-        return Decision(True, "already published (by an earlier try)"), _published(layout, mirrored)
-    decision = promotion_decision(float(report["accuracy"]), champion, margin, force)
-    if not decision.promote:
-        return decision, None
-    if etag != champion.get("pointer_etag") and not force:
-        return Decision(False, (
-            f"latest.json changed after the comparison (it now names "
-            f"{(current or {}).get('training_job_name')}); run again to compare, or set force_publish"
-        )), None
+        _sync_published(s3_client, model_registry, current, layout, read_back=True)
+        return decision, _published(layout, mirrored)
+    refusal = approval_refusal(approval)
+    if decision.promote and refusal:
+        decision = Decision(False, refusal)
     record = publish_record(
         layout, version, report,
-        extra={**dict(extra or {}), "promotion": {"reason": decision.reason, "champion": champion or None}},
+        extra={**dict(extra or {}), "promotion": {"reason": decision.reason, "champion": report.get("champion") or None},
+               "comparison": report.get("comparison"), "approval": approval_summary(approval)},
         dataset=dataset, previous=current, attempts=attempts,
     )
+    if not decision.promote:
+        if model_registry and not (refusal and (approval or {}).get("asked")):  # record_release keeps a person's
+            sync_package(model_registry, record, REJECTED, f"not promoted: {decision.reason}")
+        return decision, None
+    if model_registry:  # the package exists before the pointer names it, so that the record can name it
+        package = sync_package(model_registry, record, PENDING, f"being published: {decision.reason}")
+        record["model_package"] = {"group": package["model_package_group"], "arn": package["model_package_arn"],
+                                   "status": APPROVED}
     try:
-        return decision, publish_model(s3_client, layout, record, expected_etag=etag, mirror=mirror)
+        published = publish_model(s3_client, layout, record, expected_etag=etag, mirror=mirror)
     except PointerChangedError as error:
+        if model_registry:
+            sync_package(model_registry, record, REJECTED, f"not published: {error}")
         return Decision(False, str(error)), None
+    _sync_published(s3_client, model_registry, record, layout)
+    return decision, published
 
 
-def run_summary(
-    *,
-    training_job_name: str,
-    decision: Decision,
-    report: Mapping[str, Any],
-    training: Mapping[str, Any],
-    model_uri: str,
-    published: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """The one-glance account of a run for the ``publish`` log and XCom."""
-    champion = report.get("champion") or {}
-    return {
-        "training_job_name": training_job_name,
-        "promoted": decision.promote,
-        "reason": decision.reason,
-        "accuracy_after": report["accuracy"],
-        "accuracy_before": champion.get("accuracy"),
-        "previous_training_job_name": champion.get("training_job_name"),
-        "evaluation_set": (report.get("evaluation_set") or {}).get("id"),
-        "formats": sorted(name for name, f in (report.get("formats") or {}).items() if f.get("accepted")),
-        "billable_time_in_seconds": training.get("BillableTimeInSeconds"),
-        "training_time_in_seconds": training.get("TrainingTimeInSeconds"),
-        "model_uri": model_uri,
-        "published_pointer_uri": (published or {}).get("published_pointer_uri"),
-        "published_model_uri": (published or {}).get("published_model_uri"),
-    }
+def _sync_published(
+    s3_client: Any, model_registry: ModelRegistry | None, record: Mapping[str, Any], layout: RunLayout,
+    read_back: bool = False,
+) -> None:
+    """The published version's package ``Approved``, naming its history record (after the pointer)."""
+    if not model_registry:
+        return
+    if read_back:  # an earlier try wrote it: its own bytes, whatever the pointer holds now
+        from headpose.registry.pointer import sha256_of_object
 
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    def accuracy(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-    where = (
-        f"published: {summary['published_model_uri']} (pointer {summary['published_pointer_uri']})"
-        if summary["promoted"] else "not published; latest.json unchanged"
-    )
-    return "\n".join([
-        f"run summary: {summary['training_job_name']}",
-        f"  accuracy on {summary.get('evaluation_set') or 'the evaluation set'}: before "
-        f"{accuracy(summary['accuracy_before'])} ({summary['previous_training_job_name'] or 'nothing published'}), "
-        f"after {accuracy(summary['accuracy_after'])}",
-        f"  decision: {'promoted' if summary['promoted'] else 'kept the published model'} - {summary['reason']}",
-        f"  edge formats: {', '.join(summary.get('formats') or []) or 'none'}",
-        f"  billable seconds: {summary['billable_time_in_seconds']}, "
-        f"training seconds: {summary['training_time_in_seconds']}",
-        f"  model: {summary['model_uri']}",
-        f"  {where}",
-    ])
+        sha256 = sha256_of_object(s3_client, layout.history_record_uri)
+    else:
+        sha256 = record_sha256(record)
+    sync_package(model_registry, record, APPROVED, f"published: latest.json names {layout.training_job_name}",
+                 published={"uri": layout.history_record_uri, "sha256": sha256})
 
 
 def publish_run(
@@ -237,29 +258,46 @@ def publish_run(
     *,
     dag_id: str,
     run_id: str,
+    approval: Mapping[str, Any] | None = None,
+    model_registry: ModelRegistry | None = None,
 ) -> tuple[Decision, dict[str, Any]]:
     """``publish``'s work: promote the run's model version or keep the published one; the summary."""
-    description = training["Training"]
     layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
     decision, published = promote_if_better(
         s3_client, layout, version=version, report=report,
         margin=plan["run_params"]["promotion_margin"], force=plan["run_params"]["force_publish"],
         mirror=plan["deployment"]["publish_latest_mirror"], dataset=_dataset_fingerprint(dataset),
-        attempts=training.get("attempts"),
-        extra={
-            "dag_id": dag_id,
-            "run_id": run_id,
-            "training_job_arn": description.get("TrainingJobArn"),
-            "billable_time_in_seconds": description.get("BillableTimeInSeconds"),
-            "training_time_in_seconds": description.get("TrainingTimeInSeconds"),
-            "final_metrics": {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []},
-        },
+        attempts=training.get("attempts"), extra=run_extra(training, dag_id, run_id),
+        approval=approval, model_registry=model_registry,
     )
     summary = run_summary(
         training_job_name=layout.training_job_name, decision=decision, report=report,
-        training=description, model_uri=layout.frozen_model_uri, published=published,
+        training=training["Training"], model_uri=layout.frozen_model_uri, published=published, approval=approval,
     )
     return decision, summary
+
+
+def run_extra(training: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """What the record keeps of the run and its training job."""
+    description = training["Training"]
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "training_job_arn": description.get("TrainingJobArn"),
+        "billable_time_in_seconds": description.get("BillableTimeInSeconds"),
+        "training_time_in_seconds": description.get("TrainingTimeInSeconds"),
+        "final_metrics": {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList") or []},
+    }
+
+
+def draft_record(
+    plan: Mapping[str, Any], training: Mapping[str, Any], dataset: Mapping[str, Any], report: Mapping[str, Any],
+    version: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The record the version would be published with (for the Model Registry before it is)."""
+    layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
+    return publish_record(layout, version, report, dataset=_dataset_fingerprint(dataset),
+                          attempts=training.get("attempts"))
 
 
 def _dataset_fingerprint(dataset: Mapping[str, Any]) -> dict[str, Any]:

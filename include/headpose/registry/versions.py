@@ -1,6 +1,6 @@
 """``upload_frozen_model``: an accepted candidate becomes an immutable model version.
 
-The frozen graph, its metadata, the report, the confusion matrix and the edge formats that
+The frozen graph, its metadata, the report (JSON and HTML), the confusion matrix and the edge formats that
 passed their runtime's check are copied (server-side) from the run's ``candidate/``
 prefix to ``TFartifacts/<job>/output/``, beside ``model.tar.gz`` as the tutorial keeps
 them. Each source is checked against the sha256 its task recorded first, and each copy
@@ -19,6 +19,7 @@ from headpose.planning.layout import (
     FROZEN_MODEL_FILE,
     FROZEN_MODEL_JSON_FILE,
     REPORT_FILE,
+    REPORT_HTML_FILE,
     RunLayout,
     split_s3_uri,
 )
@@ -45,6 +46,8 @@ def make_version(
         REPORT_FILE: (report["report_uri"], report["report_sha256"]),
         CONFUSION_PNG_FILE: (report["confusion_png_uri"], report["confusion_png_sha256"]),
     }
+    if report.get("report_html_uri"):  # the page people read; reports from before it have none
+        sources[REPORT_HTML_FILE] = (report["report_html_uri"], report["report_html_sha256"])
     files = {
         name: {"uri": _copy_verified(s3_client, uri, sha256, layout.version_prefix + name, referenced, lock),
                "sha256": sha256}

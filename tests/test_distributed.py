@@ -162,7 +162,7 @@ def test_an_operator_sees_why_a_run_failed_and_reaches_the_report(native_stack, 
         page.goto(native_stack.api_url + ui_path(accepted, "validate_model", "xcom"))
         link = xcom_link(page, "links", "report")
         page.screenshot(path=str(ARTIFACTS / "report-link.png"))
-        tab, url, status, content_type = follow_link(page, link)
+        tab, url, status, content_type = follow_link(page, link, links["report"])
         tab.screenshot(path=str(ARTIFACTS / "report-link-opened.png"))
     native_stack.say(f"failed run {browsing - started:.0f}s, browser {time.monotonic() - browsing:.0f}s; "
               f"the report link opened in the browser: HTTP {status}")

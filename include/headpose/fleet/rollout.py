@@ -127,13 +127,17 @@ def act_by_hand(
 
 
 def last_decision(s3_client: Any, bucket: str, folder: str = DEFAULT_FOLDER) -> dict[str, Any] | None:
-    """The most recently written decision record (by the store's LastModified), or None."""
+    """The most recent decision record: the newest by LastModified, ties (1 s resolution) by their ``at``."""
     _, prefix = split_s3_uri(published_prefix(bucket, folder) + "rollouts/")
-    newest = None
+    newest: list[str] = []
+    latest_time = None
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            if item["Key"].endswith(".json") and (newest is None or item["LastModified"] >= newest["LastModified"]):
-                newest = item
-    if newest is None:
-        return None
-    return json.loads(s3_client.get_object(Bucket=bucket, Key=newest["Key"])["Body"].read())
+            if not item["Key"].endswith(".json"):
+                continue
+            if latest_time is None or item["LastModified"] > latest_time:
+                newest, latest_time = [item["Key"]], item["LastModified"]
+            elif item["LastModified"] == latest_time:
+                newest.append(item["Key"])
+    records = [json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()) for key in newest]
+    return max(records, key=lambda record: str(record.get("at"))) if records else None

@@ -225,7 +225,9 @@ def decision_record(
 ) -> dict[str, Any]:
     """A decision record (``published/rollouts/<id>.json``); ``canary``/``stable`` are records or versions."""
     def version(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        return dict(record) if record is None or "frozen_sha256" in record else version_of(record)
+        if record is None:
+            return None
+        return dict(record) if "frozen_sha256" in record else version_of(record)
 
     return {"decision_version": 1, "id": decision_id, "action": action, "reason": reason, "at": at, "by": by,
             "dag_run": dict(dag_run) if dag_run else None, "canary": version(canary), "stable": version(stable),

@@ -104,7 +104,7 @@ def headpose_rollout():
         if result["action"] == "rollback":
             job = (result.get("canary") or {}).get("training_job_name")
             rollout_alert(context, f"rollout dag={DAG_ID} run={dag_run['run_id']} rolled back {job}: "
-                                   f"{result['reason']}", context["ti"].log)
+                                   f"{result['reason']}")
         return {key: result.get(key) for key in ("id", "action", "reason", "decision_uri", "figures")}
 
     act(assess_rollout())

@@ -88,3 +88,29 @@ def channel_jobs(s3, bucket: str) -> dict[str, str | None]:
     """``{"canary", "stable", "latest"}``: the training job each pointer names (None: absent)."""
     uris = channels.channel_uris(bucket, "headpose")
     return {name: (read_pointer(s3, uri)[0] or {}).get("training_job_name") for name, uri in uris.items()}
+
+
+def seed_rollout(endpoint: str, bucket: str, kind: str) -> None:
+    """The state a ``headpose_rollout`` batch run starts from: A stable and, unless ``kind`` is
+    "nothing to decide", B on the canary; four devices' reports - healthy, or the canaries
+    erroring for "rollback"."""
+    import boto3
+
+    from headpose.fleet.rollout import act_by_hand
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=bucket)
+    stable = channel_candidate(s3, bucket, 0)
+    publish_to_canary(s3, stable)
+    act_by_hand(s3, bucket=bucket, folder="headpose", action="promote", by="seed", comment="",
+                expected_canary=stable.job, mirror=True, rollout=ROLLOUT)
+    if kind != "nothing to decide":
+        publish_to_canary(s3, channel_candidate(s3, bucket, 7))
+    state = channels.read_channels(s3, bucket)
+    at = now_utc()
+    errors = 5 if kind == "rollback" else 0
+    for device in ("cam-1", "cam-2"):
+        put_report(s3, bucket, device, device_report(device, "canary", state["canary"], at=at, errors=errors))
+    for device in ("cam-3", "cam-4"):
+        put_report(s3, bucket, device, device_report(device, "stable", state["stable"], at=at))

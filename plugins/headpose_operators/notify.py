@@ -189,17 +189,17 @@ def _recorded_line(context: Context) -> str | None:
     return found[0] if found else None
 
 
-def rollout_alert(context: Context, line: str, log: Any) -> None:
-    """A rollback decided by ``headpose_rollout``: ``HEADPOSE ALERT <line>`` in the log, and to
-    ``$HEADPOSE_NOTIFIER`` where one is set. The run itself stays green: it did its job."""
-    log.error("HEADPOSE ALERT %s", line)
+def rollout_alert(context: Context, line: str) -> None:
+    """A rollback decided by ``headpose_rollout``: ``HEADPOSE ALERT <line>`` in the task's log, and
+    to ``$HEADPOSE_NOTIFIER`` where one is set. The run itself stays green: it did its job."""
+    print(f"HEADPOSE ALERT {line}", flush=True)
     forward = forwarded_notifier()
     if forward is None:
         return
     try:
         forward({**context, LINE_KEY: line, ANY_LINE_KEY: line})
-    except Exception:
-        log.exception("the %s notifier could not send the rollout alert", type(forward).__name__)
+    except Exception as error:  # the channel moved; a notifier's outage must not fail the task
+        print(f"the {type(forward).__name__} notifier could not send the rollout alert: {error}", flush=True)
 
 
 def failure_notifier() -> HeadposeFailureNotifier:

@@ -146,3 +146,33 @@ def test_rollout_is_a_deployment_setting_no_conf_may_carry():
     with pytest.raises(RunParamsError, match="rollout"):
         plan_run({"s3_bucket": "models", "backend": "local", "rollout": {"canary_share": 1}}, FIRST_RUN,
                  region="us-east-1", dag_id="headpose_retraining", run_id="manual", environ={})
+
+
+def test_rollback_of_the_stable_channel_on_the_command_line_moves_stable_latest_mirror_and_a_canary_on_it(
+        s3_client, s3_endpoint, bucket, monkeypatch, capsys):
+    import hashlib
+
+    from headpose.registry.__main__ import main
+    from support import aws_env
+
+    for name, value in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    first, second = channel_candidate(s3_client, bucket, 0), channel_candidate(s3_client, bucket, 7)
+    for run in (first, second):
+        publish_to_canary(s3_client, run)
+        act_by_hand(s3_client, bucket=bucket, folder="headpose", action="promote", by="ops", comment="",
+                    expected_canary=run.job, mirror=True, rollout=ROLLOUT)
+    common = ["--bucket", bucket, "--endpoint-url", s3_endpoint, "--model-package-group", ""]
+    assert main([*common, "rollback", "--by", "carol"]) == 0  # channels exist: stable is the default
+    assert channel_jobs(s3_client, bucket) == {"canary": first.job, "stable": first.job, "latest": first.job}
+    stable, _ = read_pointer(s3_client, first.plan["stable_pointer_uri"])
+    assert stable["rolled_back"]["from"] == second.job and stable["channel_moved"]["by"] == "carol"
+    mirrored = s3_client.get_object(Bucket=bucket, Key="headpose/published/latest/frozen_model.pb")["Body"].read()
+    assert hashlib.sha256(mirrored).hexdigest() == stable["files"]["frozen_model.pb"]["sha256"]
+    assert main([*common, "rollback", "--to", first.job]) == 0  # again: stable names it already, nothing moves
+    assert stable == read_pointer(s3_client, first.plan["stable_pointer_uri"])[0]
+    capsys.readouterr()
+    assert main([*common, "channels"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["channels"]["stable"]["training_job_name"] == first.job
+    assert shown["last_decision"]["action"] == "rollback" and shown["last_decision"]["by"] == "carol"

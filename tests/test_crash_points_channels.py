@@ -1,5 +1,5 @@
 """Crash points of the channels: publishing to the canary, bootstrapping the channels, a rollout's
-promote and rollback - every S3 call failed in turn (``crash_points.enumerate_crash_points``).
+promote and rollback, ``rollback --channel stable`` - every S3 call failed in turn (``crash_points.enumerate_crash_points``).
 
 After each step, besides test_crash_points' rules for what is published:
 
@@ -24,6 +24,7 @@ from headpose.fleet.rollout import apply
 from headpose.planning.layout import split_s3_uri
 from headpose.registry import channels
 from headpose.registry import pointer as pointers
+from headpose.registry.rollback import rollback_channel
 from support import ROOT
 from test_crash_points import _s3, mirror_problems, published, published_files, upload, publish
 
@@ -59,10 +60,11 @@ def pointer_problems(store: Store, bucket: str, state: dict[str, Any], rerun: bo
     if rerun:
         if records["stable"] and not channels.same_version(records["stable"], records["latest"]):
             problems.append("after the re-run latest.json is not the stable channel's version")
-        if records["latest"] and not state.get("no_mirror"):
+        if records["latest"]:
             problems += mirror_problems(store, state["plan"], records["latest"])
-        if f"headpose/published/rollouts/{state['decision_id']}.json" not in store.keys:
-            problems.append(f"no decision record {state['decision_id']}")
+        prefix = f"headpose/published/rollouts/{state['decision_id']}"
+        if not any(key.startswith(prefix) for key in store.keys):
+            problems.append(f"no decision record {state['decision_id']}*")
     return problems
 
 
@@ -154,8 +156,32 @@ def operations(endpoint: str) -> list[Operation]:
                          lambda store, state, rerun: pointer_problems(store, state["plan"]["bucket"], state, rerun),
                          must_call="s3.PutObject")
 
+    def stable_rollback_op() -> Operation:
+        def prepare(c):
+            s3 = c["s3"]
+            bucket = fresh_bucket(s3)
+            # Without the mirror: its copies are the promote's (the same follow_stable), enumerated there.
+            first, second = (channel_candidate(s3, bucket, day, mirror=False) for day in (0, 7))
+            for run in (first, second):
+                publish_to_canary(s3, run)
+                decision = channels.decision_record(f"promote-{run.job}", "promote", "seed", by="t",
+                                                    at="2025-03-09T00:00:00+00:00", rollout=ROLLOUT, stable=None,
+                                                    canary=channels.read_channels(s3, bucket)["canary"])
+                apply(s3, bucket, "headpose", decision, mirror=False)
+            jobs = (second.job, first.job)
+            return bucket, {"to": first.job, "plan": second.plan, "allowed": dict.fromkeys(POINTERS, jobs),
+                            "final": dict.fromkeys(POINTERS, first.job), "untouched": {},
+                            "published_before": published_files(s3, second), "decision_id": "manual-"}
+
+        return Operation("rollback --channel stable (the canary on the same version follows)", clients, prepare,
+                         lambda c, state: rollback_channel(c["s3"], state["plan"]["bucket"], "headpose", "stable",
+                                                           state["to"], log=lambda line: None, by="ops",
+                                                           mirror=False),
+                         lambda store, state, rerun: pointer_problems(store, state["plan"]["bucket"], state, rerun),
+                         must_call="s3.PutObject")
+
     return [publish_op("first"), publish_op("latest"), publish_op("pending"),
-            rollout_op("promote"), rollout_op("rollback")]
+            rollout_op("promote"), rollout_op("rollback"), stable_rollback_op()]
 
 
 def _champion(s3, run) -> dict[str, Any]:

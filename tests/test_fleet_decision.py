@@ -118,3 +118,28 @@ def test_canary_share_membership_is_deterministic_and_about_the_share():
     assert members == [device for device in ids if is_canary(device, dict(rollout))]
     assert 0.23 <= len(members) / len(ids) <= 0.27
     assert is_canary("cam-1", {"canary_devices": ["cam-1"]}) and not is_canary("cam-1", None)
+
+
+def test_what_a_device_writes_is_what_the_reader_accepts_and_stays_under_16_kib():
+    import jsonschema
+
+    from headpose.edge.reporting import MAX_REPORT_BYTES, HealthCounter, status_record
+    from headpose.fleet.reports import REPORT_SCHEMA
+
+    counter = HealthCounter()
+    for n in range(1500):  # more than the 1000 latencies kept
+        counter.inferred(float(n % 100), n % 9)
+    counter.failed()
+    for n in range(50):
+        counter.load_failed(f"deeplens-TF-headpose-2025-03-{n:02d}-03-00-00-000")
+    running = {"training_job_name": "job-b", "format": "onnx", "sha256": "b" * 64, "since": NOW.isoformat()}
+    report = status_record(device_id="cam-1", channel="canary", pointer="s3://b/headpose/published/channels/canary.json",
+                           running=running, last_event="unchanged", last_error="x" * 1000, counter=counter,
+                           runtime="onnxruntime 1.20.0")
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert len(json.dumps(report).encode()) < MAX_REPORT_BYTES
+    assert report["version"]["inferences"] == 1501 and report["version"]["errors"] == 1
+    assert 94.0 <= report["window"]["latency_ms"]["p95"] <= 95.0 and len(report["load_failures"]) == 20
+    assert len(report["last_error"]) == 300
+    assert status_record(device_id="cam-1", channel="canary", pointer="p", running=running, last_event="unchanged",
+                         last_error=None, counter=counter, runtime=None)["window"]["inferences"] == 0  # taken

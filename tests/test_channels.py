@@ -176,3 +176,12 @@ def test_rollback_of_the_stable_channel_on_the_command_line_moves_stable_latest_
     shown = json.loads(capsys.readouterr().out)
     assert shown["channels"]["stable"]["training_job_name"] == first.job
     assert shown["last_decision"]["action"] == "rollback" and shown["last_decision"]["by"] == "carol"
+
+
+def test_the_greengrass_setting_is_checked_and_its_defaults_filled():
+    settings = load_profile({"HEADPOSE_RUN_DEFAULTS": json.dumps({"greengrass": {"format": "onnx"}})}).settings
+    assert settings.greengrass == {"component_name": "com.headpose.EdgeClient", "format": "onnx",
+                                   "create_component": False, "interval_seconds": 60}
+    for bad, words in (({"component": "x"}, "Additional properties"), ({"interval_seconds": 0}, "less than or equal")):
+        with pytest.raises(ProfileError, match=words):
+            load_profile({"HEADPOSE_RUN_DEFAULTS": json.dumps({"greengrass": bad})})

@@ -189,7 +189,10 @@ def pending_decision(
             return Decision(True, "already published to a channel (by an earlier try)"), current, etag, True
         compared = {"training_job_name": champion.get("training_job_name"),
                     "frozen_sha256": champion.get("frozen_model_sha256")}
-        changed = bool(stable or champion.get("present")) and channels.version_of(stable) != compared
+        now = channels.version_of(stable) or {}
+        if compared["frozen_sha256"] is None:  # a champion whose record named no graph: its job alone
+            now = {**now, "frozen_sha256": None}
+        changed = bool(stable or champion.get("present")) and (now or None) != compared
     else:
         current, etag = read_pointer(s3_client, layout.published_pointer_uri)
         if current and current["training_job_name"] == layout.training_job_name and (

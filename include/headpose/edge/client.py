@@ -228,26 +228,27 @@ class Follower:
         self.channel, self.pointer_read = "latest", str(pointer or "")
         self.counter = HealthCounter()
 
-    def current_pointer(self) -> tuple[str, str]:
-        """``(channel, pointer URI)`` this device follows now."""
+    def current_pointer(self) -> tuple[str, str, bytes | None]:
+        """``(channel, pointer URI, its bytes if already read)`` this device follows now."""
         if not self.channels_prefix:
-            return "latest", str(self.pointer)
+            return "latest", str(self.pointer), None
         canary_uri = channel_uri(self.channels_prefix, CANARY)
         try:
-            canary = json.loads(self.fetch(canary_uri))
+            body = self.fetch(canary_uri)
+            canary = json.loads(body)
         except (EdgeClientError, ValueError):
             canary = None
         if isinstance(canary, dict) and is_canary(str(self.device_id), canary.get("rollout")):
-            return CANARY, canary_uri
-        return STABLE, channel_uri(self.channels_prefix, STABLE)
+            return CANARY, canary_uri, body  # read once per poll: the membership and the record
+        return STABLE, channel_uri(self.channels_prefix, STABLE), None
 
     def poll(self) -> FollowEvent:
         """Read the pointer once; raises only while no model has been loaded yet (without channels)."""
-        self.channel, pointer = self.current_pointer()
+        self.channel, pointer, body = self.current_pointer()
         self.pointer_read = pointer
         job = ""
         try:
-            record = read_record(self.fetch, pointer)
+            record = read_record(self.fetch if body is None else (lambda uri: body), pointer)
             job = str(record.get("training_job_name"))
             name, entry = choose_format(record, self.format_name)
             if self.model and (job, name, entry.get("sha256")) == (

@@ -74,6 +74,8 @@ class Scenario:
     ``train`` returns it and the run goes on from ``download_artifact`` exactly as after
     real training. ``cut``: the run reaches S3 through a relay that goes away at the
     first request matching it. ``then_clear``: afterwards each task is run again alone.
+    ``as_worker``: the run reaches a moto server that enforces IAM, as a principal holding only
+    the worker policy (``iam_support``).
     """
 
     name: str
@@ -88,6 +90,7 @@ class Scenario:
     dag_id: str = DAG_ID
     seed: str | None = None
     seed_kwargs: dict[str, Any] = field(default_factory=dict)
+    as_worker: bool = False
 
     @property
     def when(self) -> datetime:
@@ -149,6 +152,11 @@ SCENARIOS += [
     Scenario("data version: unchanged", 21, "headpose-data-versions", PREPARED_DATA_CONF,
              env={**FAST_RETRIES, **RETRAINS_ON_DATA}),
 ]
+# tests/test_iam.py: the whole run, staging its data included, with only the worker policy.
+SCENARIOS += [
+    Scenario("least privilege", 22, "headpose-least-privilege", TINY_CONF, as_worker=True,
+             env={**FAST_RETRIES, **ONNX_ONLY}),
+]
 # tests/test_rollout_dag.py: headpose_rollout on channels and device reports seeded as data.
 ROLLOUT_PROFILE = {"HEADPOSE_RUN_DEFAULTS": json.dumps({"rollout": {
     "canary_devices": ["cam-1", "cam-2"], "min_canaries": 2, "soak_minutes": 0, "max_error_rate": 0.05}})}
@@ -180,8 +188,10 @@ class DagBatch:
     """The running (or finished) batch: its home, its store, and each run's output once it ended."""
 
     def __init__(self, home: Path, endpoint: str, relays: dict[str, Any], process: subprocess.Popen, log: Path,
-                 names: set[str]):
+                 names: set[str], enforcing: Any = None, worker: Any = None):
         self.home, self.endpoint, self.relays, self.names = home, endpoint, relays, names
+        # The IAM-enforcing server and the worker principal of the ``as_worker`` runs.
+        self.enforcing, self.worker = enforcing, worker
         self.process, self.log = process, log
         self._lines: dict[str, list[str]] = {}
         self._done: dict[str, threading.Event] = {}
@@ -264,7 +274,8 @@ class DagBatch:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def batch_entries(scenarios: list[Scenario], endpoints: dict[str, str], work: Path, moto_endpoint: str) -> list[dict]:
+def batch_entries(scenarios: list[Scenario], endpoints: dict[str, str], work: Path, moto_endpoint: str,
+                  worker_env: dict[str, str] | None = None) -> list[dict]:
     """``dags_test_batch.py``'s spec: the preparation, then every scenario in order."""
     from support import aws_env
 
@@ -276,6 +287,9 @@ def batch_entries(scenarios: list[Scenario], endpoints: dict[str, str], work: Pa
         env = dict(scenario.env)
         if scenario.name in endpoints:
             env.update(aws_env(endpoints[scenario.name]))
+        if scenario.as_worker:
+            assert worker_env, "an as_worker scenario needs the enforcing server's worker"
+            env.update(worker_env)
         if scenario.seed:
             entries.append({"name": f"{scenario.name}: seed", "call": scenario.seed, "kwargs": {
                 "endpoint": moto_endpoint, "bucket": scenario.bucket, **scenario.seed_kwargs}})
@@ -299,16 +313,25 @@ def start_dag_batch(say: Callable[[str], None]) -> tuple[DagBatch, Callable[[], 
     say("batch: database migrated")
     scenarios = selected_scenarios()
     relays = {s.name: CuttingProxy(moto.port, s.cut) for s in scenarios if s.cut}
+    enforcing = worker = None
+    workers = {s.bucket for s in scenarios if s.as_worker}
+    if workers:
+        from iam_support import EnforcingMoto, worker_for_dag_run
+
+        enforcing = EnforcingMoto.start_enforcing(home / "iam-trace.jsonl")
+        (bucket,) = workers  # one principal, one bucket: its trace is the whole proof
+        worker = worker_for_dag_run(enforcing, bucket)
+        say(f"batch: IAM-enforcing moto on {enforcing.endpoint}, worker principal {worker.name}")
     spec = home / "runs.json"
     spec.write_text(json.dumps(batch_entries(scenarios, {n: r.endpoint for n, r in relays.items()}, home,
-                                             moto.endpoint), indent=2))
+                                             moto.endpoint, worker.airflow_env() if worker else None), indent=2))
     env = cli_env(home, moto.endpoint, {"AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True"})
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dags_test_batch.py"), str(spec)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                start_new_session=True)
     log = ROOT / "test-artifacts" / "background" / "dag-batch-runs.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    handle = DagBatch(home, moto.endpoint, relays, process, log, {s.name for s in scenarios})
+    handle = DagBatch(home, moto.endpoint, relays, process, log, {s.name for s in scenarios}, enforcing, worker)
     say(f"batch: {len(scenarios)} runs under way; their output: {log}")
 
     def close() -> None:
@@ -317,6 +340,8 @@ def start_dag_batch(say: Callable[[str], None]) -> tuple[DagBatch, Callable[[], 
         process.wait()
         for relay in relays.values():
             relay.go_away()
+        if enforcing is not None:
+            enforcing.stop()
         moto.stop()
         if os.environ.get("HEADPOSE_KEEP_TEST_HOMES") != "1":
             shutil.rmtree(home, ignore_errors=True)

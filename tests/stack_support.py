@@ -247,7 +247,8 @@ def browser_page(failure_screenshot: Path) -> Iterator:
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})  # the whole form
+        # A context of its own, so a test can open a second tab in the same logged-in session.
+        page = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()  # the whole form
         try:
             # The 2-core machine also runs the whole stack: be patient with the page.
             page.set_default_timeout(60_000)

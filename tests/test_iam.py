@@ -260,6 +260,32 @@ def test_the_model_registry_as_the_worker_principal(enforcing):
         register(less)
 
 
+@pytest.mark.e2e
+def test_a_whole_dag_run_as_the_worker_principal(dag_batch):
+    """The batch's "least privilege" run - staging its data, training on the local backend, freezing,
+    validating, publishing - made with only the worker policy (non-S3 resources widened to ``*``,
+    as moto checks those against ``*``): nothing denied, both S3 statements needed, and the policy
+    less either one is refused by moto itself on a request the run made."""
+    from dag_batch import BY_NAME
+
+    scenario = BY_NAME["least privilege"]
+    result = dag_batch.run(scenario.name)
+    assert result.exit_code == 0, result.output[-3000:]
+    server, worker = dag_batch.enforcing, dag_batch.worker
+    proof = check_enforced_run(server, worker, must_use=WORKER_STATEMENTS_OF_A_LOCAL_RUN)
+    published = worker.client("s3").get_object(Bucket=scenario.bucket, Key="headpose/published/latest.json")
+    assert json.loads(published["Body"].read())["training_job_name"] == scenario.job
+    actions = {action for action, _ in proof["trace"]}
+    assert {"s3:PutObject", "s3:GetObject", "s3:ListBucket"} <= actions, proof["trace"]
+    for sid in WORKER_STATEMENTS_OF_A_LOCAL_RUN:
+        s3_requests = [request for request in proof["needed"][sid] if request[0] in {"s3:GetObject", "s3:ListBucket"}]
+        if not s3_requests:
+            continue
+        less = server.principal(f"worker-without-{sid}"[:64], without(worker.policy, sid))
+        with pytest.raises(ClientError, match="AccessDenied"):
+            _replay(less, *s3_requests[0])
+
+
 # -- an edge device: the channels and its own report ----------------------------------------
 
 def rendered_device_policy(deployment: iam.Deployment, thing: str) -> dict:

@@ -323,9 +323,12 @@ def test_a_device_writes_its_own_report_only_and_moves_no_pointer(enforcing, mon
         with pytest.raises(ClientError, match="AccessDenied"):
             s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
     # The edge client's reporter, denied, stops reporting after one line and never raises.
+    import boto3
+
     for name, value in {"AWS_ACCESS_KEY_ID": device.access_key_id, "AWS_SECRET_ACCESS_KEY": device.secret_access_key,
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # an earlier test's session keeps its credentials
     lines: list[str] = []
     reporter = Reporter(f"s3://{bucket}/headpose/devices/cam-2/status.json", enforcing.endpoint, log=lines.append)
     assert reporter.put({"device_id": "cam-2"}) is False and reporter.put({"device_id": "cam-2"}) is False

@@ -185,3 +185,21 @@ def test_the_greengrass_setting_is_checked_and_its_defaults_filled():
     for bad, words in (({"component": "x"}, "Additional properties"), ({"interval_seconds": 0}, "less than or equal")):
         with pytest.raises(ProfileError, match=words):
             load_profile({"HEADPOSE_RUN_DEFAULTS": json.dumps({"greengrass": bad})})
+
+
+@pytest.mark.parametrize("kind, action", [("promote", "promote"), ("rollback", "rollback"),
+                                          ("nothing to decide", "none")])
+def test_a_tick_assesses_and_acts_once_and_a_rerun_reapplies_its_record(s3_endpoint, s3_client, kind, action):
+    from fleet_support import seed_rollout
+    from headpose.fleet.rollout import tick
+
+    bucket = f"tick-{next(_buckets)}"
+    seed_rollout(s3_endpoint, bucket, kind)
+    run = {"dag_id": "headpose_rollout", "run_id": "scheduled__2026-12-07T00:00:00+00:00"}
+    bounds = {**ROLLOUT, "soak_minutes": 0}
+    result = tick(s3_client, bucket=bucket, folder="headpose", rollout=bounds, dag_run=run, log=lambda _: None)
+    assert (result["action"], result["applied"]) == (action, action != "none"), result["reason"]
+    jobs = channel_jobs(s3_client, bucket)
+    assert jobs["canary"] == jobs["stable"] == jobs["latest"]
+    again = tick(s3_client, bucket=bucket, folder="headpose", rollout=bounds, dag_run=run, log=lambda _: None)
+    assert again.get("reapplied", False) == (action != "none") and channel_jobs(s3_client, bucket) == jobs

@@ -13,6 +13,7 @@ from headpose.edge.channels import is_canary
 from headpose.fleet import decision as decisions
 from headpose.fleet.reports import classify, read_reports
 from headpose.planning.rollout_settings import rollout_in_force
+from support import ROOT
 
 NOW = now_utc().replace(microsecond=0)
 MOVED = NOW - timedelta(minutes=30)
@@ -143,3 +144,23 @@ def test_what_a_device_writes_is_what_the_reader_accepts_and_stays_under_16_kib(
     assert len(report["last_error"]) == 300
     assert status_record(device_id="cam-1", channel="canary", pointer="p", running=running, last_event="unchanged",
                          last_error=None, counter=counter, runtime=None)["window"]["inferences"] == 0  # taken
+
+
+RECORDED = sorted((ROOT / "tests" / "data" / "fleet").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
+def test_the_decision_on_reports_that_real_devices_wrote(path):
+    """Recorded by test_fleet_devices (four edge clients against moto): the same decision again, and
+    every report passes the reader's checks."""
+    from datetime import datetime
+
+    recorded = json.loads(path.read_text())
+    now = datetime.fromisoformat(recorded["now"])
+    rollout = rollout_in_force(recorded["canary"]["rollout"])
+    moved = datetime.fromisoformat(recorded["canary"]["channel_moved"]["at"])
+    for report in recorded["reports"]:
+        kind, _, why = classify(report["device_id"], json.dumps(report).encode(), rollout, moved, now)
+        assert kind is None, why
+    assessment = decisions.assess(recorded["canary"], recorded["stable"], recorded["reports"], rollout, now)
+    assert assessment.action == recorded["action"], assessment.reason

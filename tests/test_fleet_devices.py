@@ -2,12 +2,12 @@
 server every second, each classifying a frame every poll and reporting its health.
 
 cam-1 and cam-2 are canaries (``canary_devices``), cam-3 and cam-4 stable devices. With A
-stable and B on the canary, the canaries run B and ``rollout.tick`` (in this process, as the
-DAG task calls it) promotes B once they have soaked; cam-3 and cam-4 switch to B. Then C -
+stable and B on the canary, the canaries run B and the rollout (in this process, as the DAG's
+``assess_rollout`` and ``act`` call it) promotes B once they have soaked; cam-3 and cam-4 switch to B. Then C -
 an ONNX file whose metadata names an output the graph does not have: it loads, and every
-inference fails - goes to the canary; ``tick`` rolls it back and the canaries return to B.
+inference fails - goes to the canary; the rollout rolls it back and the canaries return to B.
 Last D, whose file is not the one its record names: the canaries refuse it and keep B,
-and ``tick`` rolls it back on their failed loads.
+and it is rolled back on their failed loads.
 The stable devices never run C, every switch happens after the files verified, and every
 device keeps its last verified model throughout. The fleet tables go to
 ``test-artifacts/fleet-table.md``.
@@ -32,7 +32,9 @@ import pytest
 
 from fleet_support import channel_jobs
 from headpose.fleet import rollout
-from headpose.fleet.decision import format_table
+from headpose.fleet.decision import assess, format_table
+from headpose.fleet.reports import read_reports
+from headpose.planning.rollout_settings import rollout_in_force
 from headpose.planning.layout import split_s3_uri
 from headpose.registry import channels
 from support import ROOT, aws_env
@@ -140,15 +142,33 @@ class Fleet:
 
 
 def _tick_until(fleet: Fleet, s3, action: str, deadline: float) -> dict:
-    """``rollout.tick`` after each canary event until it applies ``action``."""
+    """After each canary event, what the rollout DAG does - assess (the channels, then the reports),
+    then act - until it applies ``action``. What each applied decision was made on is kept in
+    ``test-artifacts/fleet-reports/<action>-*.json`` (tests/data/fleet holds such recordings)."""
     found: dict = {}
+    bounds = rollout_in_force(ROLLOUT)
 
     def done(device: str, line: dict) -> bool:
         if device not in ROLLOUT["canary_devices"]:
             return False
-        result = rollout.tick(s3, bucket=BUCKET, folder=FOLDER, rollout=ROLLOUT, log=lambda _: None)
+        now = datetime.now(timezone.utc)
+        state = channels.read_channels(s3, BUCKET, FOLDER)
+        reports, ignored = read_reports(s3, BUCKET, FOLDER, bounds, moved_at=state["canary"]["channel_moved"]["at"],
+                                        now=now, log=lambda _: None)
+        judged = assess(state["canary"], state["stable"], reports, bounds, now, ignored)
+        assessment = {"action": judged.action, "reason": judged.reason, "rows": judged.rows,
+                      "figures": judged.figures, "ignored": judged.ignored,
+                      **{name: channels.version_of(state[name]) for name in ("canary", "stable")}}
+        result = rollout.act(s3, bucket=BUCKET, folder=FOLDER, rollout=ROLLOUT, assessment=assessment, now=now,
+                             log=lambda _: None)
         assert result["action"] in ("none", action), result["reason"]
         found.update(result)
+        if result["applied"]:
+            folder = ROOT / "test-artifacts" / "fleet-reports"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{action}-{state['canary']['training_job_name'][-17:-13]}.json"
+            (folder / name).write_text(json.dumps({**state, "now": now.isoformat(), "reports": reports,
+                                                   "action": action}, indent=1, sort_keys=True))
         return result["applied"]
 
     fleet.until(done, deadline)

@@ -8,7 +8,6 @@ again on newer reports, so a retried task never moves a channel the other way.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
@@ -18,6 +17,7 @@ from headpose.fleet.reports import read_reports
 from headpose.planning.layout import DEFAULT_FOLDER, split_s3_uri
 from headpose.planning.rollout_settings import rollout_in_force
 from headpose.registry import channels
+from headpose.registry.channels import decision_id
 from headpose.registry.pointer import published_prefix, read_pointer
 
 ACTIONS = (PROMOTE, ROLLBACK)
@@ -29,11 +29,6 @@ class NothingToRollOut(ValueError):
 
 class StaleCanary(ValueError):
     """The canary is not the version the person acting saw."""
-
-
-def decision_id(text: str) -> str:
-    """An id usable as an S3 key part and a URL segment (a run id has ``:`` and ``+``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:200]
 
 
 def apply(
@@ -142,7 +137,9 @@ def act_by_hand(
         raise StaleCanary(f"the canary is {canary['training_job_name']} now, not {expected_canary}")
     verb = "promote" if action == PROMOTE else "roll back"
     decision = channels.decision_record(
-        decision_id(f"manual-{now.strftime('%Y%m%dT%H%M%S')}-{by}"), action,
+        # The canary and action in the id: two people's moves in one second are two records, one
+        # person's same move repeated (a retried request) is the same record, applied once.
+        decision_id(f"manual-{now.strftime('%Y%m%dT%H%M%S')}-{by}-{action}-{canary['training_job_name']}"), action,
         f"{verb} {canary['training_job_name']} by hand ({by})", at=now.isoformat(), by=by,
         canary=canary, stable=stable, rollout=rollout, comment=(comment or "")[:500] or None)
     apply(s3_client, bucket, folder, decision, mirror=bool(mirror))

@@ -15,6 +15,7 @@ its target, only what follows it (``latest.json``, the mirror) is brought in lin
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
 
 from headpose.edge.channels import CANARY, CHANNELS, STABLE
@@ -44,6 +45,11 @@ def channel_uris(bucket: str, folder: str = DEFAULT_FOLDER) -> dict[str, str]:
     prefix = published_prefix(bucket, folder)
     return {**{channel: join_uri(prefix, f"channels/{channel}.json") for channel in CHANNELS},
             "latest": join_uri(prefix, POINTER_NAME)}
+
+
+def decision_id(text: str) -> str:
+    """An id usable as an S3 key part and a URL segment (a run id has ``:`` and ``+``, a user name anything)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:200]
 
 
 def decision_uri(bucket: str, folder: str, decision_id: str) -> str:

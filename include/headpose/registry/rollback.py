@@ -111,7 +111,8 @@ def rollback_channel(
         target = channels.history_version(s3_client, bucket, folder, to_job)
         now = now_iso()
         decision = channels.write_decision(s3_client, bucket, folder, channels.decision_record(
-            f"manual-{now[:19].replace(':', '').replace('-', '')}-{by}-{channel}", "rollback",
+            channels.decision_id(f"manual-{now[:19].replace(':', '').replace('-', '')}-{by}-{channel}-to-{to_job}"),
+            "rollback",
             f"{channel} rolled back from {current['training_job_name']} to {to_job} ({by})", at=now, by=by,
             canary=current if channel == CANARY else None, stable=current if channel == STABLE else None,
             rollout=current.get("rollout")))

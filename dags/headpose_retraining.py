@@ -262,7 +262,7 @@ def headpose_retraining():
             # A skip also emits no asset event, so nothing downstream reloads an unchanged model.
             raise AirflowSkipException(f"not published: {decision.reason}")
         context["outlet_events"][PUBLISHED_MODEL].extra = {
-            "uri": plan["published_pointer_uri"], "training_job_name": summary["training_job_name"],
+            "uri": summary["published_pointer_uri"], "training_job_name": summary["training_job_name"],
         }
         return summary
 

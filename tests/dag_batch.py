@@ -87,6 +87,9 @@ class Scenario:
     env: dict[str, str] = field(default_factory=dict)
     cut: str | None = None
     then_clear: tuple[str, ...] = ()
+    dag_id: str = DAG_ID
+    seed: str | None = None
+    seed_kwargs: dict[str, Any] = field(default_factory=dict)
     as_worker: bool = False
 
     @property
@@ -153,6 +156,14 @@ SCENARIOS += [
 SCENARIOS += [
     Scenario("least privilege", 22, "headpose-least-privilege", TINY_CONF, as_worker=True,
              env={**FAST_RETRIES, **ONNX_ONLY}),
+]
+# tests/test_rollout_dag.py: headpose_rollout on channels and device reports seeded as data.
+ROLLOUT_PROFILE = {"HEADPOSE_RUN_DEFAULTS": json.dumps({"rollout": {
+    "canary_devices": ["cam-1", "cam-2"], "min_canaries": 2, "soak_minutes": 0, "max_error_rate": 0.05}})}
+SCENARIOS += [
+    Scenario(f"rollout {kind}", 30 + number, f"headpose-rollout-{number}", {}, env={**ROLLOUT_PROFILE, **FAST_RETRIES},
+             dag_id="headpose_rollout", seed="fleet_support:seed_rollout", seed_kwargs={"kind": kind})
+    for number, kind in enumerate(("promote", "rollback", "nothing to decide"))
 ]
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
@@ -268,9 +279,10 @@ def batch_entries(scenarios: list[Scenario], endpoints: dict[str, str], work: Pa
     """``dags_test_batch.py``'s spec: the preparation, then every scenario in order."""
     from support import aws_env
 
-    entries: list[dict[str, Any]] = [
-        {"name": "prepare", "call": "batch_prepare:prepare", "kwargs": {"endpoint": moto_endpoint, "work": str(work)}},
-    ]
+    entries: list[dict[str, Any]] = []
+    if any(scenario.dag_id == DAG_ID for scenario in scenarios):  # the retraining runs' datasets and models
+        entries.append({"name": "prepare", "call": "batch_prepare:prepare",
+                        "kwargs": {"endpoint": moto_endpoint, "work": str(work)}})
     for scenario in scenarios:
         env = dict(scenario.env)
         if scenario.name in endpoints:
@@ -278,11 +290,14 @@ def batch_entries(scenarios: list[Scenario], endpoints: dict[str, str], work: Pa
         if scenario.as_worker:
             assert worker_env, "an as_worker scenario needs the enforcing server's worker"
             env.update(worker_env)
-        entries.append({"name": scenario.name, "logical_date": scenario.when.isoformat(),
+        if scenario.seed:
+            entries.append({"name": f"{scenario.name}: seed", "call": scenario.seed, "kwargs": {
+                "endpoint": moto_endpoint, "bucket": scenario.bucket, **scenario.seed_kwargs}})
+        entries.append({"name": scenario.name, "dag_id": scenario.dag_id, "logical_date": scenario.when.isoformat(),
                         "conf": scenario.run_conf(), "env": env})
         for task_id in scenario.then_clear:
             entries.append({"name": f"{scenario.name}: {task_id}", "env": scenario.env,
-                            "argv": ["tasks", "test", DAG_ID, task_id, scenario.when.isoformat()]})
+                            "argv": ["tasks", "test", scenario.dag_id, task_id, scenario.when.isoformat()]})
     return entries
 
 

@@ -25,8 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from airflow import configuration  # noqa: F401  (first, as airflow.__main__ does)
-from airflow.cli import cli_parser
+# The call entries' modules import the tests' support, which needs scripts/embedded.py (as conftest does).
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from airflow import configuration  # noqa: F401,E402  (first, as airflow.__main__ does)
+from airflow.cli import cli_parser  # noqa: E402
 
 BEGIN, END = "BEGIN_RUN", "END_RUN"
 DAG_ID = "headpose_retraining"

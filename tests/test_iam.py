@@ -29,7 +29,7 @@ GOVERNED = iam.Deployment(BUCKET, "headpose", "us-east-1", MOTO_ACCOUNT, "deeple
                           "HeadposeSageMakerExecution", KEY, True)
 DOCUMENTS = {"airflow-principal-policy.json": iam.worker_policy,
              "sagemaker-execution-role-policy.json": iam.execution_role_policy,
-             "new-data-queue-policy.json": iam.new_data_queue_policy}
+             "new-data-queue-policy.json": iam.new_data_queue_policy, "device-policy.json": iam.device_policy}
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +125,12 @@ def execution_role_run(enforcing, tmp_path_factory):
     _, prefix = split_s3_uri(layout.dataset_prefix)
     for name in ("train-00000.tfrecord", "manifest.json"):  # what stage_dataset leaves, as the workers
         admin.put_object(Bucket=BUCKET, Key=prefix + name, Body=name.encode())
-    admin.put_object(Bucket=BUCKET, Key=split_s3_uri(layout.sourcedir_uri)[1], Body=_code())
+    code = _code()  # once: gzip stamps the time, so two calls a second apart differ
+    admin.put_object(Bucket=BUCKET, Key=split_s3_uri(layout.sourcedir_uri)[1], Body=code)
     role = enforcing.principal("headpose-execution-role", iam.s3_part(iam.execution_role_policy(GOVERNED)))
     request = training_job_request(layout, validate_run_params({"s3_bucket": BUCKET}), "image", region="us-east-1")
     result = run_local_training_job(request, role.client("s3"), tmp_path_factory.mktemp("opt-ml"), print,
-                                    sourcedir_sha256=hashlib.sha256(_code()).hexdigest())
+                                    sourcedir_sha256=hashlib.sha256(code).hexdigest())
     return {"role": role, "result": result, "proof": check_enforced_run(
         enforcing, role, must_use=("ReadTheDatasetAndTheCode", "ListTheChannel",
                                    "WriteTheModelOutputDataAndSpotCheckpoints"))}
@@ -284,3 +285,53 @@ def test_a_whole_dag_run_as_the_worker_principal(dag_batch):
         less = server.principal(f"worker-without-{sid}"[:64], without(worker.policy, sid))
         with pytest.raises(ClientError, match="AccessDenied"):
             _replay(less, *s3_requests[0])
+
+
+# -- an edge device: the channels and its own report ----------------------------------------
+
+def rendered_device_policy(deployment: iam.Deployment, thing: str) -> dict:
+    """The device policy as IAM evaluates it for ``thing``: moto (and parliament) do not expand
+    ``${credentials-iot:ThingName}``, AWS does, from the IoT credentials provider's session."""
+    return json.loads(json.dumps(iam.device_policy(deployment)).replace(iam.THING_NAME, thing))
+
+
+@pytest.mark.parametrize("deployment", [PLAIN, GOVERNED], ids=["plain", "kms"])
+def test_the_device_policy_lints_clean_and_scopes_the_report_by_thing_name(deployment):
+    from parliament import analyze_policy_string
+
+    findings = analyze_policy_string(json.dumps(rendered_device_policy(deployment, "cam-1"))).findings
+    assert [(f.issue, f.detail) for f in findings] == []
+    writes = [s for s in iam.device_policy(deployment)["Statement"] if "s3:PutObject" in s["Action"]]
+    assert [w["Resource"] for w in writes] == [
+        f"arn:aws:s3:::{BUCKET}/headpose/devices/${{credentials-iot:ThingName}}/status.json"]
+
+
+def test_a_device_writes_its_own_report_only_and_moves_no_pointer(enforcing, monkeypatch):
+    from headpose.edge.reporting import Reporter
+
+    admin = enforcing.admin.client("s3")
+    bucket = "headpose-devices"
+    admin.create_bucket(Bucket=bucket)
+    admin.put_object(Bucket=bucket, Key="headpose/published/channels/canary.json", Body=b"{}")
+    deployment = iam.Deployment(bucket, "headpose", "us-east-1", MOTO_ACCOUNT)
+    device = enforcing.principal("cam-1", rendered_device_policy(deployment, "cam-1"))
+    s3 = device.client("s3")
+    assert s3.get_object(Bucket=bucket, Key="headpose/published/channels/canary.json")["Body"].read() == b"{}"
+    s3.put_object(Bucket=bucket, Key="headpose/devices/cam-1/status.json", Body=b"{}")
+    for key in ("headpose/devices/cam-2/status.json", "headpose/published/channels/canary.json",
+                "headpose/published/channels/stable.json"):
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    # The edge client's reporter, denied, stops reporting after one line and never raises.
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": device.access_key_id, "AWS_SECRET_ACCESS_KEY": device.secret_access_key,
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # an earlier test's session keeps its credentials
+    lines: list[str] = []
+    reporter = Reporter(f"s3://{bucket}/headpose/devices/cam-2/status.json", enforcing.endpoint, log=lines.append)
+    assert reporter.put({"device_id": "cam-2"}) is False and reporter.put({"device_id": "cam-2"}) is False
+    assert not reporter.enabled and len(lines) == 1 and "reporting stopped" in lines[0]
+    own = Reporter(f"s3://{bucket}/headpose/devices/cam-1/status.json", enforcing.endpoint, log=lines.append)
+    assert own.put({"device_id": "cam-1"}) is True

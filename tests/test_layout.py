@@ -72,8 +72,13 @@ def test_run_layout_follows_the_tutorial_and_names_the_job_everywhere():
     assert run.rejected_prefix == f"s3://bkt/headpose/TFartifacts/{job}/rejected/"
     assert run.published_mirror_prefix == "s3://bkt/headpose/published/latest/"
     assert run.history_record_uri == f"s3://bkt/headpose/published/history/{job}.json"
+    assert run.canary_pointer_uri == "s3://bkt/headpose/published/channels/canary.json"
+    assert run.stable_pointer_uri == "s3://bkt/headpose/published/channels/stable.json"
+    assert run.decisions_prefix == "s3://bkt/headpose/published/rollouts/"
+    assert run.devices_prefix == "s3://bkt/headpose/devices/"
+    shared = ("channels_prefix", "canary_pointer_uri", "stable_pointer_uri", "decisions_prefix", "devices_prefix")
     run_owned = [v for k, v in run.to_dict().items()
-                 if k.endswith(("_uri", "_prefix")) and not k.startswith(("published_", "dataset_"))]
+                 if k.endswith(("_uri", "_prefix")) and not k.startswith(("published_", "dataset_")) and k not in shared]
     assert all(job in uri for uri in run_owned)
     assert RunLayout.from_dict(run.to_dict()) == run
     # A later attempt's job: every job-scoped URI follows it, the run's code stays.

@@ -94,8 +94,9 @@ def test_the_request_follows_the_tutorial_and_the_toolkit(sagemaker_plan):
 
 
 def test_the_job_name_is_in_every_run_owned_uri(sagemaker_plan):
+    shared = ("canary_pointer_uri", "stable_pointer_uri", "champion_pointer_uri")  # the channels: every run's
     for key, value in sagemaker_plan.items():
-        if key.endswith("_uri") and not key.startswith("published_"):
+        if key.endswith("_uri") and not key.startswith("published_") and key not in shared:
             assert JOB in value, key
 
 

@@ -189,6 +189,19 @@ def _recorded_line(context: Context) -> str | None:
     return found[0] if found else None
 
 
+def rollout_alert(context: Context, line: str) -> None:
+    """A rollback decided by ``headpose_rollout``: ``HEADPOSE ALERT <line>`` in the task's log, and
+    to ``$HEADPOSE_NOTIFIER`` where one is set. The run itself stays green: it did its job."""
+    print(f"HEADPOSE ALERT {line}", flush=True)
+    forward = forwarded_notifier()
+    if forward is None:
+        return
+    try:
+        forward({**context, LINE_KEY: line, ANY_LINE_KEY: line})
+    except Exception as error:  # the channel moved; a notifier's outage must not fail the task
+        print(f"the {type(forward).__name__} notifier could not send the rollout alert: {error}", flush=True)
+
+
 def failure_notifier() -> HeadposeFailureNotifier:
     """Every task's ``on_failure_callback``: the line in the task's log."""
     return HeadposeFailureNotifier()

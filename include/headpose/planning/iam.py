@@ -7,7 +7,8 @@ placeholders (``tests/test_iam.py`` keeps them equal); a deployment prints its o
 
     PYTHONPATH=include python -m headpose.planning.iam --bucket my-bucket --account 123456789012 \\
         --region eu-west-1 --execution-role HeadposeSageMakerExecution [--kms-key-id arn:aws:kms:...] \\
-        [--object-lock] [--new-data-queue NAME] [--model-package-group headpose] worker|execution-role|new-data-queue|trust
+        [--object-lock] [--new-data-queue NAME] [--model-package-group headpose] \\
+        worker|execution-role|new-data-queue|device|trust
 
 Every S3 statement on objects or the bucket carries ``s3:ResourceAccount``: a bucket of
 the expected name that another account owns is refused by IAM as well as by
@@ -169,6 +170,27 @@ def new_data_queue_policy(d: Deployment) -> dict[str, Any]:
     }]}
 
 
+THING_NAME = "${credentials-iot:ThingName}"
+
+
+def device_policy(d: Deployment) -> dict[str, Any]:
+    """An edge device's role (AWS IoT credentials provider): read the channels and the edge files
+    they name, write its own report only - ``${credentials-iot:ThingName}`` is the caller's thing
+    name, so one device cannot write (or forge) another's report, nor move a pointer."""
+    published = f"arn:aws:s3:::{d.bucket}/{d.folder}/published"
+    statements = [
+        _statement("ReadTheChannelsAndTheFilesTheyName", ["s3:GetObject"], [
+            f"{published}/channels/*", f"{published}/latest.json", f"{published}/latest/*",
+            f"arn:aws:s3:::{d.bucket}/{d.folder}/TFartifacts/*/output/edge/*",
+        ], d.owned),
+        _statement("WriteItsOwnReport", ["s3:PutObject"],
+                   f"arn:aws:s3:::{d.bucket}/{d.folder}/devices/{THING_NAME}/status.json", d.owned),
+    ]
+    if d.kms_key_id:
+        statements.append(_statement("UseTheBucketsKey", ["kms:Decrypt", "kms:GenerateDataKey"], d.kms_key_id))
+    return {"Version": VERSION, "Statement": statements}
+
+
 def s3_part(policy: dict[str, Any]) -> dict[str, Any]:
     """The policy's S3 statements only: what moto's enforcement evaluates with resources."""
     return {**policy, "Statement": [s for s in policy["Statement"] if all(a.startswith("s3:") for a in s["Action"])]}
@@ -186,7 +208,8 @@ def widened(policy: dict[str, Any]) -> dict[str, Any]:
     ]}
 
 
-DOCUMENTS = {"worker": worker_policy, "execution-role": execution_role_policy, "new-data-queue": new_data_queue_policy}
+DOCUMENTS = {"worker": worker_policy, "execution-role": execution_role_policy, "new-data-queue": new_data_queue_policy,
+             "device": device_policy}
 
 
 def main(argv: list[str] | None = None) -> None:

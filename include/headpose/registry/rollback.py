@@ -1,5 +1,8 @@
 """Rolling the published model back: the pointer moves to an earlier history record.
 
+With channels (a ``rollout`` configured) ``rollback_channel`` moves ``stable.json`` (then
+``latest.json`` and the mirror follow) or ``canary.json``, each move a decision record.
+
 Only the pointer changes (and then the mirror and SageMaker's Model Registry follow it);
 every file of the target version is checked against the sha256 its record holds first, so
 a rollback never points devices at changed or missing files. Running the same rollback
@@ -25,6 +28,8 @@ from headpose.registry.pointer import (
     sync_mirror,
     verify_record_files,
 )
+from headpose.edge.channels import CANARY, STABLE
+from headpose.registry import channels
 from headpose.registry.model_packages import APPROVED, REJECTED, ModelRegistry, sync_package
 from headpose.registry.record import RecordError, record_files
 
@@ -68,6 +73,64 @@ def rollback(
         sync_mirror(s3_client, pointer, join_uri(prefix, "latest/"))
     if model_registry:
         _sync_model_registry(s3_client, model_registry, bucket, folder, pointer)
+    return pointer
+
+
+def rollback_channel(
+    s3_client: Any,
+    bucket: str,
+    folder: str = DEFAULT_FOLDER,
+    channel: str = STABLE,
+    to_job: str | None = None,
+    log: Log = print,
+    *,
+    by: str = "rollback",
+    mirror: bool = True,
+    model_registry: ModelRegistry | None = None,
+) -> dict[str, Any]:
+    """With channels: move ``channel`` back to ``to_job`` (default: its ``previous``), as a decision.
+
+    Stable: ``stable.json``, then ``latest.json`` and the mirror; the canary follows when it
+    named the version rolled back from (no device keeps running it). Canary: ``canary.json``
+    only (default target: the stable version). Run again after an interruption, it finds its
+    pointer moved and brings what follows it in line.
+    """
+    uris = channels.channel_uris(bucket, folder)
+    current, etag = read_pointer(s3_client, uris[channel])
+    if current is None:
+        raise PublishError(f"{uris[channel]} does not exist: nothing to roll back")
+    if to_job is None:
+        fallback = read_pointer(s3_client, uris[STABLE])[0] if channel == CANARY else None
+        to_job = (fallback or {}).get("training_job_name") or (current.get("previous") or {}).get("training_job_name")
+        if not to_job:
+            raise PublishError(f"{uris[channel]} names no previous model; pass --to <training_job_name>")
+    if not is_valid_training_job_name(to_job):
+        raise PublishError(f"{to_job!r} is not a training job name")
+    pointer = current
+    if current["training_job_name"] != to_job:
+        target = channels.history_version(s3_client, bucket, folder, to_job)
+        now = now_iso()
+        decision = channels.write_decision(s3_client, bucket, folder, channels.decision_record(
+            channels.decision_id(f"manual-{now[:19].replace(':', '').replace('-', '')}-{by}-{channel}-to-{to_job}"),
+            "rollback",
+            f"{channel} rolled back from {current['training_job_name']} to {to_job} ({by})", at=now, by=by,
+            canary=current if channel == CANARY else None, stable=current if channel == STABLE else None,
+            rollout=current.get("rollout")))
+        rolled_back = {"at": now, "from": current["training_job_name"], "decision_id": decision["id"]}
+        pointer = channels.move_channel(s3_client, bucket, folder, channel, target, current, etag, decision,
+                                        current.get("rollout"), rolled_back)
+        log(f"{uris[channel]} now names {to_job} (was {current['training_job_name']})")
+    if channel == STABLE:
+        channels.follow_stable(s3_client, bucket, folder, pointer, mirror=mirror)
+        canary, canary_etag = read_pointer(s3_client, uris[CANARY])
+        rolled_from = (pointer.get("rolled_back") or {}).get("from")
+        if canary and rolled_from and canary["training_job_name"] == rolled_from:
+            decision = channels.read_decision(s3_client, pointer["channel_moved"]["decision_uri"])
+            channels.move_channel(s3_client, bucket, folder, CANARY, pointer, canary, canary_etag, decision,
+                                  canary.get("rollout"), pointer.get("rolled_back"))
+            log(f"{uris[CANARY]} followed: it named {rolled_from}")
+        if model_registry:
+            _sync_model_registry(s3_client, model_registry, bucket, folder, pointer)
     return pointer
 
 

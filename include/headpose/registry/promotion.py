@@ -104,6 +104,7 @@ def publish_record(
         "attempts": list(attempts or [layout.training_job_name]),
         "files": {name: dict(entry) for name, entry in version["files"].items()},
         "formats": {name: dict(entry) for name, entry in (version.get("formats") or {}).items()},
+        **({"greengrass": dict(version["greengrass"])} if version.get("greengrass") else {}),
         "evaluation_set": report.get("evaluation_set"),
         "dataset": dict(dataset) if dataset else None,
         "metrics": {

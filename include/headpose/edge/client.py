@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
+from headpose.edge.channels import CANARY, STABLE, channel_uri, is_canary
 from headpose.edge.errors import EdgeClientError
 from headpose.edge.labels import class_labels
 from headpose.edge.preprocess import Preprocessing, load_image, preprocessing_of
+from headpose.edge.reporting import HealthCounter, utc_now
 from headpose.edge.runtimes import RUNTIMES, Runner, open_runner, runtime_available
 from headpose.registry.record import RecordError, record_channel_order, record_formats
 
@@ -197,7 +199,7 @@ def load_model(fetch: Fetch, record: Mapping[str, Any], cache_dir: str | Path,
 
 @dataclass(frozen=True)
 class FollowEvent:
-    kind: str  # "loaded", "switched", "unchanged" or "kept"
+    kind: str  # "loaded", "switched", "unchanged", "kept" or (on a channel, nothing to run yet) "waiting"
     training_job_name: str
     detail: str = ""
 
@@ -207,31 +209,84 @@ class Follower:
 
     Any failure with a new version (unreadable pointer, missing format, bad checksum, a
     runtime refusing the file) keeps the model that runs; it is tried again next poll.
+    With ``channels_prefix`` (``.../published/channels/``) and ``device_id`` the pointer
+    is chosen each poll: ``canary.json`` when its ``rollout`` makes this device a canary,
+    else ``stable.json`` (also when the canary cannot be read). Every inference and every
+    version that fails to load is counted in ``counter`` for the device's report.
     """
 
-    def __init__(self, fetch: Fetch, pointer: str, cache_dir: str | Path,
-                 format_name: str | None = None, threads: int | None = None):
+    def __init__(self, fetch: Fetch, pointer: str | None, cache_dir: str | Path,
+                 format_name: str | None = None, threads: int | None = None, *,
+                 channels_prefix: str | None = None, device_id: str | None = None):
+        if not pointer and not channels_prefix:
+            raise EdgeClientError("no pointer: give a pointer or a channels prefix")
         self.fetch, self.pointer, self.cache_dir = fetch, pointer, cache_dir
         self.format_name, self.threads = format_name, threads
+        self.channels_prefix, self.device_id = channels_prefix, device_id
         self.model: LoadedModel | None = None
+        self.since: str | None = None
+        self.channel, self.pointer_read = "latest", str(pointer or "")
+        self.counter = HealthCounter()
+
+    def current_pointer(self) -> tuple[str, str]:
+        """``(channel, pointer URI)`` this device follows now."""
+        if not self.channels_prefix:
+            return "latest", str(self.pointer)
+        canary_uri = channel_uri(self.channels_prefix, CANARY)
+        try:
+            canary = json.loads(self.fetch(canary_uri))
+        except (EdgeClientError, ValueError):
+            canary = None
+        if isinstance(canary, dict) and is_canary(str(self.device_id), canary.get("rollout")):
+            return CANARY, canary_uri
+        return STABLE, channel_uri(self.channels_prefix, STABLE)
 
     def poll(self) -> FollowEvent:
-        """Read the pointer once; raises only while no model has been loaded yet."""
+        """Read the pointer once; raises only while no model has been loaded yet (without channels)."""
+        self.channel, pointer = self.current_pointer()
+        self.pointer_read = pointer
+        job = ""
         try:
-            record = read_record(self.fetch, self.pointer)
+            record = read_record(self.fetch, pointer)
+            job = str(record.get("training_job_name"))
             name, entry = choose_format(record, self.format_name)
-            if self.model and (record.get("training_job_name"), name, entry.get("sha256")) == (
+            if self.model and (job, name, entry.get("sha256")) == (
                     self.model.training_job_name, self.model.format, self.model.sha256):
                 return FollowEvent("unchanged", self.model.training_job_name)
             model = load_model(self.fetch, record, self.cache_dir, self.format_name, self.threads)
         except EdgeClientError as error:
-            if self.model is None:
+            if job:
+                self.counter.load_failed(job)
+            if self.model is None and not self.channels_prefix:
                 raise
+            if self.model is None:  # a stable device before anything is stable: it waits
+                return FollowEvent("waiting", "", str(error))
             return FollowEvent("kept", self.model.training_job_name, str(error))
         kind = "switched" if self.model else "loaded"
         previous = self.model.training_job_name if self.model else ""
-        self.model = model
+        self.model, self.since = model, utc_now()
+        self.counter.switched()
         return FollowEvent(kind, model.training_job_name, f"from {previous}" if previous else "")
+
+    def classify(self, image_path: str | Path) -> Prediction | None:
+        """The running model's prediction, counted (None, and an error counted, when it fails)."""
+        if self.model is None:
+            return None
+        started = time.perf_counter()
+        try:
+            prediction = self.model.predict(image_path)
+        except Exception:  # each runtime raises its own errors; the report counts them
+            self.counter.failed()
+            return None
+        self.counter.inferred((time.perf_counter() - started) * 1000.0, prediction.class_index)
+        return prediction
+
+    def running(self) -> dict[str, Any] | None:
+        """What the report says this device runs."""
+        if self.model is None:
+            return None
+        return {"training_job_name": self.model.training_job_name, "format": self.model.format,
+                "sha256": self.model.sha256, "since": self.since}
 
 
 def follow(follower: Follower, interval_s: float, on_event: Callable[[FollowEvent], None],

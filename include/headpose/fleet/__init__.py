@@ -1,1 +1,1 @@
-"""The device fleet: channel membership and device reports, rollout decisions, the Greengrass component."""
+"""The device fleet: reading the devices' reports, deciding a rollout, applying it (no Airflow here)."""

@@ -15,6 +15,9 @@ the original tutorial's layout::
     s3://<bucket>/<folder>/published/latest.json                      the pointer, written last
     s3://<bucket>/<folder>/published/history/<job>.json               every published record
     s3://<bucket>/<folder>/published/latest/*                         optional mirror, after the pointer
+    s3://<bucket>/<folder>/published/channels/{canary,stable}.json    with a rollout: the channels
+    s3://<bucket>/<folder>/published/rollouts/<decision id>.json      each channel move, written before it
+    s3://<bucket>/<folder>/devices/<device id>/status.json           the devices' reports (data, not trusted)
 
 Standard library only: the DAG file imports this module at parse time.
 """
@@ -178,6 +181,11 @@ class RunLayout:
     published_pointer_uri: str
     published_mirror_prefix: str
     history_record_uri: str
+    channels_prefix: str
+    canary_pointer_uri: str
+    stable_pointer_uri: str
+    decisions_prefix: str
+    devices_prefix: str
 
     @classmethod
     def for_run(
@@ -220,6 +228,11 @@ class RunLayout:
             published_pointer_uri=published + POINTER_FILE,
             published_mirror_prefix=published + "latest/",
             history_record_uri=published + f"history/{job}.json",
+            channels_prefix=published + "channels/",
+            canary_pointer_uri=published + "channels/canary.json",
+            stable_pointer_uri=published + "channels/stable.json",
+            decisions_prefix=published + "rollouts/",
+            devices_prefix=s3_uri(bucket, folder, "devices/"),
         )
 
     def for_job(self, training_job_name: str) -> "RunLayout":

@@ -115,6 +115,9 @@ def plan_run(
         "edge_formats": list(profile.settings.edge_formats or DEFAULT_FORMATS),
         # bucket, folder and every URI, one XCom key each; RunLayout.from_dict(plan) rebuilds it.
         **layout.to_dict(),
+        # The model a new one must beat: the stable channel's where a rollout moves channels
+        # (publish falls back to latest.json before the channels exist).
+        "champion_pointer_uri": layout.stable_pointer_uri if profile.settings.rollout else layout.published_pointer_uri,
     }
 
 

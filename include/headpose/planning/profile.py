@@ -46,6 +46,13 @@ and, for retraining when new data arrives (``planning.new_data``):
                              a staged dataset's ``manifest.json``
 ``new_data_queue``           URL of the SQS queue the bucket notifies of those uploads
 
+and, for rolling a model out to a device fleet (``planning.rollout_settings``):
+
+``rollout``                  canary share or list of devices, minimum canaries, soak time, error
+                             and latency bounds; set, ``publish`` moves the canary channel only
+                             and ``headpose_rollout`` decides the stable one (absent: as before)
+``greengrass``               the AWS IoT Greengrass V2 component written beside each version
+
 Precedence for a run parameter: the trigger's conf, then the profile, then the built-in
 default (the embedded demo's). Checked when the DAG file is parsed: invalid JSON, an
 unknown key, a value its schema refuses, or an ``instance_count`` that its own backend,
@@ -58,6 +65,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
+
+from headpose.planning.rollout_settings import GREENGRASS_SCHEMA, ROLLOUT_SCHEMA, greengrass_in_force, rollout_in_force
 
 PROFILE_ENV = "HEADPOSE_RUN_DEFAULTS"
 # Training images/s of the entry point's model on the 2-core CPU this project is built on,
@@ -150,6 +159,8 @@ DEPLOYMENT_SETTINGS: dict[str, dict[str, Any]] = {
         "pattern": r"^https://sqs\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[0-9]{12}/[A-Za-z0-9_-]{1,80}$",
         "description": "an SQS queue URL, https://sqs.<region>.amazonaws.com/<account>/<name>",
     },
+    "rollout": ROLLOUT_SCHEMA,
+    "greengrass": GREENGRASS_SCHEMA,
 }
 
 
@@ -184,6 +195,8 @@ class DeploymentSettings:
     retrain_on: str = "schedule"
     new_data_prefix: str | None = None
     new_data_queue: str | None = None
+    rollout: dict[str, Any] | None = None  # None: no channels (rollout_in_force fills the defaults)
+    greengrass: dict[str, Any] | None = None
 
     @property
     def approval_timeout_seconds(self) -> int:
@@ -280,10 +293,12 @@ def _checked(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[d
         raise ProfileError(f"${PROFILE_ENV} is refused:\n  - " + "\n  - ".join(problems))
     if "local_images_per_second" in settings:
         settings["local_images_per_second"] = {**MEASURED_IMAGES_PER_SECOND, **settings["local_images_per_second"]}
+    settings.update({name: fill(settings[name]) for name, fill in
+                     (("rollout", rollout_in_force), ("greengrass", greengrass_in_force)) if name in settings})
     return params, settings
 
 
 def _rule(error: Any, schema: Mapping[str, Any]) -> str:
-    if error.validator in ("pattern", "not", "propertyNames", "additionalProperties"):
+    if error.validator in ("pattern", "not", "oneOf", "propertyNames", "additionalProperties"):
         return f"{error.message} (expected {schema.get('description', 'see the parameter')})"
     return error.message

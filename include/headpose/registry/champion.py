@@ -45,18 +45,22 @@ def evaluate_champion(
     evaluation_set: Mapping[str, Any],
     dataset: Mapping[str, Any],
     work_dir: str | Path,
+    fallback_uri: str | None = None,
 ) -> dict[str, Any]:
     """The published model's figures on the evaluation set, and whether they compare fairly.
 
     ``{"present": False}`` when nothing is published. A published model that cannot be
     evaluated (a file gone or changed, a graph that does not run) gives ``error`` instead
-    of ``accuracy``; S3 being unreachable raises, so that the task retries.
+    of ``accuracy``; S3 being unreachable raises, so that the task retries. ``fallback_uri``
+    is read when ``pointer_uri`` holds nothing (``latest.json`` before the channels exist).
     """
     import tensorflow as tf
 
     from headpose.artifacts.evaluate import evaluate_frozen_graph
 
     record, etag = read_pointer(s3_client, pointer_uri)
+    if record is None and fallback_uri:
+        record, etag = read_pointer(s3_client, fallback_uri)
     if record is None:
         return {"present": False}
     result: dict[str, Any] = {

@@ -59,8 +59,9 @@ def validate_candidate(
     source = "pinned by the deployment" if evaluation_set.pinned else "this run's eval split"
     log(f"evaluation set: {evaluation_set.id} ({source}), {len(shards)} shards, {evaluation_set.channel_order.upper()}")
     try:
-        champion = evaluate_champion(s3_client, plan["published_pointer_uri"], shards, evaluation_set.to_dict(),
-                                     dataset, work / "champion")
+        champion = evaluate_champion(s3_client, plan.get("champion_pointer_uri") or plan["published_pointer_uri"],
+                                     shards, evaluation_set.to_dict(), dataset, work / "champion",
+                                     fallback_uri=plan["published_pointer_uri"])
     except PublishError as error:  # e.g. latest.json is not JSON: a person must look
         raise ModelRefused(str(error)) from None
     try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from headpose.planning.layout import RunLayout
+from headpose.registry import channels
 from headpose.registry.approval import approval_refusal, approval_summary
 from headpose.registry.model_packages import APPROVED, PENDING, REJECTED, ModelRegistry, sync_package
 from headpose.registry.pointer import (
@@ -140,9 +141,25 @@ def publish_model(
     return _published(layout, mirrored)
 
 
-def _published(layout: RunLayout, mirrored: list[str]) -> dict[str, Any]:
+def _publish_canary(
+    s3_client: Any, layout: RunLayout, record: Mapping[str, Any], canary: tuple[dict[str, Any] | None, str | None],
+    decision: Decision, rollout: Mapping[str, Any],
+) -> dict[str, Any]:
+    """With a rollout: history record, decision ``publish-<job>``, ``canary.json``; stable waits for the devices."""
+    stable = channels.read_channels(s3_client, layout.bucket, layout.folder)["stable"]
+    dag_run = {"dag_id": record.get("dag_id"), "run_id": record.get("run_id")} if record.get("run_id") else None
+    moved = channels.decision_record(
+        f"publish-{layout.training_job_name}", "canary", decision.reason, at=now_iso(), by="publish",
+        canary=record, stable=stable, rollout=rollout, dag_run=dag_run)
+    channels.publish_canary(s3_client, layout.bucket, layout.folder, record, layout.history_record_uri, canary,
+                            moved, rollout)
+    return {**_published(layout, [], layout.canary_pointer_uri), "channel": "canary",
+            "stable_training_job_name": (stable or {}).get("training_job_name")}
+
+
+def _published(layout: RunLayout, mirrored: list[str], pointer_uri: str | None = None) -> dict[str, Any]:
     return {
-        "published_pointer_uri": layout.published_pointer_uri,
+        "published_pointer_uri": pointer_uri or layout.published_pointer_uri,
         "history_record_uri": layout.history_record_uri,
         "published_model_uri": layout.frozen_model_uri,
         "mirror_prefix": layout.published_mirror_prefix if mirrored else None,
@@ -156,23 +173,36 @@ def pending_decision(
     report: Mapping[str, Any],
     margin: float = 0.0,
     force: bool = False,
+    rollout: Mapping[str, Any] | None = None,
 ) -> tuple[Decision, dict[str, Any] | None, str | None, bool]:
     """What ``publish`` would decide now: ``(decision, pointer record, its ETag, already published)``.
 
-    The approval task asks a person only when this promotes; ``publish`` acts on it.
+    The approval task asks a person only when this promotes; ``publish`` acts on it. With a
+    ``rollout`` the pointer is ``canary.json`` (what publish moves), the champion the stable
+    channel, and a champion that changed is told by its version, not its pointer's ETag.
     """
     champion = report.get("champion") or {}
-    current, etag = read_pointer(s3_client, layout.published_pointer_uri)
     frozen_sha = version["files"]["frozen_model.pb"]["sha256"]
-    if current and current["training_job_name"] == layout.training_job_name and (
-        record_files(current)["frozen_model.pb"]["sha256"] == frozen_sha
-    ):
-        return Decision(True, "already published (by an earlier try)"), current, etag, True
+    if rollout:
+        (current, etag), stable, already = channels.pending_canary(
+            s3_client, layout.bucket, layout.folder, layout.training_job_name, frozen_sha, rollout)
+        if already:
+            return Decision(True, "already published to a channel (by an earlier try)"), current, etag, True
+        compared = {"training_job_name": champion.get("training_job_name"),
+                    "frozen_sha256": champion.get("frozen_model_sha256")}
+        changed = bool(stable or champion.get("present")) and channels.version_of(stable) != compared
+    else:
+        current, etag = read_pointer(s3_client, layout.published_pointer_uri)
+        if current and current["training_job_name"] == layout.training_job_name and (
+            record_files(current)["frozen_model.pb"]["sha256"] == frozen_sha
+        ):
+            return Decision(True, "already published (by an earlier try)"), current, etag, True
+        stable, changed = current, etag != champion.get("pointer_etag")
     decision = promotion_decision(float(report["accuracy"]), champion, margin, force, report.get("comparison"))
-    if decision.promote and etag != champion.get("pointer_etag") and not force:
+    if decision.promote and changed and not force:
         decision = Decision(False, (
-            f"latest.json changed after the comparison (it now names "
-            f"{(current or {}).get('training_job_name')}); run again to compare, or set force_publish"
+            f"{'the stable channel' if rollout else 'latest.json'} changed after the comparison (it now names "
+            f"{(stable or {}).get('training_job_name')}); run again to compare, or set force_publish"
         ))
     return decision, current, etag, False
 
@@ -191,6 +221,7 @@ def promote_if_better(
     attempts: list[str] | None = None,
     approval: Mapping[str, Any] | None = None,
     model_registry: ModelRegistry | None = None,
+    rollout: Mapping[str, Any] | None = None,
 ) -> tuple[Decision, dict[str, Any] | None]:
     """Publish the run's validated version if ``promotion_decision`` says so (and, where required, a person).
 
@@ -200,10 +231,12 @@ def promote_if_better(
     this version counts as published, and the mirror and the Model Registry are synced
     again (a crash may have left them behind the pointer).
     """
-    decision, current, etag, already = pending_decision(s3_client, layout, version, report, margin, force)
+    decision, current, etag, already = pending_decision(s3_client, layout, version, report, margin, force, rollout)
     if already:
-        mirrored = sync_mirror(s3_client, current, layout.published_mirror_prefix) if mirror else []
+        mirrored = sync_mirror(s3_client, current, layout.published_mirror_prefix) if mirror and not rollout else []
         _sync_published(s3_client, model_registry, current, layout, read_back=True)
+        if rollout:
+            return decision, {**_published(layout, [], layout.canary_pointer_uri), "channel": "canary"}
         return decision, _published(layout, mirrored)
     refusal = approval_refusal(approval)
     if decision.promote and refusal:
@@ -223,7 +256,10 @@ def promote_if_better(
         record["model_package"] = {"group": package["model_package_group"], "arn": package["model_package_arn"],
                                    "status": APPROVED}
     try:
-        published = publish_model(s3_client, layout, record, expected_etag=etag, mirror=mirror)
+        if rollout:
+            published = _publish_canary(s3_client, layout, record, (current, etag), decision, rollout)
+        else:
+            published = publish_model(s3_client, layout, record, expected_etag=etag, mirror=mirror)
     except PointerChangedError as error:
         if model_registry:
             sync_package(model_registry, record, REJECTED, f"not published: {error}")
@@ -269,7 +305,7 @@ def publish_run(
         margin=plan["run_params"]["promotion_margin"], force=plan["run_params"]["force_publish"],
         mirror=plan["deployment"]["publish_latest_mirror"], dataset=_dataset_fingerprint(dataset),
         attempts=training.get("attempts"), extra=run_extra(training, dag_id, run_id),
-        approval=approval, model_registry=model_registry,
+        approval=approval, model_registry=model_registry, rollout=plan["deployment"].get("rollout"),
     )
     summary = run_summary(
         training_job_name=layout.training_job_name, decision=decision, report=report,

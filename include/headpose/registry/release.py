@@ -34,7 +34,7 @@ def prepare_request(
     layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
     params = plan["run_params"]
     decision, _, _, already = pending_decision(s3_client, layout, version, report, params["promotion_margin"],
-                                               params["force_publish"])
+                                               params["force_publish"], plan["deployment"].get("rollout"))
     if not approval_required(settings):
         return {"ask": False, "approval": approvals.not_asked(False, "release_approval is 'none'")}
     if already or not decision.promote:

@@ -38,6 +38,8 @@ def run_summary(
         "model_uri": model_uri,
         "published_pointer_uri": (published or {}).get("published_pointer_uri"),
         "published_model_uri": (published or {}).get("published_model_uri"),
+        "channel": (published or {}).get("channel"),
+        "stable_training_job_name": (published or {}).get("stable_training_job_name"),
     }
 
 
@@ -51,6 +53,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"published: {summary['published_model_uri']} (pointer {summary['published_pointer_uri']})"
         if summary["promoted"] else "not published; latest.json unchanged"
     )
+    if summary["promoted"] and summary.get("channel") == "canary":
+        where = (f"published to the canary channel: {summary['published_model_uri']} (pointer "
+                 f"{summary['published_pointer_uri']}); stable ({summary.get('stable_training_job_name') or 'nothing'}) "
+                 "moves when the canaries are healthy (headpose_rollout)")
     approval = summary.get("approval") or {}
     lines = [
         f"run summary: {summary['training_job_name']}",

@@ -21,14 +21,13 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from headpose.planning.rollout_settings import GREENGRASS_DEFAULTS
+
 RECIPE_FILE = "recipe.json"
 CLIENT_ZIP_FILE = "headpose-edge-client.zip"
 # The nucleus unpacks a ZIP artifact into a folder named after the file, without ".zip".
 CLIENT_FOLDER = CLIENT_ZIP_FILE[:-len(".zip")]
 RECIPE_FORMAT_VERSION = "2020-01-25"
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "component_name": "com.headpose.EdgeClient", "format": None, "create_component": False, "interval_seconds": 60,
-}
 # The edge client's own order (headpose.edge.client.PREFERRED_FORMATS) decides the format when
 # the setting names none; repeated here so that this module imports nothing of the client.
 PREFERRED_FORMATS = ("openvino_fp32", "onnx", "litert_float32", "openvino_fp16", "openvino_int8", "onnx_int8",
@@ -51,7 +50,7 @@ class GreengrassError(ValueError):
 
 def greengrass_settings(deployment: Mapping[str, Any] | None) -> dict[str, Any]:
     """The deployment's ``greengrass`` setting with every key filled in."""
-    return {**DEFAULT_SETTINGS, **dict((deployment or {}).get("greengrass") or {})}
+    return {**GREENGRASS_DEFAULTS, **dict((deployment or {}).get("greengrass") or {})}
 
 
 def component_version(training_job_name: str) -> str:
@@ -116,7 +115,7 @@ def recipe(
     ``formats`` is the version's ``formats`` (each with ``files``: uri, sha256); ``follow_uri``
     the channels prefix (``channels``) or ``latest.json``. Digests are the record's sha256s.
     """
-    settings = {**DEFAULT_SETTINGS, **dict(settings)}
+    settings = {**GREENGRASS_DEFAULTS, **dict(settings)}
     name = choose_format(formats, settings["format"])
     entry = formats[name]
     files = entry.get("files") or {Path(entry["uri"]).name: entry}
@@ -142,7 +141,7 @@ def recipe(
         "ComponentType": "aws.greengrass.generic",
         "ComponentConfiguration": {"DefaultConfiguration": {
             ("ChannelsPrefix" if channels else "Pointer"): follow_uri, "ReportPrefix": report_prefix,
-            "IntervalSeconds": int(settings["interval_seconds"]), "Format": name,
+            "IntervalSeconds": settings["interval_seconds"], "Format": name,
         }},
         "Manifests": [{
             "Name": "Linux",

@@ -21,11 +21,9 @@ from headpose.planning.layout import (
     CONFUSION_PNG_FILE,
     FROZEN_MODEL_FILE,
     FROZEN_MODEL_JSON_FILE,
-    POINTER_FILE,
     REPORT_FILE,
     REPORT_HTML_FILE,
     RunLayout,
-    s3_uri,
     split_s3_uri,
 )
 from headpose.registry.pointer import PublishError, is_missing_key, sha256_of_object
@@ -94,8 +92,8 @@ def _greengrass_files(
     recipe = gg.recipe(
         training_job_name=layout.training_job_name, formats=formats, client_zip_uri=client_uri,
         client_zip_sha256=client_sha256, channels=channels,
-        follow_uri=layout.published_prefix + ("channels/" if channels else POINTER_FILE),
-        report_prefix=s3_uri(layout.bucket, layout.folder, "devices/"), settings=settings,
+        follow_uri=layout.channels_prefix if channels else layout.published_pointer_uri,
+        report_prefix=layout.devices_prefix, settings=settings,
     )
     body = gg.recipe_bytes(recipe)
     recipe_sha256 = hashlib.sha256(body).hexdigest()

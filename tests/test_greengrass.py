@@ -162,3 +162,113 @@ def test_create_is_idempotent_on_conflict(greengrass, version):
     stubber.add_client_error("create_component_version", "AccessDeniedException", http_status_code=403)
     with pytest.raises(Exception, match="AccessDenied"):
         gg.create_component(client, recipe, REGION, ACCOUNT)
+
+
+# -- the recipe run as the nucleus would, against moto ------------------------------------
+
+def _real_onnx(s3, run, models) -> None:
+    """Give ``run``'s candidate the session's real ONNX model (files in S3, accepted by validation)."""
+    entry = models["manifest"]["formats"]["onnx"]
+    prefix = run.plan["candidate_prefix"] + "edge/"
+    files = {}
+    for file, ref in entry["files"].items():
+        s3.upload_file(str(models["edge_dir"] / file), *split_s3_uri(prefix + file))
+        files[file] = {"uri": prefix + file, "sha256": ref["sha256"]}
+    run.edge = {"formats": {"onnx": {"runtime": entry["runtime"], "precision": entry["precision"],
+                                     "metadata": entry["metadata"], "files": files}}}
+    run.report = {**run.report, "formats": {"onnx": {"accepted": True, "accuracy": 0.9, "max_abs_diff": 0.0,
+                                                     "latency_ms_b1": 1.0}}}
+    run.frozen = {**run.frozen, "channel_order": entry["metadata"]["preprocessing"]["channel_order"]}
+
+
+def _nucleus(s3, recipe: dict, root: Path, thing: str, merge: dict) -> tuple[dict, dict[str, str]]:
+    """Download and check the artifacts as the nucleus does, unpack the ZIP, and the recipe variables."""
+    import zipfile
+
+    artifacts, unpacked = root / "artifacts", root / "decompressed"
+    artifacts.mkdir(parents=True)
+    for artifact in recipe["Manifests"][0]["Artifacts"]:
+        data = _get(s3, artifact["Uri"])
+        assert base64.b64encode(hashlib.sha256(data).digest()).decode() == artifact["Digest"]
+        path = artifacts / artifact["Uri"].rsplit("/", 1)[1]
+        path.write_bytes(data)
+        if artifact["Unarchive"] == "ZIP":
+            zipfile.ZipFile(path).extractall(unpacked / path.name[:-len(".zip")])
+    config = {**recipe["ComponentConfiguration"]["DefaultConfiguration"], **merge}
+    variables = {"{artifacts:path}": str(artifacts), "{artifacts:decompressedPath}": str(unpacked),
+                 "{work:path}": str(root / "work"), "{iot:thingName}": thing,
+                 **{"{configuration:/%s}" % key: str(value) for key, value in config.items()}}
+    return config, variables
+
+
+def _substitute(text: str, variables: dict[str, str]) -> str:
+    for name, value in variables.items():
+        text = text.replace(name, value)
+    assert "{" not in text, f"a recipe variable is left: {text}"
+    return text
+
+
+def _events(process, until, deadline_s: float = 120.0) -> list[dict]:
+    """The follow events printed until ``until(event)`` holds (or the process ends, or the deadline)."""
+    import select
+    import time
+
+    seen, end = [], time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        ready, _, _ = select.select([process.stdout], [], [], end - time.monotonic())
+        line = process.stdout.readline() if ready else ""
+        if not line:
+            break
+        if line.startswith('{"event"'):
+            seen.append(json.loads(line))
+            if until(seen[-1]):
+                return seen
+    raise AssertionError(f"no such event; saw {seen}; stderr: {process.stderr.read() if process.poll() is not None else ''}")
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_follow_on_the_devices_channel(s3_client, s3_endpoint, tiny_edge_models, tmp_path):
+    """Install and Run of the recipe, variables substituted, with only the client zip on PYTHONPATH: the
+    canary device loads the canary channel's version, reports it to moto, and switches when the channel moves."""
+    import os
+    import subprocess
+    import sys
+
+    from fleet_support import channel_candidate, publish_to_canary
+
+    s3_client.create_bucket(Bucket="gg-tests")
+    first = channel_candidate(s3_client, "gg-tests", 0)
+    _real_onnx(s3_client, first, tiny_edge_models)
+    version = publish_to_canary(s3_client, first)
+    recipe = json.loads(_get(s3_client, version["files"]["greengrass/recipe.json"]["uri"]))
+    merge = json.loads(gg.deployment_request(target_arn=GROUP_ARN, component_name=recipe["ComponentName"],
+                                             version=recipe["ComponentVersion"], configuration={"IntervalSeconds": 1})
+                       ["components"][recipe["ComponentName"]]["configurationUpdate"]["merge"])
+    config, variables = _nucleus(s3_client, recipe, tmp_path, "cam-1", merge)
+    lifecycle = recipe["Manifests"][0]["Lifecycle"]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    subprocess.run(["sh", "-c", _substitute(lifecycle["Install"]["Script"], variables)], env=env, check=True,
+                   timeout=lifecycle["Install"]["Timeout"])
+    seeded = tmp_path / "work" / "cache" / version["formats"]["onnx"]["sha256"]
+    assert sorted(p.name for p in seeded.iterdir()) == sorted(version["formats"]["onnx"]["files"])
+    run_env = {**env, **{k: _substitute(v, variables) for k, v in lifecycle["Run"]["Setenv"].items()}}
+    assert run_env["PYTHONPATH"] == str(tmp_path / "decompressed" / "headpose-edge-client")
+    process = subprocess.Popen(["sh", "-c", "exec " + _substitute(lifecycle["Run"]["Script"], variables)],
+                               env=run_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        loaded = _events(process, lambda event: event["event"] == "loaded")[-1]
+        assert (loaded["training_job_name"], loaded["channel"]) == (first.job, "canary")
+        _events(process, lambda event: True)  # the next poll: the first report is written by now
+        report = json.loads(_get(s3_client, config["ReportPrefix"] + "cam-1/status.json"))
+        assert (report["device_id"], report["channel"], report["running"]["training_job_name"]) == (
+            "cam-1", "canary", first.job)
+        second = channel_candidate(s3_client, "gg-tests", 7)
+        _real_onnx(s3_client, second, tiny_edge_models)
+        publish_to_canary(s3_client, second)
+        switched = _events(process, lambda event: event["event"] not in ("unchanged",))[-1]
+        assert (switched["event"], switched["training_job_name"]) == ("switched", second.job)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -122,7 +122,7 @@ def recipe(
     runtime_module, runtime_package = RUNTIME_PACKAGES.get(entry.get("runtime", ""), (None, None))
     artifacts = [_artifact(client_zip_uri, client_zip_sha256, "ZIP")]
     artifacts += [_artifact(ref["uri"], ref["sha256"], "NONE") for _, ref in sorted(files.items())]
-    cache = f"{{work:path}}cache/{entry['sha256']}"
+    cache = f"{{work:path}}/cache/{entry['sha256']}"
     seed = " && ".join([f"mkdir -p '{cache}'"] + [f"cp '{{artifacts:path}}/{Path(ref['uri']).name}' '{cache}/{file}'"
                                                   for file, ref in sorted(files.items())])
     imports = ", ".join(["boto3", "numpy", "PIL", *([runtime_module] if runtime_module else [])])
@@ -131,7 +131,7 @@ def recipe(
     source = "--channels '{configuration:/ChannelsPrefix}'" if channels else "--pointer '{configuration:/Pointer}'"
     run = (f"python3 -m headpose.edge follow {source} --device-id '{{iot:thingName}}' "
            "--report '{configuration:/ReportPrefix}{iot:thingName}/status.json' "
-           "--format '{configuration:/Format}' --interval '{configuration:/IntervalSeconds}' --cache '{work:path}cache'")
+           "--format '{configuration:/Format}' --interval '{configuration:/IntervalSeconds}' --cache '{work:path}/cache'")
     return {
         "RecipeFormatVersion": RECIPE_FORMAT_VERSION,
         "ComponentName": settings["component_name"],

@@ -164,6 +164,36 @@ def test_create_is_idempotent_on_conflict(greengrass, version):
         gg.create_component(client, recipe, REGION, ACCOUNT)
 
 
+
+def test_publish_creates_the_component_where_the_deployment_says_so(s3_client, greengrass):
+    import airflow_support  # noqa: F401  (plugins/ on the path)
+    from headpose_operators.greengrass import greengrass_component
+
+    from headpose.registry.promotion import publish_run
+    from test_crash_points import champion_of
+
+    client, stubber = greengrass
+    s3_client.create_bucket(Bucket="gg-tests")
+    run = candidate(s3_client, "gg-tests", 0)
+    assert greengrass_component("aws_default", run.plan) is None  # create_component is off by default
+    run.plan["deployment"]["greengrass"] = {"create_component": True}
+    assert callable(greengrass_component("aws_default", run.plan))
+    run.report = {**run.report, "champion": champion_of(s3_client, run)}
+    version = upload(s3_client, run)
+    recipe = json.loads(_get(s3_client, version["files"]["greengrass/recipe.json"]["uri"]))
+    stubber.add_response("create_component_version", {
+        "arn": "arn:aws:greengrass:eu-west-1:123456789012:components:com.headpose.EdgeClient:versions:1.0.0",
+        "componentName": recipe["ComponentName"], "componentVersion": recipe["ComponentVersion"],
+        "creationTimestamp": "2025-03-01T04:00:00Z", "status": {"componentState": "REQUESTED"},
+    }, expected_params=gg.create_request(recipe))
+    decision, summary = publish_run(
+        s3_client, run.plan, run.training, run.dataset, run.report, version, dag_id="headpose_retraining",
+        run_id="gg", greengrass=lambda document: gg.create_component(client, document, REGION, ACCOUNT))
+    assert decision.promote
+    assert summary["greengrass_component"]["component_version"] == "20250301.30000000.0"
+    assert summary["greengrass_component"]["created"] is True
+
+
 # -- the recipe run as the nucleus would, against moto ------------------------------------
 
 def _real_onnx(s3, run, models) -> None:

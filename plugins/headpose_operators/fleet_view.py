@@ -48,7 +48,7 @@ class FleetLocation:
 
 
 def deployment_location() -> FleetLocation:
-    """The deployment's bucket and folder (profile, else ``$HEADPOSE_S3_BUCKET``), read through the workers' connection."""
+    """The deployment's bucket and folder (profile, else ``$HEADPOSE_S3_BUCKET``), read with the workers' connection."""
     from headpose.planning.params import param_schemas
     from headpose.planning.profile import load_profile
     from headpose_operators.s3 import s3_client

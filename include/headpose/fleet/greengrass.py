@@ -19,7 +19,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from headpose.planning.rollout_settings import GREENGRASS_DEFAULTS
 
@@ -131,7 +131,8 @@ def recipe(
     source = "--channels '{configuration:/ChannelsPrefix}'" if channels else "--pointer '{configuration:/Pointer}'"
     run = (f"python3 -m headpose.edge follow {source} --device-id '{{iot:thingName}}' "
            "--report '{configuration:/ReportPrefix}{iot:thingName}/status.json' "
-           "--format '{configuration:/Format}' --interval '{configuration:/IntervalSeconds}' --cache '{work:path}/cache'")
+           "--format '{configuration:/Format}' --interval '{configuration:/IntervalSeconds}' "
+           "--cache '{work:path}/cache'")
     return {
         "RecipeFormatVersion": RECIPE_FORMAT_VERSION,
         "ComponentName": settings["component_name"],
@@ -179,12 +180,15 @@ def create_request(document: Mapping[str, Any]) -> dict[str, Any]:
     return {"inlineRecipe": recipe_bytes(document), "clientToken": client_token(document)}
 
 
-def create_component(greengrass: Any, document: Mapping[str, Any], region: str, account: str) -> dict[str, Any]:
+def create_component(
+    greengrass: Any, document: Mapping[str, Any], region: str, account: str | Callable[[], str],
+) -> dict[str, Any]:
     """Create the component version; a version that exists with the same recipe counts as created.
 
     Greengrass refuses a second create of a name and version (ConflictException). A re-run
     then reads the recipe it holds and accepts it only if it is this one: a component
     version is immutable, so other contents are refused, as a published version's are.
+    ``account`` may be a function: it is needed (an STS call) only for that comparison.
     """
     try:
         response = greengrass.create_component_version(**create_request(document))
@@ -192,6 +196,7 @@ def create_component(greengrass: Any, document: Mapping[str, Any], region: str, 
     except Exception as error:
         if _error_code(error) != "ConflictException":
             raise
+    account = account() if callable(account) else account
     arn = (f"arn:aws:greengrass:{region}:{account}:components:{document['ComponentName']}"
            f":versions:{document['ComponentVersion']}")
     held = json.loads(greengrass.get_component(arn=arn, recipeOutputFormat="JSON")["recipe"])
@@ -200,6 +205,22 @@ def create_component(greengrass: Any, document: Mapping[str, Any], region: str, 
                               f"{document['ComponentVersion']} with another recipe; a component version "
                               "is never overwritten")
     return {"arn": arn, "status": "EXISTS", "created": False}
+
+
+def create_published_component(
+    s3_client: Any, version: Mapping[str, Any], create: Callable[[Mapping[str, Any]], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """``create`` the component of a published ``version`` from the recipe stored with it (None: it has none)."""
+    entry = (version.get("files") or {}).get(f"greengrass/{RECIPE_FILE}")
+    if not entry:
+        return None
+    bucket, _, key = entry["uri"][len("s3://"):].partition("/")
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+        raise GreengrassError(f"{entry['uri']} does not hold the recipe the version recorded "
+                              f"(sha256 {entry['sha256']})")
+    return {"component_name": version["greengrass"]["component_name"],
+            "component_version": version["greengrass"]["component_version"], **create(json.loads(body))}
 
 
 def deployment_request(

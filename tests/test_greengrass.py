@@ -105,7 +105,9 @@ def test_component_version(job, expected):
     assert gg.component_version(job) == expected
 
 
-def test_requests_are_accepted_by_the_service_model(greengrass, version):
+def test_requests_are_accepted_by_the_service_model(greengrass, version, capsys):
+    from headpose.fleet.__main__ import main
+
     client, stubber = greengrass
     recipe = version["recipe"]
     request = gg.create_request(recipe)
@@ -117,8 +119,11 @@ def test_requests_are_accepted_by_the_service_model(greengrass, version):
     assert gg.create_component(client, recipe, REGION, ACCOUNT) == {"arn": arn, "status": "REQUESTED",
                                                                     "created": True}
     assert request_problems("greengrassv2", "CreateComponentVersion", request) == []
-    deployment = gg.deployment_request(target_arn=GROUP_ARN, component_name=recipe["ComponentName"],
-                                       version=recipe["ComponentVersion"], configuration={"IntervalSeconds": 30})
+    assert main(["greengrass-deployment", "--job", version["run"].job, "--target-arn", GROUP_ARN,
+                 "--interval-seconds", "30"]) == 0  # what the README sends with the AWS CLI
+    deployment = json.loads(capsys.readouterr().out)
+    assert deployment["components"] == {recipe["ComponentName"]: {
+        "componentVersion": recipe["ComponentVersion"], "configurationUpdate": {"merge": '{"IntervalSeconds": 30.0}'}}}
     stubber.add_response("create_deployment", {"deploymentId": "d-1", "iotJobId": "j-1"}, expected_params=deployment)
     client.create_deployment(**deployment)
     assert request_problems("greengrassv2", "CreateDeployment", deployment) == []

@@ -24,7 +24,7 @@ def dag():
 def test_the_dag_folder_imports_without_errors():
     bag = load_dagbag()
     assert bag.import_errors == {}
-    assert list(bag.dags) == ["headpose_retraining"]
+    assert sorted(bag.dags) == ["headpose_retraining", "headpose_rollout"]
 
 
 def test_tasks_run_in_the_documented_order(dag):
@@ -83,12 +83,13 @@ def test_templated_fields_of_the_custom_operators():
         ReleaseApprovalOperator.template_fields)
 
 
-def test_importing_the_dag_loads_no_tensorflow_numpy_sagemaker_or_plotting():
+@pytest.mark.parametrize("dag_file", ["headpose_retraining.py", "headpose_rollout.py"])
+def test_importing_the_dag_loads_no_tensorflow_numpy_sagemaker_or_plotting(dag_file):
     # A fresh interpreter: this test process has imported those modules already.
     script = f"""
 import json, sys, importlib.util
 sys.path[:0] = [{str(INCLUDE)!r}, {str(PLUGINS)!r}]
-spec = importlib.util.spec_from_file_location("headpose_retraining_dag", {str(DAGS / 'headpose_retraining.py')!r})
+spec = importlib.util.spec_from_file_location("headpose_dag", {str(DAGS / dag_file)!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 heavy = sorted(m for m in sys.modules
@@ -132,3 +133,16 @@ def test_the_parse_benchmarks_baseline_has_the_dags_shape(dag):
     assert shape(twin) == shape(dag)
     assert {t.operator_name for t in twin.tasks} == {"EmptyOperator"}
     assert set(twin.params.keys()) == set(dag.params.keys())
+
+
+def test_the_rollout_dag_assesses_then_acts_and_runs_on_its_schedule_only_with_a_rollout(monkeypatch):
+    bag = load_dagbag()
+    rollout = bag.dags["headpose_rollout"]
+    assert rollout.task_dict["assess_rollout"].downstream_task_ids == {"act"}
+    assert set(rollout.params.keys()) == {"s3_bucket", "headpose_folder"}
+    monkeypatch.delenv("HEADPOSE_RUN_DEFAULTS", raising=False)
+    assert load_dagbag().dags["headpose_rollout"].schedule is None  # no rollout: never by itself
+    monkeypatch.setenv("HEADPOSE_RUN_DEFAULTS", json.dumps({"rollout": {"canary_share": 0.1}}))
+    assert load_dagbag().dags["headpose_rollout"].schedule == "*/15 * * * *"
+    monkeypatch.setenv("HEADPOSE_ROLLOUT_SCHEDULE", "none")
+    assert load_dagbag().dags["headpose_rollout"].schedule is None

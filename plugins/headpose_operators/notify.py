@@ -189,6 +189,19 @@ def _recorded_line(context: Context) -> str | None:
     return found[0] if found else None
 
 
+def rollout_alert(context: Context, line: str, log: Any) -> None:
+    """A rollback decided by ``headpose_rollout``: ``HEADPOSE ALERT <line>`` in the log, and to
+    ``$HEADPOSE_NOTIFIER`` where one is set. The run itself stays green: it did its job."""
+    log.error("HEADPOSE ALERT %s", line)
+    forward = forwarded_notifier()
+    if forward is None:
+        return
+    try:
+        forward({**context, LINE_KEY: line, ANY_LINE_KEY: line})
+    except Exception:
+        log.exception("the %s notifier could not send the rollout alert", type(forward).__name__)
+
+
 def failure_notifier() -> HeadposeFailureNotifier:
     """Every task's ``on_failure_callback``: the line in the task's log."""
     return HeadposeFailureNotifier()

@@ -9,7 +9,8 @@ Rules, in order (DESIGN.md, headpose_rollout):
 3. for a format both sides report, the median canary p95 over the median stable p95
    exceeds ``max_p95_latency_ratio`` with at least ``min_canaries`` canaries: roll back;
 4. at least ``min_canaries`` canaries have run the canary version for ``soak_minutes`` with
-   inferences, and the channel moved at least ``soak_minutes`` ago: promote;
+   inferences, the channel moved at least ``soak_minutes`` ago, and at least 10 samples
+   stay within ``max_error_rate``: promote;
 5. otherwise nothing, saying what is short.
 """
 from __future__ import annotations
@@ -123,12 +124,15 @@ def assess(
                                   f"{rollout['max_p95_latency_ratio']:g}", rows, figures, ignored)
     moved_at = (canary.get("channel_moved") or {}).get("at")
     channel_soaked = moved_at is None or now - parse_time(moved_at) >= timedelta(minutes=soak)
-    if len(soaked) >= rollout["min_canaries"] and channel_soaked:
+    # Never promote on too few samples: a rate over fewer than MIN_SAMPLES says nothing yet.
+    healthy = samples >= MIN_SAMPLES and rate <= rollout["max_error_rate"]
+    if len(soaked) >= rollout["min_canaries"] and channel_soaked and healthy:
         return Assessment(PROMOTE, f"promote {names}: {len(soaked)} canaries ran it for >= {soak:g} min, "
                           f"error rate {rate:.3f} over {samples} samples", rows, figures, ignored)
     skipped = sum(ignored.values())
     return Assessment(NONE, f"waiting: {len(soaked)} of min {rollout['min_canaries']} canaries have run {job} for "
-                      f"{soak:g} min with inferences ({len(on_canary)} run it, {samples} samples"
+                      f"{soak:g} min with inferences ({len(on_canary)} run it, {samples} samples, "
+                      f"min {MIN_SAMPLES} at error rate <= {rollout['max_error_rate']:g}"
                       f"{'' if channel_soaked else '; the channel moved less than the soak ago'}); "
                       f"{skipped} reports ignored", rows, figures, ignored)
 

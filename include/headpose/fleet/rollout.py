@@ -56,37 +56,60 @@ def tick(
     """Read the channels and reports, decide, act: ``{"action", "reason", "rows", "figures", "ignored", ...}``."""
     now = now or datetime.now(timezone.utc)
     rollout = rollout_in_force(rollout) or {}
+    assessment = assess_now(s3_client, bucket, folder, rollout, now, log)
+    return act(s3_client, bucket=bucket, folder=folder, rollout=rollout, assessment=assessment, now=now,
+               dag_run=dag_run, mirror=mirror, log=log)
+
+
+
+
+def act(
+    s3_client: Any, *, bucket: str, folder: str, rollout: Mapping[str, Any], assessment: Mapping[str, Any],
+    now: datetime | None = None, dag_run: Mapping[str, str] | None = None, mirror: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Apply an assessment's promote or rollback as decision ``<run id>``; a re-run re-applies its record."""
+    now = now or datetime.now(timezone.utc)
+    rollout = rollout_in_force(rollout) or {}
     ident = decision_id((dag_run or {}).get("run_id") or f"tick-{now.strftime('%Y%m%dT%H%M%S')}")
-    earlier = channels.read_decision(s3_client, channels.decision_uri(bucket, folder, ident))
+    uri = channels.decision_uri(bucket, folder, ident)
+    earlier = channels.read_decision(s3_client, uri)
     if earlier:  # this run decided before and was interrupted: finish that, do not decide again
         log(f"decision {ident} was written by an earlier try: applying it again")
         apply(s3_client, bucket, folder, earlier, mirror=mirror)
-        return {**earlier, "applied": True, "reapplied": True}
-    assessment = assess_now(s3_client, bucket, folder, rollout, now, log)
-    result = {"id": ident, "action": assessment.action, "reason": assessment.reason, "rows": assessment.rows,
-              "figures": assessment.figures, "ignored": assessment.ignored, "applied": False}
-    if assessment.action == NONE:
+        return {**earlier, "rows": earlier.get("fleet"), "applied": True, "reapplied": True, "decision_uri": uri}
+    result = {**dict(assessment), "id": ident, "applied": False}
+    if assessment["action"] == NONE:
         return result
     state = channels.read_channels(s3_client, bucket, folder)
+    if channels.version_of(state[CANARY]) != assessment["canary"]:
+        return {**result, "action": NONE, "reason": f"the canary changed after it was assessed (now "
+                f"{(state[CANARY] or {}).get('training_job_name')}); the next run assesses it"}
     decision = channels.decision_record(
-        ident, assessment.action, assessment.reason, at=now.isoformat(), by="headpose_rollout",
-        canary=state[CANARY], stable=state[STABLE], rollout=rollout, dag_run=dag_run, figures=assessment.figures,
-        fleet=assessment.rows, ignored=assessment.ignored)
+        ident, assessment["action"], assessment["reason"], at=now.isoformat(), by="headpose_rollout",
+        canary=state[CANARY], stable=state[STABLE], rollout=rollout, dag_run=dag_run, figures=assessment["figures"],
+        fleet=assessment["rows"], ignored=assessment["ignored"])
     apply(s3_client, bucket, folder, decision, mirror=mirror)
-    return {**result, "applied": True, "decision_uri": channels.decision_uri(bucket, folder, ident)}
+    return {**result, "applied": True, "decision_uri": uri, "canary": decision["canary"],
+            "stable": decision["stable"]}
 
 
 def assess_now(
     s3_client: Any, bucket: str, folder: str, rollout: Mapping[str, Any], now: datetime,
     log: Callable[[str], None] = print,
-) -> Assessment:
-    """The assessment of the channels and reports as they are now."""
+) -> dict[str, Any]:
+    """The assessment of the channels and reports as they are now, as JSON (the DAG's XCom):
+    ``{"action", "reason", "rows", "figures", "ignored", "canary", "stable"}`` (the versions assessed)."""
+    rollout = rollout_in_force(rollout) or {}
     state = channels.read_channels(s3_client, bucket, folder)
     if state[STABLE] is None:  # before the channels exist, the stable model is latest.json's
         state[STABLE] = read_pointer(s3_client, channels.channel_uris(bucket, folder)["latest"])[0]
     moved_at = ((state[CANARY] or {}).get("channel_moved") or {}).get("at")
     reports, ignored = read_reports(s3_client, bucket, folder, rollout, moved_at=moved_at, now=now, log=log)
-    return assess(state[CANARY], state[STABLE], reports, rollout, now, ignored)
+    assessment: Assessment = assess(state[CANARY], state[STABLE], reports, rollout, now, ignored)
+    return {"action": assessment.action, "reason": assessment.reason, "rows": assessment.rows,
+            "figures": assessment.figures, "ignored": assessment.ignored,
+            "canary": channels.version_of(state[CANARY]), "stable": channels.version_of(state[STABLE])}
 
 
 def act_by_hand(

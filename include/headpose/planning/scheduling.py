@@ -19,6 +19,10 @@ value everywhere), not by editing the DAG:
                                       watcher after a 20 s long poll of the queue found nothing
                                       (default 60, the provider's ``waiter_delay``)
 
+``HEADPOSE_ROLLOUT_SCHEDULE``         how often ``headpose_rollout`` reads the devices' reports where the
+                                      profile has a ``rollout`` (default every 15 minutes; ``none`` =
+                                      manual only); without one it never runs by itself
+
 Environment rather than an Airflow Variable: it is read at every DAG parse, and a
 Variable lookup there is a metadata-database query per parse.
 
@@ -51,6 +55,8 @@ TRAIN_MARGIN = timedelta(hours=1)
 # database; a few GB of shards and a ~100 MB model); generous, they stop hung tasks.
 TASK_TIMEOUTS: dict[str, timedelta] = {
     "plan_run": timedelta(minutes=10),
+    "assess_rollout": timedelta(minutes=10),  # lists and reads at most 5000 reports of 16 KiB
+    "act": timedelta(minutes=30),  # a promote copies the version's files to the mirror
     "claim_data_version": timedelta(minutes=30),  # the sha256 of the archive: streams it once
     "stage_dataset": timedelta(hours=3),  # generate / convert and upload every shard
     "package_code": timedelta(minutes=15),
@@ -74,6 +80,7 @@ TASK_TIMEOUTS: dict[str, timedelta] = {
 # Tasks whose failures are mostly the network or AWS: these retry with backoff. The
 # others retry once, for a worker that died under them.
 AWS_TASKS = frozenset({
+    "assess_rollout", "act",
     "claim_data_version", "record_data_version",
     "stage_dataset", "package_code", "train", "download_artifact", "freeze_graph", "export_edge_models",
     "validate_model", "upload_frozen_model", "approve_release", "publish", "record_release",
@@ -108,6 +115,24 @@ def schedule(environ: Mapping[str, str] | None = None) -> str | None:
     if not value.startswith("@") and not 5 <= len(value.split()) <= 7:
         raise ValueError(f"${SCHEDULE_ENV}={value!r} is not a cron expression, a preset such as "
                          f"@weekly, or 'none'")
+    return value
+
+
+ROLLOUT_SCHEDULE_ENV = "HEADPOSE_ROLLOUT_SCHEDULE"
+DEFAULT_ROLLOUT_SCHEDULE = "*/15 * * * *"
+
+
+def rollout_schedule(has_rollout: bool, environ: Mapping[str, str] | None = None) -> str | None:
+    """``headpose_rollout``'s schedule: ``$HEADPOSE_ROLLOUT_SCHEDULE`` where a rollout is configured, else None."""
+    if not has_rollout:
+        return None
+    value = _env(environ).get(ROLLOUT_SCHEDULE_ENV, "").strip()
+    if not value:
+        return DEFAULT_ROLLOUT_SCHEDULE
+    if value.lower() in DISABLED:
+        return None
+    if not value.startswith("@") and not 5 <= len(value.split()) <= 7:
+        raise ValueError(f"${ROLLOUT_SCHEDULE_ENV}={value!r} is not a cron expression, a preset or 'none'")
     return value
 
 

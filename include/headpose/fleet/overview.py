@@ -40,8 +40,8 @@ def overview(
     state[LATEST] = read_pointer(s3_client, uris[LATEST])[0]
     if rollout:
         assessment = assess_now(s3_client, bucket, folder, rollout, now, log)
-        rows, ignored = assessment.rows, assessment.ignored
-        pending = {"action": assessment.action, "reason": assessment.reason, "figures": assessment.figures}
+        rows, ignored = assessment["rows"], assessment["ignored"]
+        pending = {key: assessment[key] for key in ("action", "reason", "figures")}
     else:  # no channels: every device follows latest.json
         reports, ignored = read_reports(s3_client, bucket, folder, None, now=now, log=log)
         rows, pending = fleet_rows(reports, None, state[LATEST], None, now), None

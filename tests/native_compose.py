@@ -114,7 +114,8 @@ STACK_PROFILE = {
     # Channels: publish moves the canary; the fleet view's test promotes it (test_fleet_view).
     "rollout": {"canary_devices": ["stack-cam-1", "stack-cam-2"], "min_canaries": 1, "soak_minutes": 0},
 }
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ROLLOUT_SCHEDULE": "none",
+            "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
             "HEADPOSE_RUN_DEFAULTS": json.dumps(STACK_PROFILE)}
 
 

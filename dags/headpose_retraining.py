@@ -232,16 +232,16 @@ def headpose_retraining():
 
     @task(outlets=[PUBLISHED_MODEL], **scheduling.task_args("publish"))
     def publish(plan: dict, training: dict, dataset: dict, report: dict, version: dict) -> dict:
-        """Promotes the new version if it passes `promotion_rule` against the published one (or
-        `force_publish`) and, where required, a person approved it: history record, the
-        `published/latest.json` pointer (conditional on the one compared with), the mirror, the
-        Model Registry. Otherwise **skipped**, nothing under `published/` changes; the log and XCom
-        `summary` hold the run summary either way."""
+        """Promotes the new version if it passes `promotion_rule` against the published one (or `force_publish`)
+        and, where required, a person approved it: history record, pointer (conditional on the one compared with),
+        mirror, Model Registry, Greengrass component. Otherwise **skipped**, nothing under `published/` changes;
+        the log and XCom `summary` hold the run summary either way."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from headpose.registry.pointer import PublishError
         from headpose.registry.promotion import publish_run
         from headpose.registry.summary import format_summary
+        from headpose_operators.greengrass import greengrass_component
         from headpose_operators.sagemaker import model_registry
 
         context = get_current_context()
@@ -249,7 +249,7 @@ def headpose_retraining():
             decision, summary = publish_run(
                 _s3(plan), plan, training, dataset, report, version, dag_id=DAG_ID, run_id=context["dag_run"].run_id,
                 approval=context["ti"].xcom_pull(task_ids="approve_release", key=APPROVAL_KEY),
-                model_registry=model_registry(AWS_CONN_ID, plan),
+                model_registry=model_registry(AWS_CONN_ID, plan), greengrass=greengrass_component(AWS_CONN_ID, plan),
             )
         except PublishError as error:  # the published state itself is wrong: a person must look
             raise _fail(str(error)) from None

@@ -111,8 +111,11 @@ STACK_PROFILE = {
     "retrain_on": "either", "new_data_queue": NEW_DATA_QUEUE,
     "new_data_prefix": f"s3://{env_example_names()['HEADPOSE_S3_BUCKET']}/{NEW_DATA_FOLDER}",
     "release_approval": "required", "approvers": [TEST_APPROVER], "approval_timeout": f"{TEST_APPROVAL_TIMEOUT_SECONDS}s",
+    # Channels: publish moves the canary; the fleet view's test promotes it (test_fleet_view).
+    "rollout": {"canary_devices": ["stack-cam-1", "stack-cam-2"], "min_canaries": 1, "soak_minutes": 0},
 }
-TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
+TEST_ENV = {"HEADPOSE_SCHEDULE": "none", "HEADPOSE_ROLLOUT_SCHEDULE": "none",
+            "HEADPOSE_NEW_DATA_POLL_SECONDS": "1",
             "HEADPOSE_RUN_DEFAULTS": json.dumps(STACK_PROFILE)}
 
 

@@ -22,7 +22,7 @@ line: the version's package ``Approved`` when published, ``Rejected`` when not p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from headpose.planning.layout import RunLayout
 from headpose.registry import channels
@@ -105,6 +105,7 @@ def publish_record(
         "attempts": list(attempts or [layout.training_job_name]),
         "files": {name: dict(entry) for name, entry in version["files"].items()},
         "formats": {name: dict(entry) for name, entry in (version.get("formats") or {}).items()},
+        **({"greengrass": dict(version["greengrass"])} if version.get("greengrass") else {}),
         "evaluation_set": report.get("evaluation_set"),
         "dataset": dict(dataset) if dataset else None,
         "metrics": {
@@ -299,8 +300,13 @@ def publish_run(
     run_id: str,
     approval: Mapping[str, Any] | None = None,
     model_registry: ModelRegistry | None = None,
+    greengrass: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[Decision, dict[str, Any]]:
-    """``publish``'s work: promote the run's model version or keep the published one; the summary."""
+    """``publish``'s work: promote the run's model version or keep the published one; the summary.
+
+    ``greengrass`` creates the version's Greengrass component once it is published (a retry
+    creates it again: ``fleet.greengrass.create_component`` is idempotent).
+    """
     layout = RunLayout.from_dict(plan).for_job(training["training_job_name"])
     decision, published = promote_if_better(
         s3_client, layout, version=version, report=report,
@@ -313,6 +319,10 @@ def publish_run(
         training_job_name=layout.training_job_name, decision=decision, report=report,
         training=training["Training"], model_uri=layout.frozen_model_uri, published=published, approval=approval,
     )
+    if greengrass and decision.promote:
+        from headpose.fleet.greengrass import create_published_component
+
+        summary["greengrass_component"] = create_published_component(s3_client, version, greengrass)
     return decision, summary
 
 

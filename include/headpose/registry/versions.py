@@ -6,12 +6,15 @@ prefix to ``TFartifacts/<job>/output/``, beside ``model.tar.gz`` as the tutorial
 them. Each source is checked against the sha256 its task recorded first, and each copy
 carries that sha256 in its metadata. A version that a history record already references
 is never overwritten: its files must be the same bytes, or the task refuses.
+Beside them go the version's Greengrass component recipe and the edge client zip it names
+(``output/greengrass/``, ``headpose.fleet.greengrass``), made here and kept under the same rule.
 
 Before the first copy the store is checked (``store_checks``): it must honour conditional
 writes, and where the deployment sets ``object_lock_days`` the copies are locked.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping
 
 from headpose.planning.layout import (
@@ -64,8 +67,59 @@ def make_version(
         primary = copied.get((fmt.get("metadata") or {}).get("model_file")) or next(iter(copied.values()))
         formats[name] = {**{k: v for k, v in fmt.items() if k != "files"}, "uri": primary["uri"],
                          "sha256": primary["sha256"], "files": copied}
+    greengrass = _greengrass_files(s3_client, plan, layout, formats, referenced, lock)
+    files.update(greengrass.pop("files", {}))
     return {"files": files, "formats": formats, "channel_order": frozen["channel_order"],
-            "version_prefix": layout.version_prefix}
+            "version_prefix": layout.version_prefix, **greengrass}
+
+
+def _greengrass_files(
+    s3_client: Any, plan: Mapping[str, Any], layout: RunLayout, formats: Mapping[str, Any], referenced: bool,
+    lock: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The version's Greengrass component: the client zip, then the recipe naming it (``output/greengrass/``)."""
+    from headpose.fleet import greengrass as gg
+
+    if not formats:  # nothing a device could run
+        return {}
+    deployment = plan.get("deployment") or {}
+    settings = gg.greengrass_settings(deployment)
+    folder = layout.version_prefix + "greengrass/"
+    client = gg.client_zip()
+    client_sha256 = hashlib.sha256(client).hexdigest()
+    client_uri = _put_verified(s3_client, client, client_sha256, folder + gg.CLIENT_ZIP_FILE, referenced, lock)
+    channels = bool(deployment.get("rollout"))
+    recipe = gg.recipe(
+        training_job_name=layout.training_job_name, formats=formats, client_zip_uri=client_uri,
+        client_zip_sha256=client_sha256, channels=channels,
+        follow_uri=layout.channels_prefix if channels else layout.published_pointer_uri,
+        report_prefix=layout.devices_prefix, settings=settings,
+    )
+    body = gg.recipe_bytes(recipe)
+    recipe_sha256 = hashlib.sha256(body).hexdigest()
+    recipe_uri = _put_verified(s3_client, body, recipe_sha256, folder + gg.RECIPE_FILE, referenced, lock)
+    return {
+        "files": {f"greengrass/{gg.CLIENT_ZIP_FILE}": {"uri": client_uri, "sha256": client_sha256},
+                  f"greengrass/{gg.RECIPE_FILE}": {"uri": recipe_uri, "sha256": recipe_sha256}},
+        "greengrass": {"component_name": recipe["ComponentName"], "component_version": recipe["ComponentVersion"]},
+    }
+
+
+def _put_verified(
+    s3_client: Any, data: bytes, sha256: str, target_uri: str, referenced: bool, lock: dict[str, Any] | None,
+) -> str:
+    """``_copy_verified``'s rule for bytes made here: equal bytes are left, a referenced version is never changed."""
+    existing = _recorded_sha256(s3_client, target_uri)
+    if existing != sha256:
+        if existing is not None and referenced:
+            raise PublishError(
+                f"{target_uri} is part of a published version and holds other bytes (sha256 {existing}) than "
+                f"this run's {sha256}; a published version is never overwritten"
+            )
+        bucket, key = split_s3_uri(target_uri)
+        s3_client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha256})
+    lock_object(s3_client, target_uri, lock)
+    return target_uri
 
 
 def _accepted_formats(edge: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -250,8 +250,10 @@ def test_an_approval_in_the_ui_publishes_and_the_record_names_the_approver(nativ
         page.screenshot(path=str(ARTIFACTS / "approval-approved.png"), full_page=True)
     states = finish(native_stack, stack_api, prebuilt)
     assert (states[APPROVAL_TASK], states["publish"], states["record_release"]) == ("success", "success", "success")
-    pointer = stored(native_stack, plan["published_pointer_uri"])
-    assert pointer["training_job_name"] == plan["training_job_name"]
+    # The stack's profile has a rollout: an approval moves the canary channel, nothing else.
+    pointer = stored(native_stack, plan["canary_pointer_uri"])
+    assert (pointer["training_job_name"], pointer["channel"]) == (plan["training_job_name"], "canary")
+    assert not [key for key in published(native_stack, plan) if key.endswith(("/latest.json", "/stable.json"))]
     assert (pointer["approval"]["decision"], pointer["approval"]["by"], pointer["approval"]["comment"]) == (
         "approved", TEST_APPROVER, "checked the report")
     package = package_status(native_stack, plan)

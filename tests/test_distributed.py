@@ -93,11 +93,22 @@ def test_a_run_triggered_through_the_api_spreads_over_both_workers_and_publishes
         "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan_run/xcomEntries/training_job_name"
     )["value"]
     s3 = native_stack.s3_client()
-    pointer = json.loads(s3.get_object(Bucket=native_stack.bucket, Key="headpose/published/latest.json")["Body"].read())
-    assert pointer["training_job_name"] == job and set(pointer["formats"])
+    # The stack's profile has a rollout: the approved model went to the canary channel only,
+    # with its decision record first; the stable channel, latest.json and the mirror move
+    # when headpose_rollout finds the canaries healthy (test_fleet_view promotes one).
+    pointer = json.loads(s3.get_object(Bucket=native_stack.bucket,
+                                       Key="headpose/published/channels/canary.json")["Body"].read())
+    assert (pointer["training_job_name"], pointer["channel"]) == (job, "canary") and set(pointer["formats"])
     assert (pointer["approval"]["decision"], pointer["approval"]["by"]) == ("approved", native_stack.login("operator")[0])
-    graph = s3.head_object(Bucket=native_stack.bucket, Key="headpose/published/latest/frozen_model.pb")
-    assert graph["ContentLength"] > 0
+    assert pointer["channel_moved"]["decision_uri"].endswith(f"/published/rollouts/publish-{job}.json")
+    s3.head_object(Bucket=native_stack.bucket, Key=f"headpose/published/rollouts/publish-{job}.json")
+    for key in ("headpose/published/latest.json", "headpose/published/channels/stable.json"):
+        try:
+            named = json.loads(s3.get_object(Bucket=native_stack.bucket, Key=key)["Body"].read())["training_job_name"]
+        except s3.exceptions.NoSuchKey:
+            continue
+        assert named != job, key
+    assert "published to the canary channel" in task_log(native_stack, run_id, "publish")
     # Rendering ran in a pool of two processes inside a Celery prefork worker (a daemonic
     # process, which may not start one itself).
     assert "rendered 6 rounds of 93 poses in 2 processes" in task_log(native_stack, run_id, "stage_dataset")

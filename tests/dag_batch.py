@@ -112,7 +112,7 @@ SCENARIOS = [
     Scenario("below min_accuracy", 1, "headpose-e2e-refused", {**TINY_CONF, "min_accuracy": 1}, champion=True,
              artifact="good", env=ONNX_ONLY),
     Scenario("bad conf", 2, "headpose-e2e-bad-conf", {**TINY_CONF, "training_steps": 0}),
-    # tests/test_sagemaker_backend.py: moto's job runs no code; its artifact is where SageMaker puts it.
+    # tests/test_sagemaker_run.py: moto's job runs no code; its artifact is where SageMaker puts it.
     Scenario("sagemaker backend", 3, "headpose-sm-e2e", {**TINY_CONF, "backend": "sagemaker", "role_arn": ROLE_ARN},
              artifact="good", env=ONNX_ONLY),
     # tests/test_faults.py

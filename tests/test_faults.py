@@ -9,8 +9,7 @@ publishing is the point.
   rolled back), a corrupt dataset, a SageMaker run without a role, the endpoint going
   away inside a task (retries, then the failure), and every task cleared and run again
   alone after a failed run's teardown.
-* Each of the eleven hostile or broken archives is refused by ``freeze_graph`` itself,
-  the operator run against moto (no retry, nothing written).
+* Each of the eleven hostile or broken archives is refused by ``freeze_graph`` itself (no retry).
 * Runs that something happens to while they run are their own processes: the worker
   killed during ``train`` and then during ``freeze_graph``, and two runs at once.
 

@@ -7,20 +7,26 @@ replicated training loop is held against ``Model.fit``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from headpose.artifacts.archive import find_saved_model, safe_extract
-from headpose.backends.local import run_local_training_job
+from headpose.backends.local import LocalTrainingError, run_local_training_job
 from headpose.backends.sourcedir import build_sourcedir
 from headpose.planning.layout import RunLayout, split_s3_uri
 from headpose.planning.request import training_job_request
 from headpose.planning.rules import validate_run_params
+
+from test_local_backend import BUCKET as LOCAL_BUCKET, NO_S3, _alive, _sourcedir_bytes, job  # noqa: F401  (a fixture)
 
 BUCKET = "multi-host-test"
 JOB = "deeplens-TF-headpose-2024-05-06-07-08-09"
@@ -201,3 +207,59 @@ def test_the_replicated_training_loop_takes_the_steps_model_fit_takes(policy):
     for ours, theirs in zip(by_loop.weights, by_fit.weights):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5, err_msg=ours.path)
     np.testing.assert_allclose(np.array(loop_logs.seen), np.array(fit_logs.seen), rtol=1e-4)
+
+
+# -- the local backend's two hosts, as processes ------------------------------------------
+
+# What a host of a cluster sees; the worker then fails while the chief waits for it.
+HOST_PROGRAM = textwrap.dedent('''
+    import json, os, sys, time
+    from pathlib import Path
+
+    host, hosts = os.environ["SM_CURRENT_HOST"], json.loads(os.environ["SM_HOSTS"])
+    root = Path(os.environ["SM_MODEL_DIR"]).parent
+    root.joinpath("seen.json").write_text(json.dumps({
+        "hosts": hosts, "current_host": host, "tf_config": json.loads(os.environ.get("TF_CONFIG") or "null"),
+        "channel_files": sorted(os.listdir(os.environ["SM_CHANNEL_TRAINING"])), "cwd": os.getcwd()}))
+    root.joinpath("program.pid").write_text(str(os.getpid()))
+    print(f"hello from {host}", flush=True)
+    if host != hosts[0]:
+        Path(os.environ["SM_OUTPUT_DIR"], "failure").write_text("RuntimeError: lost the chief")
+        sys.exit(1)
+    time.sleep(600)  # the chief, waiting for its worker in a collective step
+''')
+
+
+def test_two_hosts_run_as_two_processes_under_the_contract_and_one_failing_stops_the_other(job, s3_client):
+    s3_client.put_object(Bucket=LOCAL_BUCKET, Key=job["code_key"], Body=_sourcedir_bytes(HOST_PROGRAM))
+    request = {**job["request"], "ResourceConfig": {**job["request"]["ResourceConfig"], "InstanceCount": 2}}
+    request["HyperParameters"] = {**request["HyperParameters"],
+                                  "sagemaker_multi_worker_mirrored_strategy_enabled": "true"}
+    lines: list[str] = []
+    started: list[subprocess.Popen] = []
+    # A TF_CONFIG in the worker's environment must not reach a host: it names another cluster.
+    environ = {**os.environ, **NO_S3, "TF_CONFIG": '{"cluster": {"worker": ["elsewhere:1"]}}'}
+    with pytest.raises(LocalTrainingError) as failed:
+        run_local_training_job(request, s3_client, job["root"], lines.append, environ=environ,
+                               sourcedir_sha256=hashlib.sha256(_sourcedir_bytes(HOST_PROGRAM)).hexdigest(),
+                               on_start=started.append)
+    assert len(started) == 2 and started[0].pid != started[1].pid
+    roots = {"algo-1": job["root"], "algo-2": job["root"] / "hosts" / "algo-2"}
+    seen = {host: json.loads((root / "seen.json").read_text()) for host, root in roots.items()}
+    workers = seen["algo-1"]["tf_config"]["cluster"]["worker"]
+    assert len(set(workers)) == 2 and all(worker.startswith("127.0.0.1:") for worker in workers)
+    for index, (host, root) in enumerate(roots.items()):
+        assert seen[host]["hosts"] == ["algo-1", "algo-2"] and seen[host]["current_host"] == host
+        assert seen[host]["tf_config"] == {"cluster": {"worker": workers}, "environment": "cloud",
+                                           "task": {"type": "worker", "index": index}}
+        assert Path(seen[host]["cwd"]) == root / "code"
+        assert seen[host]["channel_files"] == ["eval-00000.tfrecord", "manifest.json", "nested", "train-00000.tfrecord"]
+    assert "[algo-1] hello from algo-1" in lines and "[algo-2] hello from algo-2" in lines
+    # The worker failed: the job fails with its reason, and the chief, which would wait for
+    # it forever, is stopped.
+    message = str(failed.value)
+    assert "on algo-2 (exit code 1): RuntimeError: lost the chief" in message
+    assert "on algo-1 (exit code" in message and "stopped after algo-2 failed" in message
+    assert not _alive(int((job["root"] / "program.pid").read_text()))
+    bucket, key = split_s3_uri(job["layout"].model_artifact_uri)
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket, Prefix=key.rsplit("/", 1)[0])

@@ -6,13 +6,16 @@ states moto cannot play), whose fixtures and helpers these tests share.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 
 from fault_support import OwnerCheckingRelay
 from support import aws_env
+from botocore.stub import Stubber
+
 from test_sagemaker_backend import (  # noqa: F401  (aws and described are fixtures)
-    BUCKET, JOB, REASON, RecordingTaskInstance, _create_stubbed, _operator, _stubbed, aws, described,
+    BUCKET, JOB, REASON, RETRIES, RecordingTaskInstance, _client, _operator, _stubbed, aws, described,
 )
 
 CAPACITY = "CapacityError: Unable to provision requested ML compute capacity."
@@ -136,3 +139,83 @@ def test_the_status_polls_and_the_training_jobs_have_different_names():
     assert _operator({"StoppingCondition": {}})._max_training_attempts() == 3  # the run parameter's default
     with pytest.raises(TypeError):
         _operator({}, max_attempts=7)  # the ambiguous name is gone from this operator
+
+
+# -- attempts: a new job after a failed one, never two at once -------------------------
+
+def _create_stubbed(stubber: Stubber, job: str) -> None:
+    stubber.add_response("create_training_job", {"TrainingJobArn": f"arn:aws:sagemaker:us-east-1:1:training-job/{job}",
+                                                 "ResponseMetadata": {"HTTPStatusCode": 200}},
+                         {**_request_for(job)})
+
+
+def _request_for(job: str) -> dict:
+    from botocore.stub import ANY
+
+    return {"TrainingJobName": job, "AlgorithmSpecification": ANY, "HyperParameters": ANY, "RoleArn": ANY,
+            "InputDataConfig": ANY, "OutputDataConfig": ANY, "ResourceConfig": ANY, "StoppingCondition": ANY,
+            "EnableNetworkIsolation": ANY, "Tags": ANY}
+
+
+def test_clearing_train_after_a_failed_job_starts_exactly_one_new_job_and_a_second_clear_none(aws, described):
+    request = aws["plan"]["training_request"]
+    cleared = RecordingTaskInstance(try_number=5, max_tries=4 + RETRIES)  # the first try after a clear
+    operator = _operator(request, wait_for_completion=False)
+    stubber = _stubbed(operator, described("Failed", FailureReason=REASON), missing=JOB + "-2")
+    _create_stubbed(stubber, JOB + "-2")
+    stubber.add_response("describe_training_job", described("InProgress", TrainingJobName=JOB + "-2"),
+                         {"TrainingJobName": JOB + "-2"})
+    result = operator.execute({"ti": cleared})
+    stubber.assert_no_pending_responses()
+    assert result["training_job_name"] == JOB + "-2" and result["attempts"] == [JOB, JOB + "-2"]
+
+    # Cleared again while the new job runs: it waits for that one, and starts none.
+    again = _operator(request, wait_for_completion=False)
+    stubber = _stubbed(again, described("Failed", FailureReason=REASON),
+                       described("InProgress", TrainingJobName=JOB + "-2"))
+    result = again.execute({"ti": RecordingTaskInstance(try_number=7, max_tries=6 + RETRIES)})
+    stubber.assert_no_pending_responses()  # no CreateTrainingJob was queued, so none was sent
+    assert result["training_job_name"] == JOB + "-2"
+
+
+def test_a_capacity_failure_is_retried_with_the_next_job_and_attempts_end_at_the_limit(aws, described):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    capacity = "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type."
+    request = aws["plan"]["training_request"]
+    operator = _operator(request, wait_for_completion=False, max_training_attempts=2)
+    stubber = _stubbed(operator, described("Failed", FailureReason=capacity), missing=JOB + "-2")
+    _create_stubbed(stubber, JOB + "-2")
+    stubber.add_response("describe_training_job", described("InProgress", TrainingJobName=JOB + "-2"),
+                         {"TrainingJobName": JOB + "-2"})
+    assert operator.execute({"ti": RecordingTaskInstance()})["training_job_name"] == JOB + "-2"  # an automatic retry
+
+    # The second job fails for capacity too: the run has used its 2 jobs.
+    last = _operator(request, max_training_attempts=2)
+    stubber = _stubbed(last, described("Failed", FailureReason=capacity),
+                       described("Failed", FailureReason=capacity, TrainingJobName=JOB + "-2"))
+    with pytest.raises(AirflowFailException, match="the run has used its 2 training job"):
+        last.execute({"ti": RecordingTaskInstance(try_number=3)})
+    stubber.assert_no_pending_responses()
+
+
+def test_the_log_printed_before_a_deferral_is_not_printed_again_when_the_task_resumes(aws, described, capfd):
+    """What the job logged is printed before deferring; on resuming, only what followed."""
+    logs = _client("logs", aws["endpoint"])
+    group, stream = "/aws/sagemaker/TrainingJobs", f"{JOB}/algo-1-1715000000"
+    logs.create_log_group(logGroupName=group)
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": now, "message": "progress: step=1/2 before the deferral"}])
+    operator = _operator(aws["plan"]["training_request"], print_log=True)
+    description = described("InProgress")
+    capfd.readouterr()
+    positions = operator._print_logs(JOB, description)
+    printed = "".join(capfd.readouterr())
+    assert "before the deferral" in printed and stream in positions
+    logs.put_log_events(logGroupName=group, logStreamName=stream,
+                        logEvents=[{"timestamp": now + 5, "message": "metric: eval_accuracy=0.91 after it"}])
+    operator._print_logs(JOB, described("Completed"), json.loads(json.dumps(positions)))  # via the trigger's kwargs
+    printed = "".join(capfd.readouterr())
+    assert "after it" in printed and "before the deferral" not in printed

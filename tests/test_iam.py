@@ -7,6 +7,7 @@ per needed statement, as a principal without it, gets moto's own AccessDenied.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -50,7 +51,11 @@ def test_the_shipped_documents_are_the_generators_with_placeholders():
 PLAIN = iam.Deployment(BUCKET, "headpose", "eu-west-1", MOTO_ACCOUNT, "deeplens-TF-headpose", "HeadposeSageMakerExecution")
 
 
-@pytest.mark.parametrize("deployment", [PLAIN, GOVERNED], ids=["plain", "kms-and-object-lock"])
+# publish creates a Greengrass component: the worker may create and read back its versions.
+EDGE = dataclasses.replace(PLAIN, greengrass_component="com.headpose.EdgeClient")
+
+
+@pytest.mark.parametrize("deployment", [PLAIN, GOVERNED, EDGE], ids=["plain", "kms-and-object-lock", "greengrass"])
 @pytest.mark.parametrize("make", [iam.worker_policy, iam.execution_role_policy, iam.new_data_queue_policy],
                          ids=["worker", "execution-role", "new-data-queue"])
 def test_parliament_finds_nothing_against_awss_own_definitions(deployment, make):

@@ -40,6 +40,8 @@ class Deployment:
     # retrain_on data or either: the queue's name (the last part of new_data_queue); None: no queue.
     new_data_queue: str | None = "NEW-DATA-QUEUE"
     model_package_group: str = "MODEL-PACKAGE-GROUP"  # the profile's; empty: no Model Registry
+    # greengrass.component_name where greengrass.create_component is set; None: publish creates none.
+    greengrass_component: str | None = None
 
     @property
     def owned(self) -> dict[str, Any]:
@@ -59,6 +61,10 @@ class Deployment:
         group = self.model_package_group.lower()
         prefix = f"arn:aws:sagemaker:{self.region}:{self.account}"
         return [f"{prefix}:model-package-group/{group}", f"{prefix}:model-package/{group}/*"]
+
+    @property
+    def component_versions(self) -> str:
+        return f"arn:aws:greengrass:{self.region}:{self.account}:components:{self.greengrass_component}:versions:*"
 
     @property
     def queue_arn(self) -> str:
@@ -108,6 +114,11 @@ def worker_policy(d: Deployment) -> dict[str, Any]:
             "sagemaker:CreateModelPackage", "sagemaker:UpdateModelPackage"], d.model_packages))
         # A version's package is found again by listing the group; list calls take no resource.
         statements.append(_statement("FindAVersionsPackage", ["sagemaker:ListModelPackages"], "*"))
+    if d.greengrass_component:
+        # publish creates the version's component; a retry reads it back to accept the same recipe.
+        statements.append(_statement("CreateEachVersionsGreengrassComponent",
+                                     ["greengrass:CreateComponentVersion", "greengrass:GetComponent"],
+                                     d.component_versions))
     if d.object_lock:
         statements.append(_statement("LockThePublishedVersions", ["s3:GetBucketObjectLockConfiguration"],
                                      d.bucket_arn, d.owned))
@@ -224,13 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-package-group", default="headpose",
                         help="the profile's model_package_group ('' for none: no Model Registry statements)")
     parser.add_argument("--new-data-queue", default=None, help="the queue's name, where retrain_on is data or either")
+    parser.add_argument("--greengrass-component", default=None,
+                        help="the greengrass setting's component_name, where create_component is true")
     args = parser.parse_args(argv)
     if args.document == "trust":
         document = trust_policy()
     else:
         deployment = Deployment(args.bucket, args.folder, args.region, args.account, args.base_job_name,
                                 args.execution_role, args.kms_key_id, args.object_lock, args.new_data_queue,
-                                model_package_group=args.model_package_group)
+                                model_package_group=args.model_package_group,
+                                greengrass_component=args.greengrass_component)
         document = DOCUMENTS[args.document](deployment)
     print(json.dumps(document, indent=2))
 

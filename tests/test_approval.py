@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -39,11 +39,13 @@ from stack_support import (
     APPROVAL_TASK, ARTIFACTS, AWAITING_INPUT, DAG_ID, Api, answer_release, browser_page, hitl_path, log_in,
     task_states, wait_for_run, wait_for_task,
 )
+from fleet_support import champion_on_channels
 from test_crash_points import candidate
 
 pytestmark = pytest.mark.distributed
 
 FOLDER = "approval-tests"
+CHAMPION_DAY = datetime(2025, 1, 6, 3, tzinfo=timezone.utc)
 UPSTREAM = ("plan_run", "claim_data_version", "stage_dataset", "package_code", "train", "download_artifact",
             "freeze_graph", "export_edge_models", "validate_model", "upload_frozen_model")
 
@@ -62,6 +64,7 @@ def prebuilt(native_stack, stack_api):
     # setup, the claim, which then runs again and claims nothing.
     plan["data_version"]["enforced"] = False
     s3 = native_stack.s3_client()
+    _publish_champion(s3, plan, environ)
     built = _candidate(s3, plan)
     version = make_version(s3, plan, built.frozen, built.report, built.edge)
     xcoms = {"plan_run": plan, "claim_data_version": {"claimed": False}, "stage_dataset": built.dataset,
@@ -73,7 +76,8 @@ def prebuilt(native_stack, stack_api):
         stack_api.call("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}",
                        {"new_state": "success"})
     operator = Api(native_stack.api_url, *native_stack.login("operator"))
-    state = {"run_id": run_id, "plan": plan, "version": version, "operator": operator, "asked": []}
+    state = {"run_id": run_id, "plan": plan, "version": version, "operator": operator, "asked": [],
+             "published": published(native_stack, plan)}
     yield state
     # Whatever happened, the run ends and the DAG is paused again: test_distributed runs next.
     if task_states(stack_api, run_id).get(APPROVAL_TASK) == AWAITING_INPUT:
@@ -83,6 +87,21 @@ def prebuilt(native_stack, stack_api):
         wait_for_run(stack_api, native_stack, run_id)
     finally:
         stack_api.set_paused(True)
+
+
+def _publish_champion(s3, plan: dict[str, Any], environ: dict[str, str]) -> None:
+    """The model the candidate is compared with, published in the folder before the deployment had
+    a rollout; the channels then start from it, as they do on a deployment's first rollout."""
+    from headpose.registry.channels import ensure_channels
+    from test_crash_points import published as publish_cleanly
+
+    defaults = {k: v for k, v in json.loads(environ["HEADPOSE_RUN_DEFAULTS"]).items() if k != "rollout"}
+    before = plan_run({"headpose_folder": FOLDER}, CHAMPION_DAY, region="us-east-1", dag_id=DAG_ID,
+                      run_id="scheduled__champion", environ={**environ, "HEADPOSE_RUN_DEFAULTS": json.dumps(defaults)})
+    champion = candidate(s3, plan["bucket"], 0, plan=before)
+    champion.report["per_class_recall"] = CHAMPION_RECALL
+    publish_cleanly(s3, champion, accuracy=0.5)
+    ensure_channels(s3, plan["bucket"], plan["folder"], plan["deployment"]["rollout"])
 
 
 def _candidate(s3, plan: dict[str, Any]):
@@ -99,9 +118,7 @@ def _candidate(s3, plan: dict[str, Any]):
                         report_html_sha256=hashlib.sha256(page).hexdigest(), per_class_recall=RECALL, links=links)
     # As validate_model leaves it when it scored a published model on the same images (that model
     # is described, not published: this folder's published/ stays empty until the approval).
-    built.report["champion"] = {"present": True, "training_job_name": "deeplens-TF-headpose-2025-01-06-03-00-00-000",
-                                "accuracy": 0.5, "images": 93, "per_class_recall": CHAMPION_RECALL,
-                                "comparable": True, "pointer_etag": None}
+    built.report["champion"] = {**champion_on_channels(s3, built), "images": 93, "per_class_recall": CHAMPION_RECALL}
     built.dataset.update(train_count=558, eval_count=93)
     built.training["Training"]["BillableTimeInSeconds"] = 42
     return built
@@ -145,9 +162,11 @@ def stored(native_stack, uri: str) -> Any:
     return json.loads(native_stack.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def published(native_stack, plan: dict) -> list[str]:
+def published(native_stack, plan: dict) -> dict[str, str]:
+    """``{key: ETag}`` under the folder's ``published/``."""
     bucket, prefix = split_s3_uri(plan["published_prefix"])
-    return [o["Key"] for o in native_stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    listed = native_stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: o["ETag"] for o in listed}
 
 
 def package_status(native_stack, plan: dict) -> dict[str, Any]:
@@ -205,7 +224,7 @@ def test_only_the_named_approver_may_answer_and_no_answer_is_a_rejection(native_
     logs = native_stack.layout.volume("airflow-logs") / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={APPROVAL_TASK}"
     assert f"HEADPOSE APPROVAL REQUEST" in (text := "".join(p.read_text() for p in logs.rglob("*.log")))
     assert f"answer at {link}" in text  # the line $HEADPOSE_NOTIFIER sends (the stack's: the log)
-    assert published(native_stack, plan) == []
+    assert published(native_stack, plan) == prebuilt["published"]
     assert package_status(native_stack, plan)["ModelApprovalStatus"] == "Rejected"
 
 
@@ -232,7 +251,7 @@ def test_a_rejection_in_the_ui_publishes_nothing_and_keeps_who_when_and_why(nati
     answers = stored(native_stack, plan["version_prefix"] + "approval.json")["answers"]
     assert [(a["decision"], a["by"], a["comment"]) for a in answers[1:]] == [
         ("rejected", TEST_APPROVER, "recall of pan ctr / tilt ctr fell by 0.1")]
-    assert published(native_stack, plan) == []
+    assert published(native_stack, plan) == prebuilt["published"]
     package = package_status(native_stack, plan)
     assert package["ModelApprovalStatus"] == "Rejected" and "fell by 0.1" in package["ApprovalDescription"]
 
@@ -253,7 +272,8 @@ def test_an_approval_in_the_ui_publishes_and_the_record_names_the_approver(nativ
     # The stack's profile has a rollout: an approval moves the canary channel, nothing else.
     pointer = stored(native_stack, plan["canary_pointer_uri"])
     assert (pointer["training_job_name"], pointer["channel"]) == (plan["training_job_name"], "canary")
-    assert not [key for key in published(native_stack, plan) if key.endswith(("/latest.json", "/stable.json"))]
+    unmoved = {key: etag for key, etag in prebuilt["published"].items() if key.endswith(("/latest.json", "/stable.json"))}
+    assert unmoved and {key: published(native_stack, plan)[key] for key in unmoved} == unmoved
     assert (pointer["approval"]["decision"], pointer["approval"]["by"], pointer["approval"]["comment"]) == (
         "approved", TEST_APPROVER, "checked the report")
     package = package_status(native_stack, plan)

@@ -378,7 +378,7 @@ def test_two_runs_at_once_keep_to_their_own_names_and_keys(dag_batch, airflow_db
         assert state == "success"
         plan = xcom(home, "plan_run", run_id=run_id)
         assert plan["training_job_name"] == job
-        uris = [v for k, v in plan.items() if k.endswith("_uri") and not k.startswith("published_")]
+        uris = [v for k, v in plan.items() if k.endswith("_uri") and not v.startswith(plan["published_prefix"])]
         assert all(job in uri and other not in uri for uri in uris), uris
         frozen = xcom(home, "freeze_graph", run_id=run_id)
         stored = s3.get_object(Bucket="faults-concurrent",
